@@ -1,0 +1,210 @@
+"""The ``tq-mw-thehive`` command.
+
+With no subcommand it behaves as the vendor guide's tool: configure if
+``config.yaml`` is missing, then serve. The guide's flat flags (-c -ll -v -p -li
+-ep -ds) are accepted before the subcommand and, for subcommands, after it too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from tq_mw_thehive import __version__, configure, logs, server, startup, state
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive.inbox import Inbox
+
+DEFAULT_PORT = 5000
+DEFAULT_LISTENER = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Options:
+    config: Optional[str] = None
+    loglocation: Optional[str] = None
+    verbosity: Optional[str] = None
+    port: Optional[int] = None
+    listener_ip: Optional[str] = None
+    external_proxy: bool = False
+    disable_ssl: bool = False
+    workers: Optional[int] = None
+    threads: Optional[int] = None
+
+    def merged(self, **given: Any) -> "Options":
+        """These options with the ones given after a subcommand's name taking precedence."""
+        known = {f.name for f in fields(self)}
+        changes = {k: v for k, v in given.items() if k in known and v is not None and v is not False}
+        return replace(self, **changes)
+
+    @property
+    def config_dir(self) -> Path:
+        return Path(self.config or ".")
+
+    @property
+    def log_dir(self) -> Optional[Path]:
+        return Path(self.loglocation) if self.loglocation else None
+
+    def listen(self) -> server.Listen:
+        defaults = server.Listen()
+        return server.Listen(ip=self.listener_ip or DEFAULT_LISTENER,
+                             port=DEFAULT_PORT if self.port is None else self.port,
+                             workers=self.workers or defaults.workers,
+                             threads=self.threads or defaults.threads)
+
+
+def _config_option(fn: Callable) -> Callable:
+    return click.option("-c", "--config", metavar="DIR",
+                        help="Configuration directory (default: the current directory).")(fn)
+
+
+def _logging_options(fn: Callable) -> Callable:
+    fn = click.option("-v", "--verbosity", type=click.Choice(logs.VERBOSITY_CHOICES),
+                      help="1 warnings, 2 info, 3 debug; stdout: log to the console "
+                           "(the default without -ll).")(fn)
+    return click.option("-ll", "--loglocation", metavar="DIR",
+                        help=f"Write logs to DIR/{logs.LOG_FILE}.")(fn)
+
+
+def _server_options(fn: Callable) -> Callable:
+    for decorator in reversed((
+        click.option("-p", "--port", type=click.IntRange(0, 65535),
+                     help=f"Listening port (default {DEFAULT_PORT}; 0 picks a free one)."),
+        click.option("-li", "--listener-ip", metavar="IP",
+                     help=f"Listening address (default {DEFAULT_LISTENER})."),
+        click.option("-ep", "--external-proxy", is_flag=True,
+                     help="Reach ThreatQ through threatq.proxy."),
+        click.option("-ds", "--disable-ssl", is_flag=True,
+                     help="Do not verify TLS certificates of ThreatQ and TheHive."),
+        click.option("-w", "--workers", type=click.IntRange(1, 64),
+                     help="gunicorn worker processes (default 2)."),
+        click.option("--threads", type=click.IntRange(1, 256),
+                     help="Threads per worker (default 4)."),
+    )):
+        fn = decorator(fn)
+    return fn
+
+
+def _fail(exc: Exception, exit_code: int) -> None:
+    click.echo(f"tq-mw-thehive: error: {exc}", err=True)
+    sys.exit(exit_code)
+
+
+def _start(opts: Options, answers: Optional[configure.Answers]) -> None:
+    """Configure when needed (or when ``answers`` asks for it), then serve."""
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity)
+        if answers is not None or not config_mod.config_path(opts.config_dir).exists():
+            configure.run(answers or configure.answers_from_env(os.environ), opts.config_dir,
+                          listener_ip=opts.listen().ip, port=opts.listen().port,
+                          disable_ssl=opts.disable_ssl, use_proxy=opts.external_proxy)
+        cfg = startup.load_config(opts.config_dir, use_proxy=opts.external_proxy,
+                                  disable_ssl=opts.disable_ssl)
+        startup.prepare(cfg, disable_ssl=opts.disable_ssl)
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    except configure.ConfigureError as exc:
+        _fail(exc, 2)
+    server.serve(cfg, opts.listen())
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_config_option
+@_logging_options
+@_server_options
+@click.version_option(__version__, "--version", prog_name="tq-mw-thehive")
+@click.pass_context
+def cli(ctx: click.Context, **given: Any) -> None:
+    """Receive TheHive webhooks and push cases and observables into ThreatQ.
+
+    Without a subcommand: run the configuration if config.yaml is missing, then
+    serve POST /cases under gunicorn.
+    """
+    ctx.obj = Options().merged(**given)
+    if ctx.invoked_subcommand is None:
+        _start(ctx.obj, None)
+
+
+def _answer_options(fn: Callable) -> Callable:
+    for name, _, _, flag, env, help_text in reversed(configure.QUESTIONS):
+        kwargs: dict = {"envvar": env, "show_envvar": True, "help": help_text}
+        if name == "webhook_auth":
+            kwargs["type"] = click.Choice(config_mod.WEBHOOK_AUTH_MODES)
+        fn = click.option(flag, name, **kwargs)(fn)
+    return fn
+
+
+@cli.command("configure")
+@_config_option
+@_logging_options
+@_server_options
+@_answer_options
+@click.option("--serve/--no-serve", default=False, help="Start serving when done.")
+@click.pass_obj
+def configure_command(obj: Options, serve: bool, **given: Any) -> None:
+    """(Re-)run the configuration: ThreatQ credentials, TheHive, webhook secret.
+
+    Answers not given as flags or TQ_MW_* variables are prompted for. The ThreatQ
+    password is exchanged once for tokens and never stored.
+    """
+    opts = obj.merged(**given)
+    answers = configure.Answers(**{name: given[name] for name, *_ in configure.QUESTIONS})
+    if serve:
+        _start(opts, answers)
+        return
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity)
+        listen = opts.listen()
+        configure.run(answers, opts.config_dir, listener_ip=listen.ip, port=listen.port,
+                      disable_ssl=opts.disable_ssl, use_proxy=opts.external_proxy)
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    except configure.ConfigureError as exc:
+        _fail(exc, 2)
+
+
+def _status_counts(config_dir: Path) -> dict:
+    db_path = config_dir / config_mod.DEFAULT_STATE_DB
+    if config_mod.config_path(config_dir).exists():
+        try:
+            db_path = config_mod.load(config_dir).state_db
+        except config_mod.ConfigError as exc:
+            _fail(exc, 2)
+    if not db_path.exists():
+        counts = Inbox.empty_stats()
+    else:
+        try:
+            inbox = Inbox.open(db_path)
+            counts = inbox.stats()
+            inbox.close()
+        except (state.StateError, sqlite3.Error) as exc:
+            _fail(exc, 1)
+    return {**counts, "state_db": str(db_path)}
+
+
+@cli.command("status")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def status_command(obj: Options, as_json: bool, **given: Any) -> None:
+    """Show the inbox: pending (queued, in progress, waiting to retry), done, dead."""
+    counts = _status_counts(obj.merged(**given).config_dir)
+    if as_json:
+        click.echo(json.dumps(counts))
+        return
+    age = counts["oldest_pending_age_s"]
+    click.echo(f"state database: {counts['state_db']}")
+    click.echo(f"pending: {counts['pending']} (queued {counts['queued']}, in progress "
+               f"{counts['in_progress']}, waiting to retry {counts['waiting_retry']})"
+               + (f", oldest {age:.0f} s" if age is not None else ""))
+    click.echo(f"done:    {counts['done']}")
+    click.echo(f"dead:    {counts['dead']}")
+
+
+def main() -> None:
+    cli(prog_name="tq-mw-thehive")

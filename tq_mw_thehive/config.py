@@ -1,0 +1,297 @@
+"""Load, validate and write ``config.yaml``.
+
+A daemon that starts with a half-understood configuration fails later and far from
+the cause, so every key is checked at start: unknown keys, wrong types and bad
+values stop the start with one message that names the key path (exit code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+from urllib.parse import urlsplit
+
+import yaml
+
+from tq_mw_thehive import private_files
+
+CONFIG_FILE = "config.yaml"
+DEFAULT_STATE_DB = "tq_mw_thehive.db"
+WEBHOOK_AUTH_MODES = ("bearer", "basic", "key", "none")
+CASES_AS = ("event", "incident")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key path."""
+
+
+def _opt(kind: type, default: Any = None, *, required: bool = False, secret: bool = False,
+         choices: Optional[Tuple[str, ...]] = None,
+         check: Optional[Callable[[Any], Optional[str]]] = None) -> Any:
+    meta = {"kind": kind, "required": required, "secret": secret, "choices": choices, "check": check}
+    return field(default=default, repr=not secret, metadata=meta)
+
+
+def _http_url(value: str) -> Optional[str]:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _host_or_url(value: str) -> Optional[str]:
+    if "://" in value:
+        return _http_url(value)
+    if not value.strip() or any(c in value for c in " /?#@"):
+        return "must be a host name (for https) or an http(s):// URL"
+    return None
+
+
+def _max_body(value: float) -> Optional[str]:
+    if not 0 < value <= 1024:
+        return "must be more than 0 and at most 1024"
+    return None
+
+
+def _non_empty(value: str) -> Optional[str]:
+    return None if value.strip() else "must not be empty"
+
+
+@dataclass(frozen=True)
+class ThreatQConfig:
+    host: str = _opt(str, required=True, check=_host_or_url)
+    client_id: str = _opt(str, required=True, check=_non_empty)
+    client_secret: Optional[str] = _opt(str, secret=True)
+    verify_ssl: bool = _opt(bool, True)
+    proxy: Optional[str] = _opt(str, check=_http_url)
+    source: str = _opt(str, "TheHive", check=_non_empty)
+
+    @property
+    def base_url(self) -> str:
+        """``host`` as a URL without a trailing slash; a bare host name means https."""
+        url = self.host if "://" in self.host else f"https://{self.host}"
+        return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class TheHiveConfig:
+    url: str = _opt(str, required=True, check=_http_url)
+    api_key: Optional[str] = _opt(str, secret=True)
+    organisation: Optional[str] = _opt(str)
+    verify_ssl: bool = _opt(bool, True)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    auth: str = _opt(str, "bearer", choices=WEBHOOK_AUTH_MODES)
+    token: Optional[str] = _opt(str, secret=True)
+    username: Optional[str] = _opt(str)
+    password: Optional[str] = _opt(str, secret=True)
+    max_body_mb: float = _opt(float, 10, check=_max_body)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    cases_as: str = _opt(str, "event", choices=CASES_AS)
+    event_type: str = _opt(str, "Incident", check=_non_empty)
+    only_ioc: bool = _opt(bool, False)
+    include_cases_without_observables: bool = _opt(bool, True)
+    custom_mapping: bool = _opt(bool, False)
+    type_mapping: str = _opt(str, "")
+
+
+_SECTIONS = {
+    "threatq": ThreatQConfig,
+    "thehive": TheHiveConfig,
+    "webhook": WebhookConfig,
+    "sync": SyncConfig,
+}
+_REQUIRED_SECTIONS = ("threatq", "thehive")
+
+
+@dataclass(frozen=True)
+class Config:
+    threatq: ThreatQConfig
+    thehive: TheHiveConfig
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    state_db: Path = Path(DEFAULT_STATE_DB)
+    config_dir: Path = Path(".")
+
+    def secrets(self) -> Tuple[str, ...]:
+        """Every secret value in this configuration, for log redaction."""
+        found = []
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if f.metadata["secret"] and value:
+                    found.append(value)
+        return tuple(found)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The YAML-ready form, as ``write_config`` stores it."""
+        data: Dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+        state_db = self.state_db
+        if state_db.parent == self.config_dir:
+            state_db = Path(state_db.name)
+        data["state_db"] = str(state_db)
+        return data
+
+
+def config_path(config_dir: Path) -> Path:
+    return Path(config_dir) / CONFIG_FILE
+
+
+def _expand_env(value: Any, path: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(substitute, value)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, kind: type, path: str, from_env: bool) -> Any:
+    """Check ``value`` against ``kind``; strings from ``${ENV}`` may stand for bools and numbers."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{path}: must be true or false (got {value!r})")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: must be a number (got {value!r})")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: must be a string (got {type(value).__name__} {value!r})")
+    raise AssertionError(kind)  # pragma: no cover - schema error
+
+
+def _unknown(path: str, key: Any, known) -> ConfigError:
+    hint = difflib.get_close_matches(str(key), list(known), n=1)
+    suffix = f" (did you mean {hint[0]}?)" if hint else ""
+    return ConfigError(f"{path}{key}: unknown key{suffix}")
+
+
+def _build_section(cls: type, raw: Any, name: str, raw_unexpanded: Any) -> Any:
+    if raw is None:
+        raw, raw_unexpanded = {}, {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: must be a mapping of keys to values (got {type(raw).__name__})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise _unknown(f"{name}.", key, fields)
+    values = {}
+    for key, f in fields.items():
+        path = f"{name}.{key}"
+        meta = f.metadata
+        value = raw.get(key)
+        if value is None:
+            if meta["required"]:
+                raise ConfigError(f"{path}: required key is missing")
+            continue
+        from_env = isinstance(raw_unexpanded.get(key), str) and bool(_ENV_REF.search(raw_unexpanded[key]))
+        value = _coerce(value, meta["kind"], path, from_env)
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(f"{path}: must be one of {', '.join(meta['choices'])} (got {value!r})")
+        if meta["check"]:
+            problem = meta["check"](value)
+            if problem:
+                raise ConfigError(f"{path}: {problem} (got {value!r})")
+        values[key] = value
+    return cls(**values)
+
+
+def from_dict(raw: Any, config_dir: Path) -> Config:
+    """Validate a parsed YAML document and build a ``Config``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"top level: must be a mapping of sections (got {type(raw).__name__})")
+    allowed = set(_SECTIONS) | {"state_db"}
+    for key in raw:
+        if key not in allowed:
+            raise _unknown("", key, allowed)
+    for name in _REQUIRED_SECTIONS:
+        if raw.get(name) is None:
+            raise ConfigError(f"{name}: required section is missing")
+    expanded = _expand_env(raw, "")
+    sections = {name: _build_section(cls, expanded.get(name), name, raw.get(name) or {})
+                for name, cls in _SECTIONS.items()}
+    state_db = expanded.get("state_db") or DEFAULT_STATE_DB
+    if not isinstance(state_db, str):
+        raise ConfigError(f"state_db: must be a file path string (got {state_db!r})")
+    db_path = Path(state_db).expanduser()
+    if not db_path.is_absolute():
+        db_path = Path(config_dir) / db_path
+    cfg = Config(state_db=db_path, config_dir=Path(config_dir), **sections)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: Config) -> None:
+    hook = cfg.webhook
+    if hook.auth in ("bearer", "key") and not hook.token:
+        raise ConfigError(f"webhook.token: required when webhook.auth is {hook.auth}")
+    if hook.auth == "basic" and not (hook.username and hook.password):
+        raise ConfigError("webhook.username: webhook.username and webhook.password are required "
+                          "when webhook.auth is basic")
+
+
+def load(config_dir: Path) -> Config:
+    """Read and validate ``<config_dir>/config.yaml``."""
+    path = config_path(config_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no configuration file (run `tq-mw-thehive configure -c {config_dir}`)")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}")
+    try:
+        return from_dict(raw, Path(config_dir))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+_HEADER = """\
+# tq-mw-thehive configuration. Written by `tq-mw-thehive configure`; safe to edit.
+# Any value may be ${ENV_NAME}. The ThreatQ password is never stored here: the OAuth
+# tokens it was exchanged for live in threatq_tokens.json beside this file (mode 0600).
+"""
+
+
+def write(cfg: Config) -> Path:
+    """Write ``cfg`` as ``config.yaml`` in its config dir, mode 0600, atomically."""
+    path = config_path(cfg.config_dir)
+    text = _HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+    private_files.write(path, text)
+    return path

@@ -1,0 +1,93 @@
+"""Serve the app under gunicorn, embedded through its application API.
+
+Flask's development server is never used: gunicorn gives several worker
+processes (each with threads), graceful restarts and signal handling that
+systemd expects. Everything that can fail at start (config, state database,
+log directory) is checked in the master before gunicorn forks, so a bad start
+ends with one clear message and a non-zero exit instead of a worker crash loop.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict
+
+from gunicorn import glogging
+from gunicorn.app.base import BaseApplication
+
+from tq_mw_thehive import web
+from tq_mw_thehive.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Listen:
+    ip: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 2
+    threads: int = 4
+    timeout_s: int = 60
+    graceful_timeout_s: int = 30
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+class RootLogger(glogging.Logger):
+    """Gunicorn's messages go through our handlers (file, console, redaction), not its own."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+        self.error_log.setLevel(logging.NOTSET)
+
+    def access(self, resp, req, environ, request_time) -> None:
+        """One line per event is logged by the app itself; gunicorn's access line would repeat it."""
+
+
+def _when_ready(server: Any) -> None:
+    addresses = ",".join(f"{sock.sock.getsockname()[0]}:{sock.sock.getsockname()[1]}"
+                         for sock in server.LISTENERS)
+    log.info("ready listening=%s workers=%s", addresses, server.cfg.workers)
+
+
+class DaemonApplication(BaseApplication):
+    def __init__(self, cfg: Config, listen: Listen, app_name: str = "tq_mw_thehive") -> None:
+        self.app_config = cfg
+        self.listen = listen
+        self.app_name = app_name
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings: Dict[str, Any] = {
+            "bind": [self.listen.bind],
+            "workers": self.listen.workers,
+            "worker_class": "gthread",
+            "threads": self.listen.threads,
+            "timeout": self.listen.timeout_s,
+            "graceful_timeout": self.listen.graceful_timeout_s,
+            "logger_class": RootLogger,
+            "accesslog": None,
+            "proc_name": "tq-mw-thehive",
+            "when_ready": _when_ready,
+        }
+        # gunicorn >= 25 opens a control socket under $HOME, which a hardened unit forbids.
+        if "control_socket_disable" in self.cfg.settings:
+            settings["control_socket_disable"] = True
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return web.create_app(self.app_config, name=self.app_name)
+
+
+def serve(cfg: Config, listen: Listen) -> None:
+    """Run until gunicorn stops (SIGTERM: finish requests in flight, then exit)."""
+    log.info("starting listen=%s auth=%s state_db=%s workers=%d threads=%d", listen.bind,
+             cfg.webhook.auth, cfg.state_db, listen.workers, listen.threads)
+    DaemonApplication(cfg, listen).run()

@@ -1,0 +1,72 @@
+"""Everything the daemon checks before it serves, shared by the CLI and ``tq_driver``.
+
+Each failure is a ``StartupError`` with one clear message and the exit code to
+use: 2 for configuration problems the user must fix in ``config.yaml`` or on the
+command line, 1 for the environment (state database, log directory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive import logs, private_files, state
+from tq_mw_thehive.config import Config, ConfigError
+from tq_mw_thehive.threatq import auth as tq_auth
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def load_config(config_dir: Path, *, use_proxy: bool = False, disable_ssl: bool = False) -> Config:
+    """The configuration as this run uses it: ``-ep`` keeps ``threatq.proxy``, ``-ds`` drops TLS checks."""
+    try:
+        cfg = config_mod.load(config_dir)
+    except ConfigError as exc:
+        raise StartupError(str(exc), 2) from None
+    if use_proxy and not cfg.threatq.proxy:
+        raise StartupError(f"{config_mod.config_path(config_dir)}: threatq.proxy: required by "
+                           "-ep/--external-proxy but not set", 2)
+    threatq = cfg.threatq if use_proxy else dataclasses.replace(cfg.threatq, proxy=None)
+    thehive = cfg.thehive
+    if disable_ssl:
+        threatq = dataclasses.replace(threatq, verify_ssl=False)
+        thehive = dataclasses.replace(thehive, verify_ssl=False)
+    logs.add_secrets(cfg.secrets())
+    return dataclasses.replace(cfg, threatq=threatq, thehive=thehive)
+
+
+def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
+    """Open and migrate the state database, register stored secrets, warn about loose files."""
+    try:
+        state.open_state(cfg.state_db).close()
+    except state.StateError as exc:
+        raise StartupError(str(exc), 1) from None
+    try:
+        tokens = tq_auth.load_tokens(cfg.config_dir)
+    except tq_auth.ThreatQAuthError as exc:
+        log.warning("%s", exc)
+        tokens = None
+    if tokens is not None:
+        logs.add_secrets([tokens.access_token, tokens.refresh_token])
+    if disable_ssl:
+        log.warning("TLS certificate verification is disabled for ThreatQ and TheHive (-ds)")
+    if cfg.webhook.auth == "none":
+        log.warning("webhook.auth is none: anyone who can reach the listener can post events")
+    secret_files = [config_mod.config_path(cfg.config_dir), tq_auth.token_path(cfg.config_dir), cfg.state_db]
+    for path in private_files.readable_by_others(secret_files):
+        log.warning("%s is readable by other users; run: chmod 600 %s", path, path)
+
+
+def setup_logging(log_dir: Optional[Path], verbosity: Optional[str]) -> None:
+    try:
+        logs.setup(log_dir, verbosity)
+    except logs.LogSetupError as exc:
+        raise StartupError(str(exc), 1) from None

@@ -1,0 +1,109 @@
+"""The SQLite state database: connection settings and numbered migrations.
+
+One file holds all the daemon's state. Several gunicorn workers (processes, each
+with threads) open it at once, so every connection uses WAL, a busy timeout and
+``synchronous=FULL``: an event the web answered 200 for must survive a power cut,
+not only a crash of the process.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import List, Tuple, Union
+
+from tq_mw_thehive import private_files
+
+
+_M001_INBOX = [
+    """CREATE TABLE inbox (
+            id              INTEGER PRIMARY KEY,
+            dedup_key       TEXT    NOT NULL UNIQUE,
+            received_at     REAL    NOT NULL,
+            order_ts        INTEGER NOT NULL,          -- TheHive's time (ms), else arrival
+            shape           TEXT    NOT NULL,
+            audit_id        TEXT,
+            object_type     TEXT    NOT NULL,
+            action          TEXT    NOT NULL,
+            object_id       TEXT,
+            case_key        TEXT    NOT NULL,
+            body            TEXT    NOT NULL,
+            state           TEXT    NOT NULL DEFAULT 'pending'
+                                    CHECK (state IN ('pending', 'done', 'dead')),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL    NOT NULL,
+            lease_owner     TEXT,
+            lease_until     REAL,
+            last_error      TEXT,
+            finished_at     REAL
+        )""",
+    "CREATE INDEX inbox_due ON inbox (state, next_attempt_at)",
+    "CREATE INDEX inbox_case ON inbox (case_key, state, order_ts, id)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+]
+
+
+# Append only: a released migration is never edited, a change is a new number.
+# Statements run one by one inside the migration's transaction (executescript would commit).
+MIGRATIONS: List[Tuple[int, str, List[str]]] = [
+    (1, "inbox", _M001_INBOX),
+]
+
+BUSY_TIMEOUT_S = 5.0
+
+
+class StateError(Exception):
+    """The state database cannot be opened or migrated."""
+
+
+def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Open the database with the settings every connection needs (autocommit; explicit BEGIN)."""
+    db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
+                         check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+               "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    row = db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return row[0] or 0
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Apply the migrations this database lacks; safe when several processes start at once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        current = schema_version(db)
+        latest = MIGRATIONS[-1][0]
+        if current > latest:
+            raise StateError(f"the state database is at schema {current}, newer than this "
+                             f"version of tq-mw-thehive knows ({latest}); upgrade the package")
+        for version, name, statements in MIGRATIONS:
+            if version > current:
+                for statement in statements:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time()))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return latest
+
+
+def open_state(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Create (mode 0600) and migrate the database at ``path``; ``StateError`` if that fails."""
+    path = Path(path)
+    try:
+        if not path.parent.is_dir():
+            raise StateError(f"state database {path}: directory {path.parent} does not exist")
+        private_files.create(path)
+        db = connect(path, busy_timeout)
+        migrate(db)
+        return db
+    except (sqlite3.Error, OSError) as exc:
+        raise StateError(f"state database {path}: {exc}") from exc

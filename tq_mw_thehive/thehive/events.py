@@ -1,0 +1,214 @@
+"""Parse TheHive webhook bodies of every shape into one ``WebhookEvent``.
+
+TheHive sends three shapes (see ARCHITECTURE.md): TheHive 4 "version 0"
+(lowercase ``operation``, ``case_artifact``), TheHive 5 "version 0" (TheHive 3
+style ``Creation``/``Update``/``Delete``) and TheHive 5 "version 1" (the audit
+record: ``_id``, ``_type: Audit``, ``action``). Only the envelope is read here;
+what a case or observable becomes in ThreatQ is the mapping's business.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+THEHIVE4_V0 = "thehive4-v0"
+THEHIVE5_V0 = "thehive5-v0"
+THEHIVE5_V1 = "thehive5-v1"
+
+SYNCED_OBJECT_TYPES = ("case", "observable")
+
+# v0 object types (TheHive 4 Conversion.fromObjectType) and v1 names, to one vocabulary.
+_OBJECT_TYPES = {
+    "case": "case",
+    "case_artifact": "observable",
+    "observable": "observable",
+    "case_task": "task",
+    "task": "task",
+    "case_task_log": "log",
+    "log": "log",
+    "case_artifact_job": "job",
+    "job": "job",
+    "alert": "alert",
+}
+_ACTIONS = {
+    "create": "create", "creation": "create",
+    "update": "update", "merge": "update",
+    "delete": "delete",
+}
+
+
+class PayloadError(ValueError):
+    """The body is not a TheHive webhook event; the message says why (answered with 400)."""
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """The envelope of one TheHive event, whatever shape it came in."""
+
+    shape: str
+    object_type: str          # normalised: case, observable, task, log, job, alert, ...
+    action: str               # normalised: create, update, delete (others lowercased as sent)
+    raw_object_type: str
+    raw_action: str
+    object_id: Optional[str]
+    audit_id: Optional[str]
+    request_id: Optional[str]
+    case_id: Optional[str]    # the case this event belongs to, when the payload says
+    timestamp_ms: Optional[int]
+    organisation: Optional[str]
+    dedup_key: str
+    ignore_reason: Optional[str]
+
+    @property
+    def case_key(self) -> str:
+        """What orders events: those of one case are applied one at a time, in TheHive's time order."""
+        if self.case_id:
+            return f"case:{self.case_id}"
+        return f"object:{self.object_id or self.dedup_key}"
+
+
+def _optional_str(payload: Mapping[str, Any], key: str) -> Optional[str]:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PayloadError(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional_int(payload: Mapping[str, Any], key: str) -> Optional[int]:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PayloadError(f"{key} must be an integer (epoch milliseconds), got {type(value).__name__}")
+    return value
+
+
+def _optional_object(payload: Mapping[str, Any], key: str) -> Dict[str, Any]:
+    value = payload.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PayloadError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _shape(payload: Mapping[str, Any]) -> str:
+    if "action" in payload or payload.get("_type") == "Audit":
+        return THEHIVE5_V1
+    operation = payload.get("operation")
+    if isinstance(operation, str) and operation[:1].isupper():
+        return THEHIVE5_V0
+    return THEHIVE4_V0
+
+
+def _embedded_id(obj: Mapping[str, Any], key: str) -> Optional[str]:
+    parent = obj.get(key)
+    if isinstance(parent, dict) and isinstance(parent.get("_id"), str):
+        return parent["_id"]
+    return None
+
+
+def _case_id(shape: str, object_type: str, object_id: Optional[str], root_id: Optional[str],
+             obj: Mapping[str, Any], context: Mapping[str, Any]) -> Optional[str]:
+    if object_type == "case":
+        return object_id
+    embedded = _embedded_id(obj, "case")
+    if embedded:
+        return embedded
+    if str(context.get("_type", "")).lower() == "case" and isinstance(context.get("_id"), str):
+        return context["_id"]
+    # In TheHive 5 v1 an observable's rootId is its case (for case observables);
+    # in TheHive 4 v0 it is the observable itself, so it says nothing there.
+    if shape == THEHIVE5_V1 and object_type == "observable" and root_id != object_id:
+        return root_id
+    return None
+
+
+def _organisation(payload: Mapping[str, Any]) -> Optional[str]:
+    org = payload.get("organisation")
+    if isinstance(org, dict):
+        org = org.get("organisation")
+    return org if isinstance(org, str) else None
+
+
+def _dedup_key(payload: Mapping[str, Any], audit_id: Optional[str], action_key: str,
+               timestamp_key: str) -> str:
+    if audit_id:
+        return f"audit:{audit_id}"
+    parts = [payload.get("requestId"), payload.get("objectId"), payload.get(action_key),
+             payload.get(timestamp_key)]
+    if all(p is None for p in parts):
+        # Nothing identifies the event: fall back to its whole content.
+        parts = [payload]
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return "digest:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _ignore_reason(object_type: str, raw_object_type: str, action: str, raw_action: str,
+                   obj: Mapping[str, Any], context: Mapping[str, Any]) -> Optional[str]:
+    if object_type not in SYNCED_OBJECT_TYPES:
+        return f"object type {raw_object_type} is not synced to ThreatQ"
+    if action not in ("create", "update", "delete"):
+        return f"action {raw_action} is not synced to ThreatQ"
+    if object_type == "observable":
+        alert_bound = ("alert" in obj and "case" not in obj) or str(context.get("_type", "")).lower() == "alert"
+        if alert_bound:
+            return "observable of an alert, not of a case"
+    return None
+
+
+def parse(payload: Any) -> WebhookEvent:
+    """Read the envelope of a decoded webhook body; raise ``PayloadError`` if it is not one."""
+    if not isinstance(payload, dict):
+        raise PayloadError(f"body must be a JSON object, got {type(payload).__name__}")
+    shape = _shape(payload)
+    action_key = "action" if shape == THEHIVE5_V1 else "operation"
+    timestamp_key = "_createdAt" if shape == THEHIVE5_V1 else "startDate"
+
+    raw_object_type = payload.get("objectType")
+    if raw_object_type is None:
+        raise PayloadError("missing objectType")
+    if not isinstance(raw_object_type, str) or not raw_object_type.strip():
+        raise PayloadError("objectType must be a non-empty string")
+    raw_action = payload.get(action_key)
+    if raw_action is None:
+        raise PayloadError(f"missing {action_key} (the event's action)")
+    if not isinstance(raw_action, str) or not raw_action.strip():
+        raise PayloadError(f"{action_key} must be a non-empty string")
+
+    object_id = _optional_str(payload, "objectId")
+    root_id = _optional_str(payload, "rootId")
+    request_id = _optional_str(payload, "requestId")
+    audit_id = _optional_str(payload, "_id")
+    timestamp = _optional_int(payload, timestamp_key)
+    if timestamp is None and shape == THEHIVE5_V0:
+        timestamp = _optional_int(payload, "createdAt")
+    obj = _optional_object(payload, "object")
+    context = _optional_object(payload, "context")
+    _optional_object(payload, "details")
+
+    object_type = _OBJECT_TYPES.get(raw_object_type.lower(), raw_object_type.lower())
+    action = _ACTIONS.get(raw_action.lower(), raw_action.lower())
+    ignore = _ignore_reason(object_type, raw_object_type, action, raw_action, obj, context)
+    if ignore is None and not object_id:
+        raise PayloadError(f"missing objectId for a {raw_object_type} event")
+
+    return WebhookEvent(
+        shape=shape,
+        object_type=object_type,
+        action=action,
+        raw_object_type=raw_object_type,
+        raw_action=raw_action,
+        object_id=object_id,
+        audit_id=audit_id,
+        request_id=request_id,
+        case_id=_case_id(shape, object_type, object_id, root_id, obj, context),
+        timestamp_ms=timestamp,
+        organisation=_organisation(payload),
+        dedup_key=_dedup_key(payload, audit_id, action_key, timestamp_key),
+        ignore_reason=ignore,
+    )

@@ -1,0 +1,30 @@
+"""The gunicorn entry named by the vendor guide.
+
+    gunicorn -b 0.0.0.0:5000 'tq_mw_thehive.tq_driver:run(c="/etc/tq_labs/")'
+
+gunicorn calls ``run`` in every worker; it returns the WSGI app. A configuration
+that cannot be used raises, so gunicorn stops with "worker failed to boot" after
+the message has been logged, instead of restarting workers forever.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from tq_mw_thehive import startup, web
+
+DEFAULT_CONFIG_DIR = "/etc/tq_labs/"
+
+
+def run(c: str = DEFAULT_CONFIG_DIR, n: Optional[str] = None, ll: Optional[str] = None,
+        v: Optional[str] = None, ep: bool = False, ds: bool = False):
+    """``c``: config dir; ``n``: app name; ``ll``/``v``/``ep``/``ds``: as the CLI's -ll/-v/-ep/-ds."""
+    try:
+        startup.setup_logging(Path(ll) if ll else None, v)
+        cfg = startup.load_config(Path(c), use_proxy=ep, disable_ssl=ds)
+        startup.prepare(cfg, disable_ssl=ds)
+    except startup.StartupError as exc:
+        logging.getLogger(__name__).critical("cannot start: %s", exc)
+        raise
+    return web.create_app(cfg, name=n or "tq_mw_thehive")

@@ -1,0 +1,197 @@
+"""The Flask app: ``POST /cases`` takes TheHive's webhooks, ``GET /healthz`` reports.
+
+The request path does as little as it can: authenticate, bound the size, decode,
+read the envelope, commit to the inbox, answer. Everything that talks to ThreatQ
+happens later, in the worker, so TheHive (which never re-sends) is answered in
+milliseconds and an accepted event is never lost. A client error is always a 4xx
+with a JSON body saying what is wrong; 503 means "the state database cannot take
+it now", never "your request was bad".
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import sqlite3
+import time
+from typing import Optional, Tuple
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from tq_mw_thehive.config import Config, WebhookConfig
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.thehive import events
+
+log = logging.getLogger(__name__)
+bp = Blueprint("webhook", __name__)
+EXTENSION = "tq_mw_thehive"
+RETRY_AFTER_S = "5"
+
+
+class WebhookAuth:
+    """Checks ``Authorization`` the way TheHive's endpoint ``auth`` block sends it.
+
+    bearer: ``Bearer <token>``; key: the raw token as the whole header; basic:
+    HTTP Basic. Credentials are compared with ``hmac.compare_digest`` and every
+    failure takes the same path, so timing tells a caller nothing.
+    """
+
+    def __init__(self, cfg: WebhookConfig) -> None:
+        self.mode = cfg.auth
+        self._token = (cfg.token or "").encode("utf-8")
+        self._username = (cfg.username or "").encode("utf-8")
+        self._password = (cfg.password or "").encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"WebhookAuth(mode={self.mode!r})"
+
+    @property
+    def challenge(self) -> Optional[str]:
+        return {"bearer": 'Bearer realm="tq-mw-thehive"', "basic": 'Basic realm="tq-mw-thehive"'}.get(self.mode)
+
+    def check(self, header: Optional[str]) -> bool:
+        if self.mode == "none":
+            return True
+        presented = (header or "").strip().encode("utf-8", "replace")
+        if self.mode == "key":
+            return hmac.compare_digest(presented, self._token)
+        scheme, _, credential = presented.partition(b" ")
+        credential = credential.strip()
+        if self.mode == "bearer":
+            ok = hmac.compare_digest(credential, self._token)
+            return ok and scheme.lower() == b"bearer"
+        user, password = self._basic_pair(credential)
+        ok_user = hmac.compare_digest(user, self._username)
+        ok_password = hmac.compare_digest(password, self._password)
+        return ok_user and ok_password and scheme.lower() == b"basic"
+
+    @staticmethod
+    def _basic_pair(credential: bytes) -> Tuple[bytes, bytes]:
+        try:
+            decoded = base64.b64decode(credential, validate=True)
+        except (binascii.Error, ValueError):
+            decoded = b""
+        user, _, password = decoded.partition(b":")
+        return user, password
+
+
+def _error(status: int, message: str, **headers: str):
+    response = jsonify({"status": "error", "error": message})
+    response.status_code = status
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _decode(body: bytes):
+    """The JSON document in ``body``, or a ``PayloadError`` saying what is wrong with it."""
+    if not body.strip():
+        raise events.PayloadError("empty body: expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise events.PayloadError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return text, json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise events.PayloadError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise events.PayloadError(f"invalid JSON: {exc}") from None
+
+
+def _log_event(event: events.WebhookEvent, outcome: str, started: float, inbox_id: Optional[int] = None,
+               reason: Optional[str] = None) -> None:
+    log.info("event audit=%s type=%s action=%s object=%s case=%s shape=%s outcome=%s%s%s ms=%.1f",
+             event.audit_id or "-", event.raw_object_type, event.raw_action, event.object_id or "-",
+             event.case_id or "-", event.shape, outcome,
+             f" inbox_id={inbox_id}" if inbox_id is not None else "",
+             f" reason={reason!r}" if reason else "", (time.monotonic() - started) * 1000)
+
+
+@bp.route("/cases", methods=["POST"], strict_slashes=False)
+def receive_event():
+    started = time.monotonic()
+    ext = current_app.extensions[EXTENSION]
+    auth: WebhookAuth = ext["auth"]
+    if not auth.check(request.headers.get("Authorization")):
+        log.warning("rejected outcome=unauthorized remote=%s reason=%r", request.remote_addr,
+                    "missing Authorization header" if "Authorization" not in request.headers
+                    else "wrong credentials")
+        headers = {"WWW_Authenticate": auth.challenge} if auth.challenge else {}
+        return _error(401, "authentication required", **headers)
+    try:
+        text, payload = _decode(request.get_data(cache=False))
+        event = events.parse(payload)
+    except events.PayloadError as exc:
+        log.warning("rejected outcome=invalid remote=%s reason=%r", request.remote_addr, str(exc))
+        return _error(400, str(exc))
+
+    if event.ignore_reason:
+        _log_event(event, "ignored", started, reason=event.ignore_reason)
+        return jsonify({"status": "ignored", "reason": event.ignore_reason})
+
+    inbox: Inbox = ext["inbox"]
+    try:
+        result = inbox.put(event, text)
+    except sqlite3.Error as exc:
+        log.error("event audit=%s type=%s action=%s object=%s outcome=unavailable error=%r",
+                  event.audit_id or "-", event.raw_object_type, event.raw_action,
+                  event.object_id or "-", str(exc))
+        return _error(503, "state database unavailable; retry later", Retry_After=RETRY_AFTER_S)
+    outcome = "queued" if result.created else "duplicate"
+    _log_event(event, outcome, started, inbox_id=result.id)
+    return jsonify({"status": outcome, "id": result.id, "audit_id": event.audit_id,
+                    "object_type": event.object_type, "action": event.action,
+                    "object_id": event.object_id})
+
+
+@bp.route("/healthz", methods=["GET"])
+def healthz():
+    inbox: Inbox = current_app.extensions[EXTENSION]["inbox"]
+    try:
+        inbox.check_writable()
+        counts = inbox.stats()
+    except sqlite3.Error as exc:
+        log.error("healthz outcome=unavailable error=%r", str(exc))
+        return jsonify({"status": "unavailable", "error": f"state database cannot be written: {exc}"}), 503
+    return jsonify({"status": "ok", "inbox": counts})
+
+
+def _http_error(exc: HTTPException):
+    if isinstance(exc, RequestEntityTooLarge):
+        limit = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        log.warning("rejected outcome=too_large remote=%s limit_mb=%g", request.remote_addr, limit)
+        return _error(413, f"body larger than webhook.max_body_mb ({limit:g} MB)")
+    response = _error(exc.code or 500, exc.description or exc.name)
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def _unexpected_error(exc: Exception):
+    log.exception("internal error on %s %s", request.method, request.path)
+    return _error(500, "internal error (logged)")
+
+
+def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive") -> Flask:
+    """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database."""
+    app = Flask(name)
+    app.config["MAX_CONTENT_LENGTH"] = int(cfg.webhook.max_body_mb * 1024 * 1024)
+    app.json.sort_keys = False
+    app.extensions[EXTENSION] = {
+        "config": cfg,
+        "auth": WebhookAuth(cfg.webhook),
+        "inbox": inbox if inbox is not None else Inbox.open(cfg.state_db),
+    }
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
