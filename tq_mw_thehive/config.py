@@ -38,7 +38,11 @@ def _opt(kind: type, default: Any = None, *, required: bool = False, secret: boo
 
 
 def _http_url(value: str) -> Optional[str]:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError:
+        return "must be an http:// or https:// URL with a valid host and port"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL"
     return None
@@ -68,7 +72,7 @@ class ThreatQConfig:
     client_id: str = _opt(str, required=True, check=_non_empty)
     client_secret: Optional[str] = _opt(str, secret=True)
     verify_ssl: bool = _opt(bool, True)
-    proxy: Optional[str] = _opt(str, check=_http_url)
+    proxy: Optional[str] = _opt(str, secret=True, check=_http_url)  # may carry user:password
     source: str = _opt(str, "TheHive", check=_non_empty)
 
     @property
@@ -169,14 +173,19 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _coerce(value: Any, kind: type, path: str, from_env: bool) -> Any:
+def _shown(value: Any, secret: bool) -> str:
+    """How an error message quotes a rejected value: a secret's type only, never its text."""
+    return f"a {type(value).__name__}" if secret else f"{type(value).__name__} {value!r}"
+
+
+def _coerce(value: Any, kind: type, path: str, from_env: bool, secret: bool) -> Any:
     """Check ``value`` against ``kind``; strings from ``${ENV}`` may stand for bools and numbers."""
     if kind is bool:
         if isinstance(value, bool):
             return value
         if from_env and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ConfigError(f"{path}: must be true or false (got {value!r})")
+        raise ConfigError(f"{path}: must be true or false (got {_shown(value, secret)})")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -185,11 +194,11 @@ def _coerce(value: Any, kind: type, path: str, from_env: bool) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: must be a number (got {value!r})")
+        raise ConfigError(f"{path}: must be a number (got {_shown(value, secret)})")
     if kind is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: must be a string (got {type(value).__name__} {value!r})")
+        raise ConfigError(f"{path}: must be a string (got {_shown(value, secret)})")
     raise AssertionError(kind)  # pragma: no cover - schema error
 
 
@@ -218,13 +227,14 @@ def _build_section(cls: type, raw: Any, name: str, raw_unexpanded: Any) -> Any:
                 raise ConfigError(f"{path}: required key is missing")
             continue
         from_env = isinstance(raw_unexpanded.get(key), str) and bool(_ENV_REF.search(raw_unexpanded[key]))
-        value = _coerce(value, meta["kind"], path, from_env)
+        value = _coerce(value, meta["kind"], path, from_env, meta["secret"])
         if meta["choices"] and value not in meta["choices"]:
             raise ConfigError(f"{path}: must be one of {', '.join(meta['choices'])} (got {value!r})")
         if meta["check"]:
             problem = meta["check"](value)
             if problem:
-                raise ConfigError(f"{path}: {problem} (got {value!r})")
+                shown = "" if meta["secret"] else f" (got {value!r})"
+                raise ConfigError(f"{path}: {problem}{shown}")
         values[key] = value
     return cls(**values)
 

@@ -21,8 +21,10 @@ _LEVELS = {"1": logging.WARNING, "2": logging.INFO, "3": logging.DEBUG, "stdout"
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 MASK = "***"
 _MIN_SECRET_LEN = 4  # shorter values would mask ordinary words; config rejects nothing for it
-# An HTTP credential as it would appear in a header dump: the scheme, then a token with a digit.
-_CREDENTIAL = re.compile(r"\b(Bearer|Basic) +(?=[A-Za-z._~+/-]*[0-9])[A-Za-z0-9._~+/-]+=*")
+# An HTTP credential as it would appear in a header dump: the scheme (any case), then a
+# token with a digit or base64 padding, so that prose like "Basic authentication" stays.
+_CREDENTIAL = re.compile(r"(?i)\b(Bearer|Basic) +(?:(?=[A-Za-z._~+/-]*[0-9])[A-Za-z0-9._~+/-]+=*"
+                         r"|[A-Za-z0-9+/]+={1,2})")
 
 _secrets: set = set()
 _secrets_lock = threading.Lock()

@@ -56,14 +56,33 @@ class StateError(Exception):
     """The state database cannot be opened or migrated."""
 
 
+def _enable_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
+    # Switching a new file to WAL fails at once with "database is locked" while another
+    # process holds a lock (SQLite skips the busy handler here), which happens when
+    # several gunicorn workers open a new database together: wait as a busy timeout would.
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open the database with the settings every connection needs (autocommit; explicit BEGIN)."""
     db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
                          check_same_thread=False)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
+    try:
+        db.row_factory = sqlite3.Row
+        _enable_wal(db, busy_timeout)
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -103,7 +122,11 @@ def open_state(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> 
             raise StateError(f"state database {path}: directory {path.parent} does not exist")
         private_files.create(path)
         db = connect(path, busy_timeout)
-        migrate(db)
+        try:
+            migrate(db)
+        except BaseException:
+            db.close()
+            raise
         return db
     except (sqlite3.Error, OSError) as exc:
         raise StateError(f"state database {path}: {exc}") from exc

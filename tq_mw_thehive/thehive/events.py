@@ -176,7 +176,7 @@ def parse(payload: Any) -> WebhookEvent:
         raise PayloadError("objectType must be a non-empty string")
     raw_action = payload.get(action_key)
     if raw_action is None:
-        raise PayloadError(f"missing {action_key} (the event's action)")
+        raise PayloadError("missing action (TheHive 5 version 1) or operation (version 0)")
     if not isinstance(raw_action, str) or not raw_action.strip():
         raise PayloadError(f"{action_key} must be a non-empty string")
 

@@ -1,0 +1,50 @@
+"""Shared test fixtures: samples, a written config directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import yaml
+
+SAMPLES = Path(__file__).parent / "samples"
+SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.json"))
+WEBHOOK_TOKEN = "test-webhook-token-0123456789abcdef"
+THEHIVE_KEY = "thehive-api-key-fedcba9876543210"
+
+
+def sample_text(name: str) -> str:
+    return (SAMPLES / name).read_text(encoding="utf-8")
+
+
+def sample(name: str) -> Dict[str, Any]:
+    return json.loads(sample_text(name))
+
+
+def minimal_config(**sections: Dict[str, Any]) -> Dict[str, Any]:
+    """A valid config.yaml document; ``sections`` update its sections key by key."""
+    raw: Dict[str, Any] = {
+        "threatq": {"host": "threatq.example.org", "client_id": "tq-client-id"},
+        "thehive": {"url": "http://127.0.0.1:9000", "api_key": THEHIVE_KEY},
+        "webhook": {"auth": "bearer", "token": WEBHOOK_TOKEN},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(name, {}).update(values)
+        else:
+            raw[name] = values
+    return raw
+
+
+def write_config(config_dir: Path, **sections: Dict[str, Any]) -> Path:
+    path = config_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(minimal_config(**sections)), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    write_config(tmp_path)
+    return tmp_path

@@ -1,0 +1,468 @@
+"""The durable inbox: dedup, durability, leases, per-case ordering, retry/dead/replay, stats."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Tuple
+
+import pytest
+
+from tq_mw_thehive import state
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.thehive import events
+
+SAMPLES = Path(__file__).parent / "samples"
+SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.json"))
+T0 = 1_760_000_000.0
+CASE_A = "~1000001"
+CASE_B = "~2000002"
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def sample_text(name: str) -> str:
+    return (SAMPLES / name).read_text(encoding="utf-8")
+
+
+def make_event(audit_id: str, case_id: str, created_at: Optional[int],
+               observable_id: Optional[str] = None) -> Tuple[events.WebhookEvent, str]:
+    """A TheHive 5 audit event of case ``case_id``: on the case itself, or on one of its observables."""
+    name = "seed-observable-update.json" if observable_id else "seed-case-update.json"
+    payload = json.loads(sample_text(name))
+    payload.update({"_id": audit_id, "objectId": observable_id or case_id, "rootId": case_id,
+                    "_createdAt": created_at})
+    if created_at is None:
+        del payload["_createdAt"]
+    body = json.dumps(payload)
+    return events.parse(json.loads(body)), body
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    path = tmp_path / "state.db"
+    state.open_state(path).close()
+    return path
+
+
+@pytest.fixture
+def inbox(db_path: Path, clock: FakeClock):
+    ib = Inbox(db_path, clock=clock)
+    yield ib
+    ib.close()
+
+
+def put(ib: Inbox, audit_id: str, case_id: str = CASE_A, created_at: Optional[int] = 1_000,
+        observable_id: Optional[str] = None) -> int:
+    result = ib.put(*make_event(audit_id, case_id, created_at, observable_id))
+    assert result.created
+    return result.id
+
+
+def row(ib: Inbox, item_id: int) -> dict:
+    return dict(ib.get(item_id))
+
+
+# --- put ---------------------------------------------------------------------------------------
+
+def test_put_dedups_on_the_event_key(inbox: Inbox) -> None:
+    event, body = make_event("~audit-1", CASE_A, 1_000)
+    first = inbox.put(event, body)
+    again = inbox.put(event, body)
+    other = inbox.put(*make_event("~audit-2", CASE_A, 1_000))
+
+    assert first.created is True
+    assert again.created is False
+    assert again.id == first.id
+    assert other.created is True and other.id != first.id
+    assert inbox.db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_put_stores_the_body_verbatim(inbox: Inbox, clock: FakeClock, name: str) -> None:
+    text = sample_text(name)
+    event = events.parse(json.loads(text))
+    result = inbox.put(event, text)
+
+    stored = row(inbox, result.id)
+    assert stored["body"] == text
+    assert stored["dedup_key"] == event.dedup_key
+    assert stored["case_key"] == event.case_key
+    assert (stored["object_type"], stored["action"]) == (event.object_type, event.action)
+    assert stored["order_ts"] == event.timestamp_ms
+    assert (stored["state"], stored["attempts"]) == ("pending", 0)
+    assert stored["received_at"] == stored["next_attempt_at"] == clock()
+
+
+def test_put_without_thehive_time_orders_by_arrival(inbox: Inbox, clock: FakeClock) -> None:
+    item = put(inbox, "~no-time", created_at=None)
+    assert row(inbox, item)["order_ts"] == int(T0 * 1000)
+
+
+def test_put_is_committed_when_it_returns(db_path: Path, clock: FakeClock) -> None:
+    """The web answers 200 right after put: another connection must already see the event."""
+    writer = Inbox(db_path, clock=clock)
+    event, body = make_event("~durable", CASE_A, 1_000)
+    result = writer.put(event, body)
+    assert not writer.db.in_transaction
+
+    reader = Inbox(db_path, clock=clock)
+    try:
+        stored = reader.get(result.id)
+        assert stored is not None
+        assert stored["body"] == body
+        assert reader.stats()["pending"] == 1
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_concurrent_puts_create_each_event_once(db_path: Path) -> None:
+    threads, puts_each, distinct = 8, 25, 20
+    batch = [make_event(f"~c-{i}", f"~case-{i % 5}", 1_000 + i) for i in range(distinct)]
+    barrier = threading.Barrier(threads, timeout=10)
+
+    def worker(n: int):
+        ib = Inbox(db_path)
+        try:
+            barrier.wait()
+            out = []
+            for k in range(puts_each):
+                event, body = batch[(n * 3 + k) % distinct]  # each thread starts elsewhere
+                out.append((event.dedup_key, ib.put(event, body)))
+            return out
+        finally:
+            ib.close()
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = [r for chunk in pool.map(worker, range(threads)) for r in chunk]
+
+    assert len(results) == threads * puts_each
+    created = Counter(key for key, r in results if r.created)
+    assert created == Counter({event.dedup_key: 1 for event, _ in batch})
+    ids = {}
+    for key, r in results:
+        assert ids.setdefault(key, r.id) == r.id  # every put of one event answers the same id
+    check = Inbox(db_path)
+    try:
+        assert check.db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == distinct
+    finally:
+        check.close()
+
+
+# --- claim and leases --------------------------------------------------------------------------
+
+def test_claim_takes_the_oldest_by_thehive_time(inbox: Inbox, clock: FakeClock) -> None:
+    late = put(inbox, "~late", CASE_A, created_at=2_000)
+    early = put(inbox, "~early", CASE_B, created_at=1_000)
+
+    item = inbox.claim("w1", lease_s=60)
+    assert item is not None and item.id == early
+    assert item.attempts == 1
+    assert item.lease_until == T0 + 60
+    stored = row(inbox, early)
+    assert (stored["attempts"], stored["lease_owner"], stored["lease_until"]) == (1, "w1", T0 + 60)
+    assert row(inbox, late)["attempts"] == 0
+
+    assert inbox.claim("w2", lease_s=60).id == late
+    assert inbox.claim("w3", lease_s=60) is None
+
+
+def test_claim_on_an_empty_inbox_returns_none(inbox: Inbox) -> None:
+    assert inbox.claim("w1") is None
+
+
+def test_expired_lease_is_redelivered_and_only_the_new_owner_finishes(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~crash")
+    first = inbox.claim("w1", lease_s=30)
+    assert first.id == item_id
+
+    clock.advance(29)
+    assert inbox.claim("w2", lease_s=30) is None  # the lease still holds
+
+    clock.advance(2)  # w1 died: its lease ran out
+    second = inbox.claim("w2", lease_s=30)
+    assert second is not None and second.id == item_id
+    assert second.attempts == 2
+    assert second.body == first.body
+
+    assert inbox.done(item_id, "w1") is False
+    assert row(inbox, item_id)["state"] == "pending"
+    assert inbox.done(item_id, "w2") is True
+    stored = row(inbox, item_id)
+    assert (stored["state"], stored["lease_owner"], stored["lease_until"]) == ("done", None, None)
+    assert stored["finished_at"] == clock()
+    assert inbox.claim("w3") is None
+
+
+def test_owner_cannot_finish_after_its_lease_expired(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~slow")
+    inbox.claim("w1", lease_s=10)
+    clock.advance(10)
+    assert inbox.done(item_id, "w1") is False
+    assert row(inbox, item_id)["state"] == "pending"
+
+
+def test_extend_keeps_the_lease_past_its_first_expiry(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~long")
+    inbox.claim("w1", lease_s=10)
+    clock.advance(8)
+    assert inbox.extend(item_id, "w1", lease_s=10) is True
+    assert row(inbox, item_id)["lease_until"] == T0 + 18
+
+    clock.advance(5)  # past the first expiry (T0 + 10), within the extension
+    assert inbox.claim("w2") is None
+    assert inbox.done(item_id, "w1") is True
+
+
+def test_extend_after_expiry_fails(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~lost")
+    inbox.claim("w1", lease_s=10)
+    clock.advance(11)
+    assert inbox.extend(item_id, "w1", lease_s=10) is False
+    assert inbox.claim("w2").id == item_id
+    assert inbox.extend(item_id, "w1") is False
+    assert row(inbox, item_id)["lease_owner"] == "w2"
+
+
+# --- per-case ordering -------------------------------------------------------------------------
+
+def test_events_of_one_case_are_handed_out_in_thehive_order(inbox: Inbox) -> None:
+    t2 = put(inbox, "~t2", CASE_A, created_at=2_000, observable_id="~obs-1")  # same case by rootId
+    t1 = put(inbox, "~t1", CASE_A, created_at=1_000)
+    other = put(inbox, "~other", CASE_B, created_at=3_000)
+
+    first = inbox.claim("w1")
+    assert first.id == t1
+
+    # t1 in flight: nothing more of case A, but case B is free.
+    assert inbox.claim("w2").id == other
+    assert inbox.claim("w3") is None
+
+    assert inbox.done(t1, "w1") is True
+    assert inbox.claim("w3").id == t2
+
+
+def test_a_later_event_waits_while_an_earlier_one_of_its_case_is_leased(inbox: Inbox) -> None:
+    """Even when the earlier event arrives second (and TheHive time says it comes first)."""
+    late = put(inbox, "~late", CASE_A, created_at=2_000)
+    assert inbox.claim("w1").id == late
+    early = put(inbox, "~early", CASE_A, created_at=1_000)
+    assert inbox.claim("w2") is None  # the case is busy
+    assert inbox.done(late, "w1") is True
+    assert inbox.claim("w2").id == early
+
+
+@pytest.mark.parametrize("outcome", ["done", "dead"])
+def test_event_waiting_to_retry_blocks_its_case(inbox: Inbox, clock: FakeClock, outcome: str) -> None:
+    t1 = put(inbox, "~t1", CASE_A, created_at=1_000)
+    t2 = put(inbox, "~t2", CASE_A, created_at=2_000)
+    other = put(inbox, "~other", CASE_B, created_at=3_000)
+
+    assert inbox.claim("w1").id == t1
+    assert inbox.retry(t1, "w1", "ThreatQ 503", delay_s=60) is True
+
+    assert inbox.claim("w2").id == other
+    assert inbox.claim("w2") is None  # t2 must not overtake t1
+
+    clock.advance(60)
+    assert inbox.claim("w3").id == t1
+    assert inbox.claim("w4") is None
+    if outcome == "done":
+        assert inbox.done(t1, "w3") is True
+    else:
+        assert inbox.dead(t1, "w3", "gave up") is True
+    assert inbox.claim("w4").id == t2
+
+
+# --- retry, dead, replay -----------------------------------------------------------------------
+
+def test_retry_delays_the_event(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~retry")
+    inbox.claim("w1")
+    assert inbox.retry(item_id, "w1", "ThreatQ 503", delay_s=30) is True
+
+    stored = row(inbox, item_id)
+    assert stored["next_attempt_at"] == T0 + 30
+    assert stored["last_error"] == "ThreatQ 503"
+    assert (stored["state"], stored["lease_owner"], stored["lease_until"]) == ("pending", None, None)
+
+    clock.advance(29.9)
+    assert inbox.claim("w2") is None
+    clock.advance(0.2)
+    item = inbox.claim("w2")
+    assert item.id == item_id and item.attempts == 2
+
+
+def test_dead_keeps_the_error_and_is_never_claimed(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~dead")
+    inbox.claim("w1")
+    clock.advance(1)
+    assert inbox.dead(item_id, "w1", "400 Bad Request: bad indicator") is True
+
+    stored = row(inbox, item_id)
+    assert stored["state"] == "dead"
+    assert stored["last_error"] == "400 Bad Request: bad indicator"
+    assert stored["finished_at"] == T0 + 1
+    assert stored["lease_owner"] is None
+    clock.advance(10_000)
+    assert inbox.claim("w2") is None
+
+
+def kill(ib: Inbox, item_id: int) -> None:
+    item = ib.claim("killer")
+    assert item is not None and item.id == item_id
+    assert ib.dead(item_id, "killer", "boom") is True
+
+
+def test_replay_all_puts_dead_events_back(inbox: Inbox, clock: FakeClock) -> None:
+    a = put(inbox, "~a", CASE_A)
+    b = put(inbox, "~b", CASE_B)
+    kept = put(inbox, "~kept", "~3000003")
+    kill(inbox, a)
+    kill(inbox, b)
+    assert row(inbox, a)["attempts"] == 1
+
+    clock.advance(100)
+    assert inbox.replay() == 2
+    for item_id in (a, b):
+        stored = row(inbox, item_id)
+        assert (stored["state"], stored["attempts"], stored["finished_at"]) == ("pending", 0, None)
+        assert stored["next_attempt_at"] == T0 + 100
+    assert row(inbox, kept)["state"] == "pending"
+    assert {inbox.claim("w").id for _ in range(3)} == {a, b, kept}
+    assert inbox.replay() == 0
+
+
+def test_replay_ids_only_touches_those(inbox: Inbox) -> None:
+    a = put(inbox, "~a", CASE_A)
+    b = put(inbox, "~b", CASE_B)
+    kill(inbox, a)
+    kill(inbox, b)
+
+    assert inbox.replay(ids=[b]) == 1
+    assert row(inbox, a)["state"] == "dead"
+    assert row(inbox, b)["state"] == "pending"
+    assert inbox.claim("w").id == b
+    assert inbox.replay(ids=[b]) == 0  # not dead any more
+
+
+@pytest.mark.parametrize("finish", [
+    lambda ib, i, who: ib.done(i, who),
+    lambda ib, i, who: ib.retry(i, who, "err", 10),
+    lambda ib, i, who: ib.dead(i, who, "err"),
+    lambda ib, i, who: ib.extend(i, who, 10),
+], ids=["done", "retry", "dead", "extend"])
+def test_wrong_owner_changes_nothing(inbox: Inbox, finish) -> None:
+    item_id = put(inbox, "~mine")
+    inbox.claim("owner", lease_s=60)
+    before = row(inbox, item_id)
+
+    assert finish(inbox, item_id, "intruder") is False
+    assert row(inbox, item_id) == before
+    assert finish(inbox, item_id, "owner") is True
+
+
+def test_finishing_an_unclaimed_event_fails(inbox: Inbox) -> None:
+    item_id = put(inbox, "~unclaimed")
+    before = row(inbox, item_id)
+    assert inbox.done(item_id, "w1") is False
+    assert inbox.done(item_id + 1000, "w1") is False
+    assert row(inbox, item_id) == before
+
+
+# --- stats -------------------------------------------------------------------------------------
+
+def assert_stats(ib: Inbox, **expected) -> None:
+    stats = ib.stats()
+    assert set(stats) == set(Inbox.empty_stats())
+    full = dict(Inbox.empty_stats(), **expected)
+    assert stats == full
+    for key, value in stats.items():
+        if key != "oldest_pending_age_s":
+            assert type(value) is int, key
+
+
+def test_stats_through_an_events_life(inbox: Inbox, clock: FakeClock) -> None:
+    assert_stats(inbox)  # empty: all zero, no age
+    assert inbox.stats() == Inbox.empty_stats()
+
+    a = put(inbox, "~a", CASE_A, created_at=1_000)
+    clock.advance(5)
+    b = put(inbox, "~b", CASE_B, created_at=2_000)
+    c = put(inbox, "~c", "~3000003", created_at=3_000)
+    clock.advance(2)
+    assert_stats(inbox, pending=3, queued=3, oldest_pending_age_s=7.0)
+
+    assert inbox.claim("w1", lease_s=60).id == a
+    assert_stats(inbox, pending=3, queued=2, in_progress=1, oldest_pending_age_s=7.0)
+
+    assert inbox.retry(a, "w1", "later", delay_s=30) is True
+    assert_stats(inbox, pending=3, queued=2, waiting_retry=1, oldest_pending_age_s=7.0)
+
+    assert inbox.claim("w2", lease_s=60).id == b
+    assert inbox.done(b, "w2") is True
+    assert_stats(inbox, pending=2, queued=1, waiting_retry=1, done=1, oldest_pending_age_s=7.0)
+
+    assert inbox.claim("w3", lease_s=10).id == c
+    assert_stats(inbox, pending=2, in_progress=1, waiting_retry=1, done=1, oldest_pending_age_s=7.0)
+    clock.advance(10)  # c's worker died: its lease ran out, it is queued again
+    assert_stats(inbox, pending=2, queued=1, waiting_retry=1, done=1, oldest_pending_age_s=17.0)
+
+    assert inbox.claim("w3").id == c
+    assert inbox.dead(c, "w3", "bad") is True
+    clock.advance(20)  # a's retry is due
+    assert_stats(inbox, pending=1, queued=1, done=1, dead=1, oldest_pending_age_s=37.0)
+
+    assert inbox.claim("w4").id == a
+    assert inbox.done(a, "w4") is True
+    assert_stats(inbox, done=2, dead=1)
+
+
+def test_stats_of_a_fresh_database_match_empty_stats(db_path: Path) -> None:
+    ib = Inbox(db_path)
+    try:
+        assert ib.stats() == Inbox.empty_stats()
+    finally:
+        ib.close()
+
+
+# --- writability -------------------------------------------------------------------------------
+
+def test_locked_database_is_reported_and_recovers(db_path: Path, clock: FakeClock) -> None:
+    ib = Inbox(db_path, busy_timeout=0.1, clock=clock)
+    ib.check_writable()
+    locker = state.connect(db_path)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.Error):
+            ib.check_writable()
+        with pytest.raises(sqlite3.OperationalError):
+            ib.put(*make_event("~while-locked", CASE_A, 1_000))
+        assert not ib.db.in_transaction
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    ib.check_writable()
+    result = ib.put(*make_event("~while-locked", CASE_A, 1_000))
+    assert result.created is True  # the failed put left nothing behind
+    assert ib.db.execute("SELECT value FROM meta WHERE key = 'healthz_at'").fetchone()[0] == str(T0)
+    ib.close()

@@ -1,0 +1,236 @@
+"""Logging: levels by verbosity, file vs console, logrotate, redaction of secrets."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from tq_mw_thehive import logs
+
+SECRET = "s3cr3t-token-value"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """setup() replaces the root logger's handlers; put them back and forget registered secrets."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quiet = {name: logging.getLogger(name).level for name in ("urllib3", "werkzeug")}
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in quiet.items():
+        logging.getLogger(name).setLevel(lvl)
+    with logs._secrets_lock:
+        logs._secrets.clear()
+
+
+@pytest.fixture
+def log() -> logging.Logger:
+    return logging.getLogger("tq_mw_thehive.test_logs")
+
+
+def log_text(log_dir: Path, name: str = logs.LOG_FILE) -> str:
+    return (log_dir / name).read_text(encoding="utf-8")
+
+
+# --- levels and destinations -------------------------------------------------------------------
+
+@pytest.mark.parametrize("verbosity, seen, unseen", [
+    ("1", ["warning-line"], ["info-line", "debug-line"]),
+    ("2", ["warning-line", "info-line"], ["debug-line"]),
+    ("3", ["warning-line", "info-line", "debug-line"], []),
+])
+def test_verbosity_selects_the_level(tmp_path: Path, log, capsys, verbosity, seen, unseen) -> None:
+    logs.setup(tmp_path, verbosity)
+    log.warning("warning-line")
+    log.info("info-line")
+    log.debug("debug-line")
+
+    text = log_text(tmp_path)
+    for line in seen:
+        assert line in text
+    for line in unseen:
+        assert line not in text
+    assert capsys.readouterr().err == ""  # a file was asked for: the console stays quiet
+
+
+def test_file_lines_carry_level_and_logger(tmp_path: Path, log) -> None:
+    logs.setup(tmp_path, "2")
+    log.warning("something odd")
+    line = log_text(tmp_path).strip()
+    assert f"WARNING [{os.getpid()}] tq_mw_thehive.test_logs: something odd" in line
+
+
+def test_log_dir_is_created(tmp_path: Path, log) -> None:
+    log_dir = tmp_path / "var" / "log" / "tq"
+    logs.setup(log_dir, "2")
+    log.info("hello")
+    assert "hello" in log_text(log_dir)
+
+
+def test_stdout_logs_to_stderr_and_to_the_file(tmp_path: Path, log, capsys) -> None:
+    logs.setup(tmp_path, "stdout")
+    log.info("both-places")
+    log.debug("nowhere")
+
+    err = capsys.readouterr().err
+    assert "both-places" in err and "nowhere" not in err
+    text = log_text(tmp_path)
+    assert "both-places" in text and "nowhere" not in text
+
+
+@pytest.mark.parametrize("verbosity", [None, "stdout"])
+def test_without_a_dir_logs_to_the_console_only(tmp_path: Path, monkeypatch, log, capsys, verbosity) -> None:
+    monkeypatch.chdir(tmp_path)
+    logs.setup(None, verbosity)
+    log.info("console-only")
+    log.debug("too-chatty")
+
+    err = capsys.readouterr().err
+    assert "console-only" in err and "too-chatty" not in err
+    assert list(tmp_path.iterdir()) == []
+    assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers)
+
+
+def test_setup_replaces_previous_handlers(tmp_path: Path, log) -> None:
+    logs.setup(tmp_path / "one", "2")
+    logs.setup(tmp_path / "two", "2")
+    log.info("after-second-setup")
+    assert "after-second-setup" not in log_text(tmp_path / "one")
+    assert "after-second-setup" in log_text(tmp_path / "two")
+    assert len(logging.getLogger().handlers) == 1
+
+
+def test_third_party_chatter_is_quiet_unless_debugging(tmp_path: Path) -> None:
+    logs.setup(tmp_path, "2")
+    assert logging.getLogger("urllib3").level == logging.WARNING
+    logs.setup(tmp_path, "3")
+    assert logging.getLogger("urllib3").level == logging.DEBUG
+
+
+def test_file_follows_logrotate(tmp_path: Path, log) -> None:
+    """logrotate renames the file without copytruncate: the next line goes to a new file."""
+    logs.setup(tmp_path, "2")
+    log.info("before-rotation")
+    os.rename(tmp_path / logs.LOG_FILE, tmp_path / (logs.LOG_FILE + ".1"))
+    log.info("after-rotation")
+
+    rotated = log_text(tmp_path, logs.LOG_FILE + ".1")
+    current = log_text(tmp_path)
+    assert "before-rotation" in rotated and "after-rotation" not in rotated
+    assert "after-rotation" in current and "before-rotation" not in current
+
+
+def test_unusable_log_dir_is_a_setup_error_naming_it(tmp_path: Path, log) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    log_dir = blocker / "logs"
+    root = logging.getLogger()
+    before = root.handlers[:]
+
+    with pytest.raises(logs.LogSetupError) as err:
+        logs.setup(log_dir, "2")
+    assert str(log_dir) in str(err.value)
+    assert root.handlers == before  # the logging in place is left alone
+
+
+# --- redaction ---------------------------------------------------------------------------------
+
+def emit_with_secret(log: logging.Logger, where: str) -> None:
+    if where == "message":
+        log.warning(f"calling ThreatQ with token {SECRET} failed")
+    elif where == "args":
+        log.warning("calling ThreatQ with token %s failed", SECRET)
+    else:
+        try:
+            raise RuntimeError(f"401 for token {SECRET}")
+        except RuntimeError:
+            log.exception("calling ThreatQ failed")
+
+
+@pytest.mark.parametrize("where", ["message", "args", "exception"])
+def test_registered_secret_never_reaches_the_file(tmp_path: Path, log, where) -> None:
+    logs.setup(tmp_path, "2")
+    logs.add_secrets([SECRET, None, ""])
+    emit_with_secret(log, where)
+
+    text = log_text(tmp_path)
+    assert "calling ThreatQ" in text
+    assert SECRET not in text
+    assert logs.MASK in text
+    if where == "exception":
+        assert "RuntimeError: 401 for token ***" in text
+
+
+@pytest.mark.parametrize("where", ["message", "args", "exception"])
+def test_registered_secret_never_reaches_the_console(log, capsys, where) -> None:
+    logs.setup(None, "stdout")
+    logs.add_secrets([SECRET])
+    emit_with_secret(log, where)
+    err = capsys.readouterr().err
+    assert "calling ThreatQ" in err
+    assert SECRET not in err and logs.MASK in err
+
+
+def test_secret_registered_before_setup_is_masked(tmp_path: Path, log) -> None:
+    logs.add_secrets([SECRET])
+    logs.setup(tmp_path, "2")
+    log.warning("token=%s", SECRET)
+    assert "token=***" in log_text(tmp_path)
+
+
+def test_longer_secret_is_masked_whole_when_it_contains_a_shorter_one() -> None:
+    logs.add_secrets(["abcd", "abcdefgh-1234"])
+    assert logs.redact("x abcdefgh-1234 y abcd z") == "x *** y *** z"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Authorization: Bearer abc123def", "Authorization: Bearer ***"),
+    ("Authorization: Basic dXNlcjpwYXNz1", "Authorization: Basic ***"),
+    ("headers={'Authorization': 'Bearer eyJhbGciOi.J9eyJzdWIi.OiIx-MjM0_NTY3'}",
+     "headers={'Authorization': 'Bearer ***'}"),
+])
+def test_http_credentials_are_masked(text: str, expected: str) -> None:
+    assert logs.redact(text) == expected
+
+
+def test_padded_basic_credential_without_digits_is_masked() -> None:
+    assert logs.redact("Authorization: Basic dXNlcjpwYXNzMQ== sent") == "Authorization: Basic *** sent"
+
+
+@pytest.mark.parametrize("text", [
+    "auth=bearer state_db=/tmp/x.db",
+    "webhook auth is Bearer token or Basic authentication",
+    "Basic authentication failed for user admin",
+    "Bearer",
+])
+def test_ordinary_words_are_not_masked(text: str) -> None:
+    assert logs.redact(text) == text
+
+
+def test_credentials_are_masked_in_the_file(tmp_path: Path, log) -> None:
+    logs.setup(tmp_path, "2")
+    log.info("sending Authorization: Bearer abc123def to %s", "threatq.example.org")
+    text = log_text(tmp_path)
+    assert "abc123def" not in text
+    assert "Authorization: Bearer *** to threatq.example.org" in text
+
+
+def test_short_secrets_are_ignored(tmp_path: Path, log) -> None:
+    logs.add_secrets(["abc", "x"])
+    assert logs._secrets == set()
+    logs.setup(tmp_path, "2")
+    log.info("the abc of x")
+    assert "the abc of x" in log_text(tmp_path)
+
+
+def test_four_character_secret_is_masked() -> None:
+    logs.add_secrets(["wxyz"])
+    assert logs.redact("key=wxyz") == "key=***"

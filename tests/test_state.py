@@ -1,0 +1,149 @@
+"""The state database: file mode, WAL, numbered migrations, concurrent first start."""
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tq_mw_thehive import state
+
+
+def migration_rows(db):
+    return [tuple(r) for r in db.execute(
+        "SELECT version, name, applied_at FROM schema_migrations ORDER BY version")]
+
+
+def expected_versions():
+    return [(version, name) for version, name, _ in state.MIGRATIONS]
+
+
+def test_open_state_creates_private_wal_database(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = state.open_state(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        # SQLite gives -wal/-shm the mode of the database file; they exist while a WAL connection is open.
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            assert side.exists()
+            assert stat.S_IMODE(side.stat().st_mode) == 0o600
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert [(v, n) for v, n, _ in migration_rows(db)] == expected_versions()
+        assert expected_versions()[0] == (1, "inbox")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"inbox", "meta", "schema_migrations"} <= tables
+    finally:
+        db.close()
+
+
+def test_journal_mode_is_persistent_for_plain_connections(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    state.open_state(path).close()
+    raw = sqlite3.connect(str(path))
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        raw.close()
+
+
+def test_open_twice_applies_nothing_twice(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = state.open_state(path)
+    first.execute("INSERT INTO meta (key, value) VALUES ('marker', 'kept')")
+    before = migration_rows(first)
+    first.close()
+
+    second = state.open_state(path)
+    try:
+        assert migration_rows(second) == before  # same rows, same applied_at
+        assert second.execute("SELECT value FROM meta WHERE key = 'marker'").fetchone()[0] == "kept"
+        assert state.migrate(second) == state.MIGRATIONS[-1][0]
+        assert migration_rows(second) == before
+    finally:
+        second.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = state.open_state(path)
+    newer = state.MIGRATIONS[-1][0] + 1
+    db.execute("INSERT INTO schema_migrations VALUES (?, 'from-the-future', 0)", (newer,))
+    db.close()
+
+    with pytest.raises(state.StateError, match="newer"):
+        state.open_state(path)
+
+    # The refusal rolled back: the database is left exactly as it was.
+    check = state.connect(path)
+    try:
+        assert [r[0] for r in check.execute("SELECT version FROM schema_migrations ORDER BY version")] \
+            == [v for v, _ in expected_versions()] + [newer]
+    finally:
+        check.close()
+
+
+def test_missing_directory_is_a_state_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "does-not-exist" / "state.db"
+    with pytest.raises(state.StateError) as err:
+        state.open_state(path)
+    assert str(path) in str(err.value)
+    assert not path.parent.exists()
+
+
+def test_directory_as_database_is_a_state_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.mkdir()
+    with pytest.raises(state.StateError) as err:
+        state.open_state(path)
+    assert str(path) in str(err.value)
+
+
+def test_concurrent_first_open_migrates_once(tmp_path: Path) -> None:
+    """Several workers start at once on a fresh file: all succeed, each migration applied once."""
+    path = tmp_path / "state.db"
+    n = 8
+    barrier = threading.Barrier(n, timeout=10)
+
+    def opener(_: int):
+        barrier.wait()
+        db = state.open_state(path)
+        try:
+            return db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0]
+        finally:
+            db.close()
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        counts = list(pool.map(opener, range(n)))
+
+    assert counts == [len(state.MIGRATIONS)] * n
+    db = state.connect(path)
+    try:
+        assert [(v, name) for v, name, _ in migration_rows(db)] == expected_versions()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        db.close()
+
+
+def test_open_state_honours_busy_timeout_during_first_start(tmp_path: Path) -> None:
+    """The deterministic form of the first-start race: another worker is mid-way through creating the file.
+
+    A correct open_state waits up to busy_timeout for the lock before giving up.
+    """
+    path = tmp_path / "state.db"
+    other = sqlite3.connect(str(path), isolation_level=None)  # rollback journal, as a fresh file is
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(state.StateError, match="locked"):
+            state.open_state(path, busy_timeout=0.3)
+        assert time.monotonic() - started >= 0.25
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    state.open_state(path).close()
