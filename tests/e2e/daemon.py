@@ -1,0 +1,102 @@
+"""Run the real daemon (``python -m tq_mw_thehive``, gunicorn) as a user would, on a loopback port."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import requests
+
+READY = re.compile(r"ready listening=127\.0\.0\.1:(\d+)")
+LOG_NAME = "tq_mw_thehive.log"
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """One daemon process group; ``start`` returns once ``/healthz`` answers."""
+
+    def __init__(self, config_dir: Path, log_dir: Path, args: Sequence[str] = (),
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.config_dir = Path(config_dir)
+        self.log_dir = Path(log_dir)
+        self.args = list(args)
+        self.env = env
+        self.proc: Optional[subprocess.Popen] = None
+        self.port: Optional[int] = None
+        self.console = self.log_dir / "console.txt"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / LOG_NAME
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def command(self) -> List[str]:
+        return [sys.executable, "-m", "tq_mw_thehive", "-c", str(self.config_dir), "-ll", str(self.log_dir),
+                "-v", "3", "-p", "0", "-li", "127.0.0.1", "-w", "2", *self.args]
+
+    def spawn(self) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        console = open(self.console, "ab")
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=console,
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        console.close()
+        return self.proc
+
+    def start(self, timeout: float = 60) -> "Daemon":
+        seen = len(self.log_text())
+        self.spawn()
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n"
+                                     f"{self.console.read_text(errors='replace')}\n{self.log_text()[seen:]}")
+            match = READY.search(self.log_text(), seen)
+            return match and int(match.group(1))
+
+        self.port = wait_for(ready, timeout, "the daemon's ready line")
+        wait_for(self._healthy, timeout, "/healthz")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/healthz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 30) -> int:
+        """Signal the whole process group (master and workers) and wait for the master."""
+        os.killpg(self.proc.pid, sig)
+        code = self.proc.wait(timeout=timeout)
+        if sig == signal.SIGKILL:
+            # Orphaned workers notice their parent is gone; make sure none is left.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return code
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()

@@ -1,0 +1,264 @@
+"""The daemon as users run it: gunicorn with 2 workers on a loopback port, real HTTP, a real SQLite file."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import SAMPLE_NAMES, THEHIVE_KEY, WEBHOOK_TOKEN, sample, sample_text, write_config
+from daemon import Daemon, wait_for
+from tq_mw_thehive.testing.loopback import LoopbackServer
+from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
+from tq_mw_thehive.threatq import auth as tq_auth
+
+pytestmark = pytest.mark.e2e
+BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}", "Content-Type": "application/json"}
+ACCESS_TOKEN = "tq-access-token-5f2d9c1e7a"
+REFRESH_TOKEN = "tq-refresh-token-0b8e4d6c3f"
+
+
+@pytest.fixture
+def daemon(config_dir: Path):
+    # ThreatQ (threatq.example.org) and TheHive (127.0.0.1:9000) are unreachable here: the
+    # daemon must start and take events all the same.
+    tq_auth.save_tokens(config_dir, tq_auth.Tokens(ACCESS_TOKEN, REFRESH_TOKEN, expires_at=0.0))
+    d = Daemon(config_dir, config_dir / "logs")
+    yield d.start()
+    d.close()
+
+
+def post(url: str, body, headers=BEARER, timeout: float = 10) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(url + "/cases", data=data, headers=headers, timeout=timeout)
+
+
+def inbox_rows(config_dir: Path):
+    db = sqlite3.connect(str(config_dir / "tq_mw_thehive.db"))
+    try:
+        return db.execute("SELECT dedup_key, state FROM inbox ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def status_json(config_dir: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tq_mw_thehive", "status", "-c", str(config_dir), "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def case_events(n: int):
+    """``n`` distinct TheHive 5 events over 10 cases, as TheHive would send them."""
+    base = sample("th5-observable-create-ip.json")
+    for i in range(n):
+        event = json.loads(json.dumps(base))
+        event["_id"] = f"~9{i:06d}"
+        event["objectId"] = f"~7{i:06d}"
+        event["rootId"] = f"~5{i % 10:06d}"
+        event["_createdAt"] = base["_createdAt"] + i
+        yield event
+
+
+def test_every_shape_and_every_bad_input(daemon):
+    url = daemon.url
+    for name in SAMPLE_NAMES:
+        response = post(url, sample_text(name))
+        assert response.status_code == 200, (name, response.text)
+        assert response.json()["status"] == "queued", name
+    assert post(url, sample_text("th5-case-create.json")).json()["status"] == "duplicate"
+    thehive4_case = {"operation": "update", "objectType": "case", "objectId": "~8396848", "base": True,
+                     "startDate": 1717434000300, "requestId": "th4-req-1", "rootId": "~8396848",
+                     "details": {"severity": 4}, "object": {"_id": "~8396848", "caseId": 142},
+                     "organisationId": "~4120", "organisation": "acme-soc"}
+    assert post(url, thehive4_case).json()["status"] == "queued"
+
+    task = {"_id": "~31", "_type": "Audit", "action": "update", "objectType": "Task", "objectId": "~32"}
+    response = post(url, task)
+    assert response.status_code == 200 and response.json()["status"] == "ignored"
+
+    assert post(url, sample_text("th5-case-create.json"), headers={}).status_code == 401
+    assert post(url, sample_text("th5-case-create.json"),
+                headers={"Authorization": "Bearer nope"}).status_code == 401
+    for body, needle in [(b"{bad json", "invalid JSON"), (b'{"action": "create"}', "missing objectType"),
+                         (b'["a list"]', "JSON object"), (b"\xff\xfe{}", "UTF-8")]:
+        response = post(url, body)
+        assert response.status_code == 400 and needle in response.json()["error"]
+    huge = b'{"pad": "' + b"x" * (11 * 1024 * 1024) + b'"}'
+    response = post(url, huge, timeout=30)
+    assert response.status_code == 413
+    response = requests.get(url + "/cases", headers=BEARER, timeout=10)
+    assert response.status_code == 405
+
+    accepted = len(SAMPLE_NAMES) + 1
+    health = requests.get(url + "/healthz", timeout=10).json()
+    assert health["inbox"]["pending"] == accepted
+    assert status_json(daemon.config_dir)["pending"] == accepted
+    assert len(inbox_rows(daemon.config_dir)) == accepted
+
+    log = daemon.log_text()
+    assert re.search(r"INFO .* event audit=~2048112 type=Case action=create object=~8396848 .*outcome=queued",
+                     log)
+    assert "audit=~2048112" in log and "outcome=duplicate" in log
+    assert "outcome=ignored" in log and "outcome=unauthorized" in log and "outcome=too_large" in log
+
+
+def test_sigkill_loses_no_accepted_event_and_restart_duplicates_nothing(daemon):
+    """Every event answered 200 before a SIGKILL of the whole service is in the inbox, once."""
+    events = list(case_events(300))
+    answered = {}
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def send(event):
+        try:
+            response = post(daemon.url, event, timeout=10)
+        except requests.RequestException:
+            return
+        if response.status_code == 200:
+            with lock:
+                answered[event["_id"]] = response.json()["status"]
+                if len(answered) == 100 and not killed.is_set():
+                    killed.set()
+                    daemon.kill(signal.SIGKILL)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(send, events))
+    assert killed.is_set()
+    assert daemon.proc.returncode == -signal.SIGKILL
+
+    stored = {key for key, _ in inbox_rows(daemon.config_dir)}
+    assert {f"audit:{i}" for i in answered} <= stored
+    assert len(stored) == len(inbox_rows(daemon.config_dir))
+
+    # Restarted, with TheHive (or a backfill) sending everything again: nothing is stored twice.
+    daemon.start()
+    again = [post(daemon.url, event).json()["status"] for event in events]
+    assert {again[i] for i, e in enumerate(events) if e["_id"] in answered} == {"duplicate"}
+    rows = inbox_rows(daemon.config_dir)
+    assert sorted(key for key, _ in rows) == sorted(f"audit:{e['_id']}" for e in events)
+    assert status_json(daemon.config_dir)["pending"] == len(events)
+
+
+def test_two_workers_store_concurrent_duplicates_once(daemon):
+    events = list(case_events(50))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda e: post(daemon.url, e).json()["status"], events * 4))
+    assert answers.count("queued") == 50
+    assert answers.count("duplicate") == 150
+    assert len(inbox_rows(daemon.config_dir)) == 50
+    pids = set(re.findall(r"\[(\d+)\] tq_mw_thehive\.web: event ", daemon.log_text()))
+    assert len(pids) == 2, "both gunicorn workers took requests"
+
+
+def test_sigterm_finishes_and_exits_cleanly(daemon):
+    assert post(daemon.url, sample_text("th5-case-create.json")).status_code == 200
+    assert daemon.kill(signal.SIGTERM) == 0
+    assert "Shutting down" in daemon.log_text()
+
+
+def test_log_file_survives_logrotate_and_holds_no_secret(daemon):
+    post(daemon.url, sample_text("th5-case-create.json"))
+    post(daemon.url, b"{}", headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}-wrong"})
+    rotated = daemon.log_file.with_name(daemon.log_file.name + ".1")
+    daemon.log_file.rename(rotated)  # what logrotate does; no copytruncate, no signal
+    for name in ("th5-case-update.json", "th4-case-artifact-create.json", "th5-observable-create-ip.json",
+                 "seed-case-update.json"):
+        post(daemon.url, sample_text(name))
+    wait_for(lambda: daemon.log_file.exists() and daemon.log_text().count("outcome=queued") == 4, 10,
+             "the event lines in the new log file")
+    assert "audit=~2048112" in rotated.read_text() and "audit=~2048112" not in daemon.log_text()
+    everything = rotated.read_text() + daemon.log_text() + daemon.console.read_text()
+    for secret in (WEBHOOK_TOKEN, THEHIVE_KEY, ACCESS_TOKEN, REFRESH_TOKEN):
+        assert secret not in everything
+    assert "DEBUG" in everything  # verbosity 3 was in force
+
+
+def test_files_holding_secrets_are_private(daemon):
+    for name in ("tq_mw_thehive.db", "threatq_tokens.json"):
+        assert stat.S_IMODE((daemon.config_dir / name).stat().st_mode) == 0o600, name
+
+
+def test_vendor_guide_gunicorn_line(config_dir, tmp_path):
+    """``gunicorn -b … 'tq_mw_thehive.tq_driver:run(c="…")'`` serves the same app."""
+    errors = tmp_path / "gunicorn.txt"
+    with open(errors, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-b", "127.0.0.1:0", "-w", "2",
+                                 f'tq_mw_thehive.tq_driver:run(c="{config_dir}")'],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        port = wait_for(lambda: (m := re.search(r"Listening at: http://127\.0\.0\.1:(\d+)",
+                                                errors.read_text())) and int(m.group(1)), 60,
+                        "gunicorn's Listening line")
+        url = f"http://127.0.0.1:{port}"
+        response = wait_for(lambda: _try_post(url, sample_text("th5-case-create.json")), 30, "a 200")
+        assert response.json()["status"] == "queued"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert len(inbox_rows(config_dir)) == 1
+
+
+def _try_post(url, body):
+    try:
+        response = post(url, body)
+    except requests.ConnectionError:
+        return None
+    return response if response.status_code == 200 else None
+
+
+def test_tq_driver_with_a_bad_config_stops_gunicorn_with_the_message(tmp_path):
+    write_config(tmp_path, webhook={"auth": "token"})
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-b", "127.0.0.1:0",
+                             f'tq_mw_thehive.tq_driver:run(c="{tmp_path}")'],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "webhook.auth: must be one of bearer, basic, key, none" in result.stdout + result.stderr
+
+
+def test_port_in_use_is_a_clear_startup_error(config_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        d = Daemon(config_dir, config_dir / "logs")
+        d.command = lambda: [sys.executable, "-m", "tq_mw_thehive", "-c", str(config_dir), "-ll",
+                             str(d.log_dir), "-p", str(port)]
+        proc = d.spawn()
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            d.close()
+    assert code != 0
+    assert f"Connection in use: ('127.0.0.1', {port})" in d.log_text()
+
+
+def test_first_run_configures_from_the_environment_then_serves(tmp_path):
+    """No config.yaml: the plain command configures (answers from TQ_MW_*), then serves."""
+    sim = ThreatQSimulator(users={"ops@example.org": "pw-used-once-123"})
+    with LoopbackServer(sim.app) as threatq:
+        env = {**os.environ, "TQ_MW_THREATQ_HOST": threatq.url, "TQ_MW_THREATQ_CLIENT_ID": sim.client_id,
+               "TQ_MW_THREATQ_EMAIL": "ops@example.org", "TQ_MW_THREATQ_PASSWORD": "pw-used-once-123",
+               "TQ_MW_THEHIVE_URL": "http://127.0.0.1:9000", "TQ_MW_THEHIVE_API_KEY": THEHIVE_KEY,
+               "TQ_MW_WEBHOOK_TOKEN": WEBHOOK_TOKEN}
+        d = Daemon(tmp_path, tmp_path / "logs", env=env)
+        try:
+            d.start()
+            assert post(d.url, sample_text("th5-case-create.json")).json()["status"] == "queued"
+        finally:
+            d.close()
+    assert "notification.webhook.endpoints" in d.console.read_text()
+    for name in ("config.yaml", "threatq_tokens.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert "pw-used-once-123" not in "".join(p.read_text(errors="replace")
+                                              for p in tmp_path.rglob("*") if p.is_file())

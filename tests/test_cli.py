@@ -1,0 +1,338 @@
+"""The command line: global flags before and after subcommands, `status`, and every way
+the run without a subcommand must stop (with the right exit code) before it serves.
+
+No test here may serve: in-process runs have ``server.serve`` replaced by a function
+that fails the test, and subprocess runs of the no-subcommand path go through
+``GUARDED``, which does the same in the child (exit 99) before running the package
+as ``python -m`` would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import minimal_config, sample, write_config
+from tq_mw_thehive import __version__, server
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive.cli import Options, cli
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.thehive import events
+
+COUNT_KEYS = ("pending", "queued", "in_progress", "waiting_retry", "done", "dead")
+SERVE_REACHED = 99
+
+GUARDED = """\
+import runpy, sys
+import tq_mw_thehive.server as server
+
+def refuse(*args, **kwargs):
+    sys.stderr.write("TEST GUARD: server.serve was reached\\n")
+    sys.exit(%d)
+
+server.serve = refuse
+sys.argv[0] = "tq_mw_thehive"
+runpy.run_module("tq_mw_thehive", run_name="__main__", alter_sys=True)
+""" % SERVE_REACHED
+
+
+@pytest.fixture(autouse=True)
+def no_serving(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("server.serve must not be reached from test_cli.py")
+
+    monkeypatch.setattr(server, "serve", refuse)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """An in-process start replaces the root logger's handlers; put them back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def scrubbed_env(**extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_MW_")}
+    env.update(extra)
+    return env
+
+
+def run_process(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None,
+                guarded: bool = True) -> subprocess.CompletedProcess:
+    """The real process, stdin empty (never a terminal); ``guarded`` stops it if it would serve."""
+    head = [sys.executable, "-c", GUARDED] if guarded else [sys.executable, "-m", "tq_mw_thehive"]
+    result = subprocess.run(head + args, cwd=str(cwd), env=env or scrubbed_env(),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode != SERVE_REACHED, result.stderr
+    return result
+
+
+def invoke(args: List[str]):
+    return CliRunner().invoke(cli, args, input="", catch_exceptions=False)
+
+
+def status_json(args: List[str]) -> dict:
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def fill_inbox(db_path: Path) -> Dict[str, int]:
+    """Five events of five cases, one in each state; returns the counts status must report."""
+    inbox = Inbox.open(db_path)
+    try:
+        for i in range(5):
+            payload = sample("th5-case-update.json")
+            case = f"~90000{i}"
+            payload.update({"_id": f"~audit-{i}", "objectId": case, "rootId": case,
+                            "_createdAt": 1_700_000_000_000 + i})
+            assert inbox.put(events.parse(payload), json.dumps(payload)).created
+        in_progress = inbox.claim("test")  # left leased
+        retried = inbox.claim("test")
+        dead = inbox.claim("test")
+        done = inbox.claim("test")
+        assert None not in (in_progress, retried, dead, done)
+        assert inbox.retry(retried.id, "test", "ThreatQ unavailable", delay_s=3600)
+        assert inbox.dead(dead.id, "test", "rejected")
+        assert inbox.done(done.id, "test")
+    finally:
+        inbox.close()
+    return {"pending": 3, "queued": 1, "in_progress": 1, "waiting_retry": 1, "done": 1, "dead": 1}
+
+
+def counts_of(report: dict) -> Dict[str, int]:
+    for key in COUNT_KEYS:
+        assert type(report[key]) is int, (key, report[key])
+    return {key: report[key] for key in COUNT_KEYS}
+
+
+# --- status -------------------------------------------------------------------------------
+
+def test_status_json_in_an_empty_dir_is_all_zero_and_creates_no_database(tmp_path):
+    report = status_json(["status", "-c", str(tmp_path), "--json"])
+    assert counts_of(report) == dict.fromkeys(COUNT_KEYS, 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_status_json_real_process_prints_one_object(tmp_path):
+    result = run_process(["status", "--json", "-c", str(tmp_path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert counts_of(json.loads(result.stdout)) == dict.fromkeys(COUNT_KEYS, 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_status_json_counts_each_state(config_dir):
+    cfg = config_mod.load(config_dir)
+    expected = fill_inbox(cfg.state_db)
+    report = status_json(["status", "-c", str(config_dir), "--json"])
+    assert counts_of(report) == expected
+    assert report["state_db"] == str(cfg.state_db)
+
+
+def test_status_json_reads_a_custom_relative_state_db(tmp_path):
+    write_config(tmp_path, state_db="data/inbox.db")
+    (tmp_path / "data").mkdir()
+    cfg = config_mod.load(tmp_path)
+    assert cfg.state_db == tmp_path / "data" / "inbox.db"
+    expected = fill_inbox(cfg.state_db)
+    report = status_json(["status", "-c", str(tmp_path), "--json"])
+    assert counts_of(report) == expected
+    assert report["state_db"] == str(cfg.state_db)
+    assert not (tmp_path / config_mod.DEFAULT_STATE_DB).exists()
+
+
+def test_config_flag_works_before_and_after_the_subcommand(config_dir):
+    expected = fill_inbox(config_mod.load(config_dir).state_db)
+    before = status_json(["-c", str(config_dir), "status", "--json"])
+    after = status_json(["status", "-c", str(config_dir), "--json"])
+    assert counts_of(before) == counts_of(after) == expected
+    assert before["state_db"] == after["state_db"] == str(config_mod.load(config_dir).state_db)
+
+
+@pytest.mark.parametrize("first, second", [("full", "empty"), ("empty", "full")])
+def test_config_flag_after_the_subcommand_wins(tmp_path, first, second):
+    dirs = {"full": tmp_path / "full", "empty": tmp_path / "empty"}
+    for d in dirs.values():
+        d.mkdir()
+        write_config(d)
+    full = fill_inbox(config_mod.load(dirs["full"]).state_db)
+    wanted = full if second == "full" else dict.fromkeys(COUNT_KEYS, 0)
+    report = status_json(["-c", str(dirs[first]), "status", "-c", str(dirs[second]), "--json"])
+    assert counts_of(report) == wanted
+    assert report["state_db"].startswith(str(dirs[second]))
+
+
+def test_status_human_output(config_dir):
+    cfg = config_mod.load(config_dir)
+    fill_inbox(cfg.state_db)
+    result = invoke(["status", "-c", str(config_dir)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert str(cfg.state_db) in out
+    assert re.search(r"^pending:\s+3\b", out, re.M), out
+    assert re.search(r"^done:\s+1$", out, re.M), out
+    assert re.search(r"^dead:\s+1$", out, re.M), out
+    with pytest.raises(ValueError):
+        json.loads(out)
+
+
+BROKEN = [
+    pytest.param({"webhook": {"tokn": "x"}}, "webhook.tokn", id="unknown-key"),
+    pytest.param({"threatq": {"verify_ssl": "no"}}, "threatq.verify_ssl", id="wrong-type"),
+    pytest.param({"webhook": {"max_body_mb": "ten"}}, "webhook.max_body_mb", id="wrong-type-number"),
+    pytest.param({"webhook": {"auth": "token"}}, "webhook.auth", id="bad-choice"),
+]
+
+
+@pytest.mark.parametrize("sections, key", BROKEN)
+def test_status_with_a_broken_config_exits_2_naming_the_key(tmp_path, sections, key):
+    write_config(tmp_path, **sections)
+    result = invoke(["status", "-c", str(tmp_path), "--json"])
+    assert result.exit_code == 2
+    assert key in result.stderr
+    assert result.stdout == ""
+
+
+# --- the run without a subcommand stops before serving --------------------------------------
+
+def write_invalid_yaml(config_dir: Path) -> None:
+    (config_dir / "config.yaml").write_text("threatq: [unclosed\n  host: x\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("sections, key", BROKEN + [
+    pytest.param(None, "not valid YAML", id="invalid-yaml"),
+])
+def test_start_with_a_bad_config_exits_2_without_prompting(tmp_path, sections, key):
+    if sections is None:
+        write_invalid_yaml(tmp_path)
+    else:
+        write_config(tmp_path, **sections)
+    path = tmp_path / "config.yaml"
+    before = (path.read_bytes(), path.stat().st_mode)
+    result = run_process(["-c", str(tmp_path)], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "tq-mw-thehive: error:" in result.stderr
+    assert key in result.stderr
+    assert str(path) in result.stderr
+    assert "ThreatQ Host" not in result.stdout + result.stderr  # no configuration prompt
+    assert (path.read_bytes(), path.stat().st_mode) == before
+    assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_start_in_process_with_a_bad_config_exits_2(tmp_path):
+    write_config(tmp_path, webhook={"tokn": "x"})
+    before = (tmp_path / "config.yaml").read_bytes()
+    result = invoke(["-c", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "webhook.tokn" in result.stderr
+    assert (tmp_path / "config.yaml").read_bytes() == before
+
+
+def test_external_proxy_without_threatq_proxy_exits_2(config_dir):
+    result = run_process(["-c", str(config_dir), "-ep"], cwd=config_dir)
+    assert result.returncode == 2, result.stderr
+    assert "threatq.proxy" in result.stderr
+    assert not (config_dir / config_mod.DEFAULT_STATE_DB).exists()
+
+
+@pytest.mark.parametrize("given, flag, variable", [
+    ({}, "--threatq-host", "TQ_MW_THREATQ_HOST"),
+    ({"TQ_MW_THREATQ_HOST": "threatq.example.org"}, "--client-id", "TQ_MW_THREATQ_CLIENT_ID"),
+])
+def test_start_without_config_or_terminal_exits_2_naming_the_missing_answer(tmp_path, given, flag,
+                                                                               variable):
+    result = run_process(["-c", str(tmp_path)], cwd=tmp_path, env=scrubbed_env(**given))
+    assert result.returncode == 2, result.stderr
+    assert flag in result.stderr
+    assert variable in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_log_directory_that_cannot_be_created_exits_1(config_dir):
+    blocker = config_dir / "not-a-dir"
+    blocker.write_text("", encoding="utf-8")
+    log_dir = blocker / "logs"
+    result = run_process(["-c", str(config_dir), "-ll", str(log_dir)], cwd=config_dir)
+    assert result.returncode == 1, result.stderr
+    assert str(log_dir) in result.stderr
+    assert not (config_dir / config_mod.DEFAULT_STATE_DB).exists()
+
+
+def test_state_db_in_a_missing_directory_exits_1(tmp_path):
+    write_config(tmp_path, state_db="missing/dir/inbox.db")
+    result = run_process(["-c", str(tmp_path)], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert str(tmp_path / "missing" / "dir" / "inbox.db") in result.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+# --- flags ----------------------------------------------------------------------------------
+
+def test_version(tmp_path):
+    result = run_process(["--version"], cwd=tmp_path, guarded=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"tq-mw-thehive, version {__version__}"
+
+
+def test_help_lists_the_guide_flags_and_subcommands(tmp_path):
+    result = run_process(["--help"], cwd=tmp_path, guarded=False)
+    assert result.returncode == 0, result.stderr
+    for flag in ("-ll, --loglocation", "-li, --listener-ip", "-ep, --external-proxy",
+                 "-ds, --disable-ssl", "-v, --verbosity", "-p, --port", "-c, --config"):
+        assert flag in result.stdout, flag
+    commands = result.stdout.split("Commands:", 1)[1]
+    assert re.search(r"^\s+configure\b", commands, re.M)
+    assert re.search(r"^\s+status\b", commands, re.M)
+
+
+@pytest.mark.parametrize("value", ["1", "2", "3", "stdout"])
+def test_verbosity_accepts_the_guide_values(tmp_path, value):
+    result = invoke(["-v", value, "status", "-c", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("-v", "0"), ("-v", "4"), ("-v", "debug"), ("-v", "STDOUT"),
+    ("-p", "70000"), ("-p", "65536"), ("-p", "-1"), ("-p", "http"),
+])
+def test_bad_flag_values_are_usage_errors(tmp_path, flag, value):
+    result = invoke([flag, value, "status", "-c", str(tmp_path), "--json"])
+    assert result.exit_code == 2
+    assert value in result.stderr
+    assert result.stdout == ""
+
+
+def test_port_zero_survives_merging():
+    """Port 0 asks for a free port; it must not be dropped as falsy."""
+    assert Options().merged(port=0).port == 0
+    assert Options().merged(port=0).listen().port == 0
+    assert Options(port=8080).merged(port=0).listen().port == 0
+    assert Options().listen().port == 5000
+
+
+def test_options_given_before_the_subcommand_are_kept_when_not_repeated():
+    before = Options(config="dir", loglocation="logs", verbosity="3", port=8080,
+                     listener_ip="0.0.0.0", external_proxy=True, disable_ssl=True, workers=3,
+                     threads=5)
+    not_repeated = {name: None for name in ("config", "loglocation", "verbosity", "port",
+                                            "listener_ip", "workers", "threads")}
+    assert before.merged(external_proxy=False, disable_ssl=False, **not_repeated) == before
+    assert before.merged(config="other", unknown="ignored") == Options(
+        **{**before.__dict__, "config": "other"})
