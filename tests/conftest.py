@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
 import yaml
+
+from tq_mw_thehive import logs
 
 SAMPLES = Path(__file__).parent / "samples"
 SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.json"))
@@ -48,3 +51,23 @@ def write_config(config_dir: Path, **sections: Dict[str, Any]) -> Path:
 def config_dir(tmp_path: Path) -> Path:
     write_config(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Code under test calls logs.setup(), which replaces the root logger's handlers and
+    registers secrets: put both back so that no test sees another's logging."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quiet = {name: logging.getLogger(name).level for name in ("urllib3", "werkzeug")}
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in quiet.items():
+        logging.getLogger(name).setLevel(lvl)
+    with logs._secrets_lock:
+        logs._secrets.clear()

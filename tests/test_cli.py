@@ -9,7 +9,6 @@ as ``python -m`` would.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
-from conftest import minimal_config, sample, write_config
+from conftest import sample, write_config
 from tq_mw_thehive import __version__, server
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive.cli import Options, cli
@@ -51,20 +49,6 @@ def no_serving(monkeypatch):
         raise AssertionError("server.serve must not be reached from test_cli.py")
 
     monkeypatch.setattr(server, "serve", refuse)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """An in-process start replaces the root logger's handlers; put them back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def scrubbed_env(**extra: str) -> Dict[str, str]:

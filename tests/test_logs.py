@@ -12,25 +12,6 @@ from tq_mw_thehive import logs
 SECRET = "s3cr3t-token-value"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """setup() replaces the root logger's handlers; put them back and forget registered secrets."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    quiet = {name: logging.getLogger(name).level for name in ("urllib3", "werkzeug")}
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, lvl in quiet.items():
-        logging.getLogger(name).setLevel(lvl)
-    with logs._secrets_lock:
-        logs._secrets.clear()
-
-
 @pytest.fixture
 def log() -> logging.Logger:
     return logging.getLogger("tq_mw_thehive.test_logs")
