@@ -147,3 +147,18 @@ def test_open_state_honours_busy_timeout_during_first_start(tmp_path: Path) -> N
         other.execute("ROLLBACK")
         other.close()
     state.open_state(path).close()
+
+
+def test_open_state_of_an_up_to_date_database_needs_no_write_lock(tmp_path: Path) -> None:
+    """A worker restarting while another process holds a long write must still start."""
+    path = tmp_path / "state.db"
+    state.open_state(path).close()
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        db = state.open_state(path, busy_timeout=0.1)
+        assert state.schema_version(db) == state.MIGRATIONS[-1][0]
+        db.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -87,21 +87,37 @@ def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sql
 
 
 def schema_version(db: sqlite3.Connection) -> int:
-    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-               "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
-    row = db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-    return row[0] or 0
+    """The highest migration applied; a read only, so it never waits for a writer (WAL)."""
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                        "AND name = 'schema_migrations'").fetchone()
+    if not exists:
+        return 0
+    return db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] or 0
+
+
+def _check_not_newer(current: int, latest: int) -> None:
+    if current > latest:
+        raise StateError(f"the state database is at schema {current}, newer than this "
+                         f"version of tq-mw-thehive knows ({latest}); upgrade the package")
 
 
 def migrate(db: sqlite3.Connection) -> int:
-    """Apply the migrations this database lacks; safe when several processes start at once."""
+    """Apply the migrations this database lacks; safe when several processes start at once.
+
+    An up-to-date database is only read, so a worker (re)starting while another
+    process holds a long write lock still starts.
+    """
+    latest = MIGRATIONS[-1][0]
+    current = schema_version(db)
+    _check_not_newer(current, latest)
+    if current == latest:
+        return latest
     db.execute("BEGIN IMMEDIATE")
     try:
-        current = schema_version(db)
-        latest = MIGRATIONS[-1][0]
-        if current > latest:
-            raise StateError(f"the state database is at schema {current}, newer than this "
-                             f"version of tq-mw-thehive knows ({latest}); upgrade the package")
+        db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                   "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+        current = schema_version(db)  # again, inside the lock: another process may have migrated
+        _check_not_newer(current, latest)
         for version, name, statements in MIGRATIONS:
             if version > current:
                 for statement in statements:

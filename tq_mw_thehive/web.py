@@ -182,14 +182,20 @@ def _unexpected_error(exc: Exception):
 
 
 def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive") -> Flask:
-    """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database."""
+    """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database.
+
+    The database must already be migrated (``startup.prepare``). Building the app does
+    not touch it, so a gunicorn worker that boots while another process holds a write
+    lock still boots, and answers 503 until the lock is gone, instead of failing to
+    boot (which makes gunicorn stop the whole service).
+    """
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.webhook.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False
     app.extensions[EXTENSION] = {
         "config": cfg,
         "auth": WebhookAuth(cfg.webhook),
-        "inbox": inbox if inbox is not None else Inbox.open(cfg.state_db),
+        "inbox": inbox if inbox is not None else Inbox(cfg.state_db),
     }
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)

@@ -91,7 +91,10 @@ def test_every_shape_and_every_bad_input(daemon):
     assert post(url, sample_text("th5-case-create.json"),
                 headers={"Authorization": "Bearer nope"}).status_code == 401
     for body, needle in [(b"{bad json", "invalid JSON"), (b'{"action": "create"}', "missing objectType"),
-                         (b'["a list"]', "JSON object"), (b"\xff\xfe{}", "UTF-8")]:
+                         (b'{"objectType": "Case", "objectId": "~1"}', "missing action"),
+                         (b'{"action": "create", "objectType": "Observable"}', "missing objectId"),
+                         (b'{"action": "create", "objectType": "Case", "objectId": 7}', "objectId must be"),
+                         (b"", "empty body"), (b'["a list"]', "JSON object"), (b"\xff\xfe{}", "UTF-8")]:
         response = post(url, body)
         assert response.status_code == 400 and needle in response.json()["error"]
     huge = b'{"pad": "' + b"x" * (11 * 1024 * 1024) + b'"}'
@@ -148,6 +151,32 @@ def test_sigkill_loses_no_accepted_event_and_restart_duplicates_nothing(daemon):
     rows = inbox_rows(daemon.config_dir)
     assert sorted(key for key, _ in rows) == sorted(f"audit:{e['_id']}" for e in events)
     assert status_json(daemon.config_dir)["pending"] == len(events)
+
+
+def test_locked_state_database_gives_503_and_workers_still_boot(daemon):
+    """While another process holds the database, ingest answers 503, never 500, and a worker that
+    restarts meanwhile boots (a worker failing to boot would make gunicorn stop the service)."""
+    holder = sqlite3.connect(str(daemon.config_dir / "tq_mw_thehive.db"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        workers = re.findall(r"Booting worker with pid: (\d+)", daemon.log_text())
+        os.kill(int(workers[0]), signal.SIGKILL)
+        wait_for(lambda: len(re.findall(r"Booting worker with pid", daemon.log_text())) > len(workers), 30,
+                 "a replacement worker")
+        response = post(daemon.url, sample_text("th5-case-create.json"), timeout=30)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"]
+        assert response.json()["status"] == "error"
+        assert requests.get(daemon.url + "/healthz", timeout=30).status_code == 503
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert daemon.proc.poll() is None, daemon.log_text()
+    answers = [post(daemon.url, event).json()["status"] for event in case_events(20)]
+    assert answers == ["queued"] * 20
+    assert requests.get(daemon.url + "/healthz", timeout=10).status_code == 200
+    assert "outcome=unavailable" in daemon.log_text()
+    assert "exited with code 3" not in daemon.log_text()
 
 
 def test_two_workers_store_concurrent_duplicates_once(daemon):
