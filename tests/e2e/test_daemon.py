@@ -179,15 +179,21 @@ def test_locked_state_database_gives_503_and_workers_still_boot(daemon):
     assert "exited with code 3" not in daemon.log_text()
 
 
-def test_two_workers_store_concurrent_duplicates_once(daemon):
-    events = list(case_events(50))
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(lambda e: post(daemon.url, e).json()["status"], events * 4))
-    assert answers.count("queued") == 50
-    assert answers.count("duplicate") == 150
-    assert len(inbox_rows(daemon.config_dir)) == 50
-    pids = set(re.findall(r"\[(\d+)\] tq_mw_thehive\.web: event ", daemon.log_text()))
-    assert len(pids) == 2, "both gunicorn workers took requests"
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_store_concurrent_duplicates_once(config_dir, workers):
+    d = Daemon(config_dir, config_dir / "logs", args=["-w", str(workers)])
+    try:
+        d.start()
+        events = list(case_events(60))
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(lambda e: post(d.url, e).json()["status"], events * 4))
+    finally:
+        d.close()
+    assert answers.count("queued") == 60
+    assert answers.count("duplicate") == 180
+    assert len(inbox_rows(config_dir)) == 60
+    pids = set(re.findall(r"\[(\d+)\] tq_mw_thehive\.web: event ", d.log_text()))
+    assert len(pids) > 1, "several gunicorn workers took requests"
 
 
 def test_sigterm_finishes_and_exits_cleanly(daemon):
