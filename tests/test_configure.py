@@ -219,3 +219,20 @@ def test_token_file_round_trip_and_damage(tmp_path):
     tq_auth.token_path(tmp_path).write_text(json.dumps({"refresh_token": "x"}))
     with pytest.raises(tq_auth.ThreatQAuthError, match="damaged"):
         tq_auth.load_tokens(tmp_path)
+
+
+def test_a_missing_config_directory_is_created_private(tmp_path, threatq):
+    target = tmp_path / "new" / "tq-config"
+    result = CliRunner().invoke(cli, ["configure", "-c", str(target), *answer_flags(threatq)],
+                                env={"TQ_MW_THREATQ_PASSWORD": PASSWORD})
+    assert result.exit_code == 0, result.output
+    assert mode(target) == 0o700
+    assert (target / "config.yaml").exists()
+
+
+def test_a_config_directory_that_cannot_be_created_is_exit_2(tmp_path, threatq):
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(cli, ["configure", "-c", str(tmp_path / "file" / "cfg"), *answer_flags(threatq)],
+                                env={"TQ_MW_THREATQ_PASSWORD": PASSWORD})
+    assert result.exit_code == 2
+    assert "config directory" in result.output and "file/cfg" in result.output

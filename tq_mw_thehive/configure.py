@@ -247,8 +247,10 @@ def run(answers: Answers, config_dir: Path, *, listener_ip: str, port: int, disa
     """The whole configuration run; raise ``ConfigureError`` (nothing written) when it cannot finish."""
     out = out or sys.stdout
     config_dir = Path(config_dir)
-    if not config_dir.is_dir():
-        raise ConfigureError(f"config directory {config_dir} does not exist")
+    try:
+        config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigureError(f"config directory {config_dir}: {exc.strerror or exc}") from None
     if interactive is None:
         interactive = sys.stdin.isatty()
     old = collect(answers, config_dir, interactive)
