@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import sqlite3
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from conftest import SAMPLE_NAMES, WEBHOOK_TOKEN, minimal_config, sample, sample_text
 from tq_mw_thehive import config as config_mod
@@ -124,6 +126,22 @@ def test_body_over_the_limit_gets_413(tmp_path):
     # A body under the same limit is fine.
     assert app.test_client().post("/cases", data=sample_text("th5-case-create.json"),
                                   headers=BEARER).status_code == 200
+
+
+@pytest.mark.parametrize("size, status", [(20_000, 413), (10_240, 413), (5_000, 200)])
+def test_chunked_bodies_are_held_to_the_limit_too(tmp_path, size, status):
+    """Without Content-Length (chunked), werkzeug stops reading at the limit; that must be a 413."""
+    app, inbox = make_app(tmp_path, webhook={"max_body_mb": 10_240 / (1024 * 1024)})
+    head = sample_text("th5-case-create.json").rstrip().rstrip("}") + ', "pad": "'
+    body = (head + "x" * (size - len(head) - 2) + '"}').encode()
+    assert len(body) == size
+    environ = EnvironBuilder("/cases", method="POST", input_stream=io.BytesIO(body), headers=BEARER,
+                             environ_overrides={"wsgi.input_terminated": True}).get_environ()
+    del environ["CONTENT_LENGTH"]  # as gunicorn passes a chunked request
+    app_iter, status_line, _ = run_wsgi_app(app, environ, buffered=True)
+    answer = json.loads(b"".join(app_iter))
+    assert int(status_line.split()[0]) == status, answer
+    assert len(rows(inbox)) == (1 if status == 200 else 0)
 
 
 def test_other_methods_get_405_and_unknown_paths_404(client):

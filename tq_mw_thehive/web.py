@@ -126,8 +126,13 @@ def receive_event():
                     else "wrong credentials")
         headers = {"WWW_Authenticate": auth.challenge} if auth.challenge else {}
         return _error(401, "authentication required", **headers)
+    body = request.get_data(cache=False)
+    if len(body) >= current_app.config["MAX_CONTENT_LENGTH"] and request.content_length != len(body):
+        # A chunked body is cut at the limit by werkzeug without an error: refuse it here
+        # rather than parse a truncated document.
+        raise RequestEntityTooLarge()
     try:
-        text, payload = _decode(request.get_data(cache=False))
+        text, payload = _decode(body)
         event = events.parse(payload)
     except events.PayloadError as exc:
         log.warning("rejected outcome=invalid remote=%s reason=%r", request.remote_addr, str(exc))

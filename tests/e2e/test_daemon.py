@@ -100,6 +100,9 @@ def test_every_shape_and_every_bad_input(daemon):
     huge = b'{"pad": "' + b"x" * (11 * 1024 * 1024) + b'"}'
     response = post(url, huge, timeout=30)
     assert response.status_code == 413
+    chunked = (huge[i:i + 65536] for i in range(0, len(huge), 65536))  # no Content-Length
+    response = requests.post(url + "/cases", data=chunked, headers=BEARER, timeout=30)
+    assert response.status_code == 413
     response = requests.get(url + "/cases", headers=BEARER, timeout=10)
     assert response.status_code == 405
 
