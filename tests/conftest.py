@@ -28,7 +28,8 @@ def sample(name: str) -> Dict[str, Any]:
 def minimal_config(**sections: Dict[str, Any]) -> Dict[str, Any]:
     """A valid config.yaml document; ``sections`` update its sections key by key."""
     raw: Dict[str, Any] = {
-        "threatq": {"host": "threatq.example.org", "client_id": "tq-client-id"},
+        # Loopback ports nobody listens on: a test never resolves or contacts another host.
+        "threatq": {"host": "http://127.0.0.1:9", "client_id": "tq-client-id"},
         "thehive": {"url": "http://127.0.0.1:9000", "api_key": THEHIVE_KEY},
         "webhook": {"auth": "bearer", "token": WEBHOOK_TOKEN},
     }

@@ -66,6 +66,31 @@ def _non_empty(value: str) -> Optional[str]:
     return None if value.strip() else "must not be empty"
 
 
+def _positive(value: float) -> Optional[str]:
+    return None if value > 0 else "must be more than 0"
+
+
+class Duration(float):
+    """A length of time in seconds, written as a number or with a unit: 90s, 30m, 48h, 2d."""
+
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional[float]:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            unit = cls.UNITS.get(text[-1:], None)
+            try:
+                return float(text[:-1]) * unit if unit else float(text)
+            except ValueError:
+                return None
+        return None
+
+
 @dataclass(frozen=True)
 class ThreatQConfig:
     host: str = _opt(str, required=True, check=_host_or_url)
@@ -107,6 +132,11 @@ class SyncConfig:
     include_cases_without_observables: bool = _opt(bool, True)
     custom_mapping: bool = _opt(bool, False)
     type_mapping: str = _opt(str, "")
+    indicator_status: str = _opt(str, "Active", check=_non_empty)
+    # Retries back off to about a minute, so 2000 attempts or 48 hours (whichever comes
+    # first) ride out a ThreatQ outage of a day or more before an event goes dead.
+    max_attempts: int = _opt(int, 2000, check=_positive)
+    max_age: float = _opt(Duration, 48 * 3600.0, check=_positive)
 
 
 _SECTIONS = {
@@ -186,6 +216,18 @@ def _coerce(value: Any, kind: type, path: str, from_env: bool, secret: bool) -> 
         if from_env and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise ConfigError(f"{path}: must be true or false (got {_shown(value, secret)})")
+    if kind is Duration:
+        seconds = Duration.parse(value)
+        if seconds is None:
+            raise ConfigError(f"{path}: must be a duration such as 90s, 30m, 48h or 2d "
+                              f"(got {_shown(value, secret)})")
+        return seconds
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{path}: must be a whole number (got {_shown(value, secret)})")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -13,7 +13,6 @@ none of its case is leased.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,47 +45,13 @@ class InboxItem:
     lease_until: float
 
 
-class Inbox:
-    """The ``inbox`` table, with one connection per thread."""
+class Inbox(state.Store):
+    """The ``inbox`` table."""
 
     def __init__(self, path: Union[str, Path], busy_timeout: float = state.BUSY_TIMEOUT_S,
                  clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.busy_timeout = busy_timeout
+        super().__init__(path, busy_timeout)
         self.clock = clock
-        self._local = threading.local()
-
-    @classmethod
-    def open(cls, path: Union[str, Path], **kwargs) -> "Inbox":
-        """Create and migrate the database if needed, then return an inbox on it."""
-        inbox = cls(path, **kwargs)
-        inbox._local.db = state.open_state(path, inbox.busy_timeout)
-        return inbox
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = state.connect(self.path, self.busy_timeout)
-        return db
-
-    def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
-
-    def _write(self, fn: Callable[[sqlite3.Connection], object]):
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db)
-            db.execute("COMMIT")
-            return result
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def put(self, event: WebhookEvent, body: str) -> PutResult:
         """Store ``event`` unless its dedup key is already here; committed on return."""
@@ -105,7 +70,7 @@ class Inbox:
             row = db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (event.dedup_key,)).fetchone()
             return PutResult(row["id"], False)
 
-        return self._write(insert)
+        return self.write(insert)
 
     def claim(self, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Optional[InboxItem]:
         """Lease the oldest due event whose case has nothing earlier pending and nothing in flight."""
@@ -130,7 +95,7 @@ class Inbox:
                              case_key=row["case_key"], body=row["body"], attempts=row["attempts"] + 1,
                              received_at=row["received_at"], lease_until=until)
 
-        return self._write(take)
+        return self.write(take)
 
     def _finish(self, item_id: int, owner: str, assignments: str, params: tuple) -> bool:
         def update(db: sqlite3.Connection) -> bool:
@@ -140,7 +105,7 @@ class Inbox:
                 params + (item_id, owner, self.clock()))
             return cur.rowcount == 1
 
-        return self._write(update)
+        return self.write(update)
 
     def extend(self, item_id: int, owner: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
         """Keep a lease for a long event; False if it was lost (another worker may have it)."""
@@ -151,7 +116,7 @@ class Inbox:
                              "AND lease_owner = ? AND lease_until > ?", (now + lease_s, item_id, owner, now))
             return cur.rowcount == 1
 
-        return self._write(update)
+        return self.write(update)
 
     def done(self, item_id: int, owner: str) -> bool:
         return self._finish(item_id, owner, "state = 'done', finished_at = ?, last_error = NULL",
@@ -176,7 +141,7 @@ class Inbox:
                 return db.execute(sql, (now,)).rowcount
             return sum(db.execute(sql + " AND id = ?", (now, i)).rowcount for i in ids)
 
-        return self._write(update)
+        return self.write(update)
 
     def get(self, item_id: int) -> Optional[sqlite3.Row]:
         return self.db.execute("SELECT * FROM inbox WHERE id = ?", (item_id,)).fetchone()
@@ -213,5 +178,5 @@ class Inbox:
 
     def check_writable(self) -> None:
         """Raise ``sqlite3.Error`` unless a write commits now (what ``/healthz`` reports)."""
-        self._write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+        self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
                                           "('healthz_at', ?)", (str(self.clock()),)))

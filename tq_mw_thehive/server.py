@@ -8,15 +8,18 @@ ends with one clear message and a non-zero exit instead of a worker crash loop.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from tq_mw_thehive import web
 from tq_mw_thehive.config import Config
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,25 @@ class RootLogger(glogging.Logger):
         """One line per event is logged by the app itself; gunicorn's access line would repeat it."""
 
 
+# The sync worker of this gunicorn worker process (set in load(), which runs after the fork).
+_worker: Optional[Worker] = None
+
+
+def start_app(cfg: Config, name: str = "tq_mw_thehive"):
+    """The WSGI app plus this process's sync worker thread, woken by each new event."""
+    global _worker
+    inbox = Inbox(cfg.state_db)
+    _worker = Worker(cfg, inbox).start()
+    atexit.register(_worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
+    return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set)
+
+
+def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
+    """On a graceful stop, let the event in progress finish before the process exits."""
+    if _worker is not None:
+        _worker.stop(timeout=server.cfg.graceful_timeout)
+
+
 def _when_ready(server: Any) -> None:
     addresses = ",".join(f"{sock.sock.getsockname()[0]}:{sock.sock.getsockname()[1]}"
                          for sock in server.LISTENERS)
@@ -75,6 +97,7 @@ class DaemonApplication(BaseApplication):
             "accesslog": None,
             "proc_name": "tq-mw-thehive",
             "when_ready": _when_ready,
+            "worker_exit": _worker_exit,
         }
         # gunicorn >= 25 opens a control socket under $HOME, which a hardened unit forbids.
         if "control_socket_disable" in self.cfg.settings:
@@ -83,7 +106,7 @@ class DaemonApplication(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        return web.create_app(self.app_config, name=self.app_name)
+        return start_app(self.app_config, self.app_name)
 
 
 def serve(cfg: Config, listen: Listen) -> None:

@@ -8,9 +8,10 @@ not only a crash of the process.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import Callable, List, Tuple, TypeVar, Union
 
 from tq_mw_thehive import private_files
 
@@ -43,10 +44,35 @@ _M001_INBOX = [
 ]
 
 
+_M002_SYNC = [
+    # Which ThreatQ objects stand for a TheHive case or observable (a file observable can
+    # become several indicators): what makes a re-delivered event change nothing.
+    """CREATE TABLE object_map (
+            thehive_id  TEXT    NOT NULL,
+            kind        TEXT    NOT NULL CHECK (kind IN ('case', 'observable')),
+            collection  TEXT    NOT NULL,           -- events | incident | indicators
+            tq_id       INTEGER NOT NULL,
+            case_id     TEXT,                       -- an observable's case
+            PRIMARY KEY (thehive_id, collection, tq_id)
+        )""",
+    "CREATE INDEX object_map_case ON object_map (case_id)",
+    # Per TheHive object: the TheHive time of the newest change applied (an older event that
+    # arrives late changes nothing), the tags last synced (to remove only ours), and for a
+    # case held back until its first observable, its latest state.
+    """CREATE TABLE sync_state (
+            thehive_id  TEXT    PRIMARY KEY,
+            kind        TEXT    NOT NULL CHECK (kind IN ('case', 'observable')),
+            applied_ts  INTEGER NOT NULL,
+            tags        TEXT    NOT NULL DEFAULT '[]',
+            held_case   TEXT
+        )""",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (1, "inbox", _M001_INBOX),
+    (2, "sync", _M002_SYNC),
 ]
 
 BUSY_TIMEOUT_S = 5.0
@@ -146,3 +172,52 @@ def open_state(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> 
         return db
     except (sqlite3.Error, OSError) as exc:
         raise StateError(f"state database {path}: {exc}") from exc
+
+
+T = TypeVar("T")
+
+
+class Store:
+    """A table family in the state database, with one connection per thread.
+
+    gunicorn's threads and the sync worker each use their own connection; SQLite
+    connections must not be shared across threads mid-transaction.
+    """
+
+    def __init__(self, path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+
+    @classmethod
+    def open(cls, path: Union[str, Path], **kwargs):
+        """Create and migrate the database if needed, then return the store on it."""
+        store = cls(path, **kwargs)
+        store._local.db = open_state(path, store.busy_timeout)
+        return store
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.path, self.busy_timeout)
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction: committed on return, rolled back on error."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise

@@ -2,7 +2,8 @@
 
     gunicorn -b 0.0.0.0:5000 'tq_mw_thehive.tq_driver:run(c="/etc/tq_labs/")'
 
-gunicorn calls ``run`` in every worker; it returns the WSGI app. A configuration
+gunicorn calls ``run`` in every worker; it returns the WSGI app and starts that
+worker's sync thread. A configuration
 that cannot be used raises, so gunicorn stops with "worker failed to boot" after
 the message has been logged, instead of restarting workers forever.
 """
@@ -12,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from tq_mw_thehive import startup, web
+from tq_mw_thehive import server, startup
 
 DEFAULT_CONFIG_DIR = "/etc/tq_labs/"
 
@@ -27,4 +28,4 @@ def run(c: str = DEFAULT_CONFIG_DIR, n: Optional[str] = None, ll: Optional[str] 
     except startup.StartupError as exc:
         logging.getLogger(__name__).critical("cannot start: %s", exc)
         raise
-    return web.create_app(cfg, name=n or "tq_mw_thehive")
+    return server.start_app(cfg, n or "tq_mw_thehive")

@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -152,6 +152,8 @@ def receive_event():
         return _error(503, "state database unavailable; retry later", Retry_After=RETRY_AFTER_S)
     outcome = "queued" if result.created else "duplicate"
     _log_event(event, outcome, started, inbox_id=result.id)
+    if result.created and ext["on_queued"] is not None:
+        ext["on_queued"]()
     return jsonify({"status": outcome, "id": result.id, "audit_id": event.audit_id,
                     "object_type": event.object_type, "action": event.action,
                     "object_id": event.object_id})
@@ -186,13 +188,15 @@ def _unexpected_error(exc: Exception):
     return _error(500, "internal error (logged)")
 
 
-def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive") -> Flask:
+def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive",
+               on_queued: Optional[Callable[[], None]] = None) -> Flask:
     """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database.
 
     The database must already be migrated (``startup.prepare``). Building the app does
     not touch it, so a gunicorn worker that boots while another process holds a write
     lock still boots, and answers 503 until the lock is gone, instead of failing to
-    boot (which makes gunicorn stop the whole service).
+    boot (which makes gunicorn stop the whole service). ``on_queued`` is called after
+    each new event is stored (it wakes this process's sync worker).
     """
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.webhook.max_body_mb * 1024 * 1024)
@@ -201,6 +205,7 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
         "config": cfg,
         "auth": WebhookAuth(cfg.webhook),
         "inbox": inbox if inbox is not None else Inbox(cfg.state_db),
+        "on_queued": on_queued,
     }
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)

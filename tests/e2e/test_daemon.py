@@ -31,7 +31,7 @@ REFRESH_TOKEN = "tq-refresh-token-0b8e4d6c3f"
 
 @pytest.fixture
 def daemon(config_dir: Path):
-    # ThreatQ (threatq.example.org) and TheHive (127.0.0.1:9000) are unreachable here: the
+    # ThreatQ (127.0.0.1:9) and TheHive (127.0.0.1:9000) are unreachable here: the
     # daemon must start and take events all the same.
     tq_auth.save_tokens(config_dir, tq_auth.Tokens(ACCESS_TOKEN, REFRESH_TOKEN, expires_at=0.0))
     d = Daemon(config_dir, config_dir / "logs")

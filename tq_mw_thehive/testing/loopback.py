@@ -17,7 +17,7 @@ class LoopbackServer:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "LoopbackServer":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="loopback-server",
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="loopback-server",
                                         daemon=True)
         self._thread.start()
         return self

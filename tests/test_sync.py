@@ -1,0 +1,316 @@
+"""The sync path end to end in one process: inbox → worker → real HTTP → ThreatQ and TheHive simulators."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import minimal_config, sample
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive import state
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.testing.loopback import LoopbackServer
+from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
+from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
+from tq_mw_thehive.thehive import events
+from tq_mw_thehive.threatq import auth as tq_auth
+from tq_mw_thehive.threatq.api import ThreatQClient
+from tq_mw_thehive.worker import Worker
+
+EMAIL, PASSWORD = "sync@example.org", "sync-password-123"
+HIVE_KEY = "hive-key-for-sync-tests"
+CASE_ID = "~8396848"
+TITLE = "Hive Case # ~8396848 Phishing wave targeting finance mailboxes"
+
+
+class World:
+    """A config dir wired to live simulators, an inbox and a worker that never waits to retry."""
+
+    def __init__(self, tmp_path: Path, tq_url: str, hive_url: str, tq: ThreatQSimulator,
+                 hive: TheHiveSimulator, **sync) -> None:
+        self.tq, self.hive = tq, hive
+        raw = minimal_config(threatq={"host": tq_url, "client_id": tq.client_id},
+                             thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync)
+        self.cfg = config_mod.from_dict(raw, tmp_path)
+        tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, EMAIL, PASSWORD))
+        state.open_state(self.cfg.state_db).close()
+        self.inbox = Inbox(self.cfg.state_db)
+        self.worker = Worker(self.cfg, self.inbox, backoff_cap_s=0)
+
+    def deliver(self, *payloads: dict) -> None:
+        for payload in payloads:
+            self.inbox.put(events.parse(payload), json.dumps(payload))
+
+    def drain(self, limit: int = 500) -> None:
+        for _ in range(limit):
+            if not self.worker.run_once():
+                return
+        raise AssertionError("the inbox did not drain")
+
+    def states(self):
+        return [r["state"] for r in self.inbox.db.execute("SELECT state FROM inbox ORDER BY id")]
+
+    def last_error(self):
+        return self.inbox.db.execute("SELECT last_error FROM inbox ORDER BY id DESC").fetchone()[0]
+
+    def event(self) -> dict:
+        (event,) = self.tq.events.values()
+        return event
+
+    def attributes(self, collection: str, object_id: int) -> dict:
+        found = {}
+        for attribute in self.tq.attributes_of(collection, object_id):
+            assert attribute["name"] not in found, f"two values for {attribute['name']}"
+            found[attribute["name"]] = attribute["value"]
+        return found
+
+
+@pytest.fixture(scope="module")
+def servers():
+    tq_box, hive_box = {}, {}
+
+    def tq_app(environ, start_response):
+        return tq_box["sim"].app(environ, start_response)
+
+    def hive_app(environ, start_response):
+        return hive_box["sim"].app(environ, start_response)
+
+    with LoopbackServer(tq_app) as tq_server, LoopbackServer(hive_app) as hive_server:
+        yield tq_server.url, hive_server.url, tq_box, hive_box
+
+
+@pytest.fixture
+def make_world(tmp_path, servers):
+    tq_url, hive_url, tq_box, hive_box = servers
+
+    def make(**sync) -> World:
+        tq_box["sim"] = ThreatQSimulator(users={EMAIL: PASSWORD}, incident_object=sync.pop("incident_object", True))
+        hive_box["sim"] = TheHiveSimulator(api_key=HIVE_KEY)
+        return World(tmp_path, tq_url, hive_url, tq_box["sim"], hive_box["sim"], **sync)
+
+    return make
+
+
+@pytest.fixture
+def world(make_world) -> World:
+    return make_world()
+
+
+def test_case_create_maps_every_attribute_tag_and_tlp(world):
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    assert world.states() == ["done"]
+    event = world.event()
+    assert event["title"] == TITLE
+    assert event["type_id"] == 13  # Incident
+    assert event["happened_at"] == "2024-06-03 15:50:00"  # startDate 1717429800000 in UTC
+    assert event["description"] == "Several users in finance reported a credential-harvesting mail."
+    assert world.attributes("events", event["id"]) == {
+        "TheHive Id": CASE_ID, "Status": "New", "Owner": "jdoe@soc.example.org", "Case Id": "142",
+        "Severity": "HIGH", "PAP": "AMBER", "Flagged": "No"}
+    assert sorted(world.tq.tags_of("events", event["id"])) == ["finance", "phishing"]
+    assert [(s["name"], s["tlp_id"]) for s in world.tq.sources_of("events", event["id"])] == [("TheHive", 2)]
+
+
+def test_updates_change_values_in_place_and_redelivery_duplicates_nothing(world):
+    created, updated = sample("th5-case-create.json"), sample("th5-case-update.json")
+    world.deliver(created, updated)
+    world.drain()
+    event = world.event()
+    attributes = world.attributes("events", event["id"])
+    assert (attributes["Severity"], attributes["Status"]) == ("CRITICAL", "InProgress")
+    # TheHive sends an event twice, or the whole inbox is replayed: nothing is added.
+    world.inbox.db.execute("UPDATE inbox SET state = 'dead'")
+    assert world.inbox.replay() == 2
+    world.drain()
+    assert len(world.tq.events) == 1
+    assert world.attributes("events", event["id"]) == attributes
+    assert len(world.tq.tags_of("events", event["id"])) == 2
+
+
+def test_observable_becomes_a_linked_indicator_and_ioc_is_set_later(world):
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert indicator["description"] == "IP hosting the credential-harvesting page"
+    assert indicator["status_id"] == 1  # Active
+    assert world.attributes("indicators", indicator["id"]) == {"PAP": "AMBER", "Sighted?": "Yes"}
+    assert sorted(world.tq.tags_of("indicators", indicator["id"])) == ["phishing-landing", "src:mail-header"]
+    assert world.tq.links_of("events", world.event()["id"], "indicators") == [indicator["id"]]
+    world.deliver(sample("th5-observable-update-ioc.json"))
+    world.drain()
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+    assert len(world.tq.find_indicators("203.0.113.47")) == 1
+
+
+def test_thehive4_observable_creates_its_case_first_from_the_embedded_case(world):
+    world.deliver(sample("th4-case-artifact-create.json"))
+    world.drain()
+    assert world.states() == ["done"]
+    event = world.event()
+    assert event["title"] == TITLE
+    assert world.attributes("events", event["id"])["Owner"] == "jdoe@soc.example.org"
+    assert world.attributes("events", event["id"])["Status"] == "Open"
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.tq.links_of("indicators", indicator["id"], "events") == [event["id"]]
+
+
+def test_an_observable_without_its_case_fetches_the_case_from_thehive(world):
+    case = world.hive.add_case(title="Fetched case", severity=2, tlp=2, pap=2)
+    payload = sample("th5-observable-create-ip.json")
+    del payload["object"]["case"], payload["context"]
+    payload["rootId"] = case["_id"]
+    world.deliver(payload)
+    world.drain()
+    assert world.event()["title"] == f"Hive Case # {case['_id']} Fetched case"
+    assert ("POST", "/api/v1/query") in world.hive.requests
+
+
+def test_deletes_never_delete_intelligence(world):
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    delete_observable = {"_id": "~2070000", "_type": "Audit", "action": "delete", "objectType": "Observable",
+                         "objectId": "~12734592", "rootId": CASE_ID, "_createdAt": 1717500000000,
+                         "details": {"dataType": "ip", "data": "203.0.113.47"}}
+    world.deliver(delete_observable, sample("th5-case-delete.json"))
+    world.drain()
+    assert world.states() == ["done"] * 4
+    event = world.event()
+    assert world.attributes("events", event["id"])["Status"] == "Deleted"
+    (indicator,) = world.tq.find_indicators("203.0.113.47")
+    assert world.tq.links_of("events", event["id"], "indicators") == []
+
+
+def test_an_older_update_arriving_late_never_overwrites_a_newer_one(world):
+    older = sample("th5-case-update.json")
+    newer = copy.deepcopy(older)
+    newer["_id"], newer["_createdAt"] = "~2056999", older["_createdAt"] + 60_000
+    newer["object"]["severity"], newer["object"]["severityLabel"] = 1, "LOW"
+    world.deliver(sample("th5-case-create.json"), newer)
+    world.drain()
+    world.deliver(older)
+    world.drain()
+    assert world.attributes("events", world.event()["id"])["Severity"] == "LOW"
+
+
+def test_tags_removed_in_thehive_are_removed_but_not_an_analysts_own(world):
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    event_id = world.event()["id"]
+    ThreatQClient.from_config(world.cfg).add_tags("events", event_id, ["analyst-note"])  # an analyst's tag
+    update = sample("th5-case-update.json")
+    update["object"]["tags"] = ["phishing", "wave-2"]
+    world.deliver(update)
+    world.drain()
+    assert sorted(world.tq.tags_of("events", event_id)) == ["analyst-note", "phishing", "wave-2"]
+
+
+def test_incident_mode_makes_an_incident_object(make_world):
+    world = make_world(cases_as="incident")
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    assert world.tq.events == {}
+    (incident,) = world.tq.incidents.values()
+    assert incident["value"] == TITLE
+    assert world.attributes("incident", incident["id"])["TheHive Id"] == CASE_ID
+    (indicator,) = world.tq.find_indicators("203.0.113.47")
+    assert world.tq.links_of("incident", incident["id"], "indicators") == [indicator["id"]]
+
+
+def test_incident_mode_without_the_object_is_a_dead_letter_saying_why(make_world):
+    world = make_world(cases_as="incident", incident_object=False)
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    assert world.states() == ["dead"]
+    assert "no incident object" in world.last_error()
+
+
+def test_only_ioc_syncs_an_observable_once_it_becomes_an_ioc(make_world):
+    world = make_world(only_ioc=True)
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    assert world.tq.find_indicators("203.0.113.47") == []
+    world.deliver(sample("th5-observable-update-ioc.json"))
+    world.drain()
+    (indicator,) = world.tq.find_indicators("203.0.113.47")
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+
+
+def test_cases_without_observables_wait_for_the_first_one(make_world):
+    world = make_world(include_cases_without_observables=False)
+    world.deliver(sample("th5-case-create.json"), sample("th5-case-update.json"))
+    world.drain()
+    assert world.tq.events == {}
+    assert world.states() == ["done", "done"]
+    observable = sample("th5-observable-create-ip.json")
+    del observable["object"]["case"], observable["context"]  # only the held case can supply it
+    world.deliver(observable)
+    world.drain()
+    event = world.event()
+    assert world.attributes("events", event["id"])["Severity"] == "CRITICAL"  # the newest held state
+    assert ("POST", "/api/v1/query") not in world.hive.requests
+
+
+def test_a_file_observable_gives_one_indicator_per_hash_and_a_filename(world):
+    payload = sample("th5-observable-create-ip.json")
+    obj = payload["object"]
+    obj.update(dataType="file", data=None, attachment={
+        "name": "invoice.pdf.exe", "hashes": ["d41d8cd98f00b204e9800998ecf8427e",
+                                              "da39a3ee5e6b4b0d3255bfef95601890afd80709"]})
+    world.deliver(sample("th5-case-create.json"), payload)
+    world.drain()
+    found = {(i["value"], i["type_id"]) for i in world.tq.indicators.values()}
+    assert len(found) == 3
+    assert world.tq.find_indicators("d41d8cd98f00b204e9800998ecf8427e", "MD5")
+    assert world.tq.find_indicators("da39a3ee5e6b4b0d3255bfef95601890afd80709", "SHA-1")
+    assert world.tq.find_indicators("invoice.pdf.exe", "Filename")
+
+
+def test_a_threatq_outage_delays_but_loses_and_duplicates_nothing(world):
+    world.tq.down = True
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.worker.run_once()
+    assert world.states() == ["pending", "pending"]
+    assert "ThreatQUnavailable" in world.inbox.db.execute(
+        "SELECT last_error FROM inbox WHERE id = 1").fetchone()[0]
+    world.tq.down = False
+    world.drain()
+    assert world.states() == ["done", "done"]
+    assert len(world.tq.events) == 1 and len(world.tq.find_indicators("203.0.113.47")) == 1
+
+
+def test_an_expired_token_is_refreshed(world):
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    world.tq.expire_all_tokens()
+    world.deliver(sample("th5-case-update.json"))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    assert world.attributes("events", world.event()["id"])["Severity"] == "CRITICAL"
+
+
+def test_a_refusal_by_threatq_is_a_dead_letter_with_its_text(make_world):
+    world = make_world(event_type="No Such Type")
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    assert world.states() == ["dead"]
+    assert "No Such Type" in world.last_error()
+
+
+def test_a_lost_state_database_finds_existing_objects_again(world, tmp_path):
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
+    state.open_state(world.cfg.state_db).close()
+    world.inbox = Inbox(world.cfg.state_db)
+    world.worker = Worker(world.cfg, world.inbox, backoff_cap_s=0)
+    update = sample("th5-case-update.json")
+    update["object"]["title"] = "Renamed in TheHive"
+    world.deliver(update, sample("th5-observable-update-ioc.json"))
+    world.drain()
+    assert len(world.tq.events) == 1
+    assert world.event()["title"] == "Hive Case # ~8396848 Renamed in TheHive"
+    assert len(world.tq.find_indicators("203.0.113.47")) == 1

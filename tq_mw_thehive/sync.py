@@ -1,0 +1,324 @@
+"""One inbox event → ThreatQ. The only place that knows the order of the steps.
+
+Every step is idempotent, so an event can be redone after a crash, re-delivered by
+TheHive or replayed from the dead letters without duplicating anything:
+objects are looked up (in ``sync_state``, then in ThreatQ) before they are
+created, attributes are set in place (one value per synced attribute), tags are
+added when missing and removed only when we had synced them, and a link is
+checked before it is added. ThreatQ's own de-duplication is undocumented and
+never relied on. Events of one object are applied in TheHive's time order: an
+event older than the newest one applied is skipped as ``stale``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from tq_mw_thehive.config import Config
+from tq_mw_thehive.inbox import InboxItem
+from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_title, case_title_prefix,
+                                   map_case, map_observable)
+from tq_mw_thehive.sync_state import SyncState
+from tq_mw_thehive.thehive import events
+from tq_mw_thehive.thehive.model import Case, Observable
+from tq_mw_thehive.type_mapping import TypeMapping
+
+log = logging.getLogger(__name__)
+
+CASE_ATTRIBUTES = frozenset({"TheHive Id", "Status", "Owner", "Case Id", "Severity", "PAP", "Flagged"})
+INDICATOR_ATTRIBUTES = frozenset({"PAP", "Sighted?", "Indicator Of Compromise?"})
+_KIND = {"events": "event", "incident": "incident"}
+
+
+class PermanentSyncError(Exception):
+    """The event cannot be applied however often it is retried: it goes to the dead letters."""
+
+
+@dataclass
+class Outcome:
+    result: str                       # synced, held, stale, filtered, skipped, deleted, unlinked, not_in_threatq
+    case_number: Optional[int] = None
+    threatq: List[str] = field(default_factory=list)   # "events/12", "indicators/34"
+    detail: str = ""
+
+
+def _now_utc() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+class Sync:
+    """Applies inbox events to ThreatQ; one per worker thread (the clients are not shared)."""
+
+    def __init__(self, cfg: Config, threatq, thehive, state: SyncState, types: TypeMapping) -> None:
+        self.cfg = cfg
+        self.sync = cfg.sync
+        self.tq = threatq
+        self.thehive = thehive
+        self.state = state
+        self.types = types
+        self.case_collection = "incident" if cfg.sync.cases_as == "incident" else "events"
+
+    # --- entry ----------------------------------------------------------------------------------
+
+    def handle(self, item: InboxItem) -> Outcome:
+        try:
+            payload = json.loads(item.body)
+            event = events.parse(payload)
+        except (ValueError, events.PayloadError) as exc:
+            raise PermanentSyncError(f"stored body is not a webhook event: {exc}") from None
+        ts = event.timestamp_ms if event.timestamp_ms is not None else int(item.received_at * 1000)
+        if event.object_type == "case":
+            return self._case_event(event, payload, ts)
+        if event.object_type == "observable":
+            return self._observable_event(event, payload, ts)
+        return Outcome("skipped", detail=f"{event.raw_object_type} events are not synced")
+
+    def _stale(self, thehive_id: str, ts: int) -> bool:
+        applied = self.state.applied_ts(thehive_id)
+        return applied is not None and ts < applied
+
+    # --- cases ----------------------------------------------------------------------------------
+
+    def _case_event(self, event: events.WebhookEvent, payload: dict, ts: int) -> Outcome:
+        case_id = event.object_id
+        if event.action == "delete":
+            return self._delete_case(case_id, payload.get("details") or {}, ts)
+        obj = payload.get("object") or payload.get("details") or self._fetch_case(case_id)
+        case = Case.from_thehive(obj)
+        if self._stale(case_id, ts):
+            return Outcome("stale", case.number, detail="a newer change of this case was applied")
+        if (not self.sync.include_cases_without_observables and not self.state.tq_ids(case_id)
+                and not self.state.case_has_synced_observable(case_id)):
+            self.state.hold_case(case_id, obj, ts)
+            return Outcome("held", case.number, detail="no synced observable yet "
+                           "(sync.include_cases_without_observables: false)")
+        ref = self._upsert_case(case)
+        self.state.mark_applied(case_id, "case", ts)
+        return Outcome("synced", case.number, [f"{ref[0]}/{ref[1]}"])
+
+    def _fetch_case(self, case_id: str) -> dict:
+        if self.thehive is None:
+            raise PermanentSyncError(f"case {case_id} is not in the event and no TheHive API key is "
+                                     "configured (thehive.api_key)")
+        return self.thehive.get_case(case_id)
+
+    def _find_case_object(self, obj: CaseObject, case_id: str) -> Optional[int]:
+        """The case's ThreatQ object by exact title, else by the title's fixed prefix (title changed)."""
+        hit = self.tq.find_event(obj.title) if obj.collection == "events" else self.tq.find_incident(obj.title)
+        if hit:
+            return hit["id"]
+        prefix = case_title_prefix(case_id)
+        for result in self.tq.search(prefix):
+            value = str(result.get("value") or "")
+            if result.get("object") == _KIND[obj.collection] and (value == prefix or value.startswith(prefix + " ")):
+                return result["id"]
+        return None
+
+    def _create_case_object(self, obj: CaseObject) -> int:
+        sources = [self._source(obj.tlp_id)]
+        if obj.collection == "events":
+            type_id = self.tq.event_type_id(obj.event_type)
+            return self.tq.create_event(obj.title, type_id, obj.happened_at or _now_utc(), obj.description,
+                                        sources)["id"]
+        return self.tq.create_incident(obj.title, obj.description, sources)["id"]
+
+    def _upsert_case(self, case: Case) -> Tuple[str, int]:
+        obj = map_case(case, self.sync)
+        if obj.collection == "incident" and not self.tq.has_collection("incident"):
+            raise PermanentSyncError("this ThreatQ instance has no incident object; "
+                                     "set sync.cases_as: event or enable the object")
+        existing = self.state.tq_ids(case.id, obj.collection)
+        tq_id = existing[0][1] if existing else self._find_case_object(obj, case.id)
+        fresh = tq_id is None
+        if fresh:
+            tq_id = self._create_case_object(obj)
+        self.state.record(case.id, "case", obj.collection, tq_id)
+        if not fresh:
+            if obj.collection == "events":
+                fields = {"title": obj.title, "description": obj.description}
+                if obj.happened_at:
+                    fields["happened_at"] = obj.happened_at
+                self.tq.update_event(tq_id, **fields)
+            else:
+                self.tq.update_incident(tq_id, value=obj.title, description=obj.description)
+            self._sync_source(obj.collection, tq_id, obj.tlp_id)
+        self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh)
+        self._sync_tags(case.id, "case", [(obj.collection, tq_id, fresh)], obj.tags)
+        self.state.release_case(case.id)
+        return obj.collection, tq_id
+
+    def _delete_case(self, case_id: str, details: dict, ts: int) -> Outcome:
+        number = details.get("number") if isinstance(details.get("number"), int) else None
+        if self._stale(case_id, ts):
+            return Outcome("stale", number)
+        existing = self.state.tq_ids(case_id, self.case_collection)
+        tq_id = existing[0][1] if existing else None
+        if tq_id is None and isinstance(details.get("title"), str):
+            probe = CaseObject(collection=self.case_collection, title=case_title(case_id, details["title"]),
+                               event_type=None, description="", happened_at=None, tags=(), tlp_id=None,
+                               attributes=())
+            tq_id = self._find_case_object(probe, case_id)
+        self.state.mark_applied(case_id, "case", ts)
+        if tq_id is None:
+            return Outcome("not_in_threatq", number, detail="the case never reached ThreatQ")
+        # Intelligence is never deleted: the case's object stays, marked as deleted.
+        self._sync_attributes(self.case_collection, tq_id, (Attribute("Status", "Deleted"),), {"Status"})
+        return Outcome("deleted", number, [f"{self.case_collection}/{tq_id}"])
+
+    def _ensure_case(self, case_id: str, embedded: Optional[dict], ts: int) -> Tuple[str, int]:
+        """The case's ThreatQ object; created first from the freshest state we have if missing."""
+        existing = self.state.tq_ids(case_id, self.case_collection)
+        if existing:
+            return existing[0]
+        held = self.state.held_case(case_id)
+        if held is not None and (not embedded or held[1] >= ts):
+            obj, case_ts = held
+        elif embedded:
+            obj, case_ts = embedded, ts
+        else:
+            obj, case_ts = self._fetch_case(case_id), int(time.time() * 1000)
+        ref = self._upsert_case(Case.from_thehive(obj))
+        self.state.mark_applied(case_id, "case", case_ts)
+        return ref
+
+    # --- observables ------------------------------------------------------------------------------
+
+    def _observable_event(self, event: events.WebhookEvent, payload: dict, ts: int) -> Outcome:
+        obs_id = event.object_id
+        if event.action == "delete":
+            return self._delete_observable(obs_id, event.case_id, ts)
+        obj = payload.get("object") or payload.get("details")
+        if not obj:
+            raise PermanentSyncError(f"observable {obs_id}: the event carries no observable")
+        observable = Observable.from_thehive(obj)
+        case_id = observable.case_id or event.case_id or self.state.case_of(obs_id)
+        embedded_case = obj.get("case") if isinstance(obj.get("case"), dict) else None
+        number = embedded_case.get("number", embedded_case.get("caseId")) if embedded_case else None
+        if not case_id:
+            raise PermanentSyncError(f"observable {obs_id}: the event does not say which case it is in")
+        if self._stale(obs_id, ts):
+            return Outcome("stale", number, detail="a newer change of this observable was applied")
+        already = self.state.tq_ids(obs_id, "indicators")
+        if self.sync.only_ioc and not observable.ioc and not already:
+            self.state.mark_applied(obs_id, "observable", ts)
+            return Outcome("filtered", number, detail="not an IOC (sync.only_ioc: true)")
+        mapped = map_observable(observable, self.types, status=self.sync.indicator_status)
+        if not mapped.indicators:
+            self.state.mark_applied(obs_id, "observable", ts)
+            return Outcome("skipped", number, detail="; ".join(mapped.skipped))
+        case_collection, case_tq_id = self._ensure_case(case_id, embedded_case, ts)
+        refs = [f"{case_collection}/{case_tq_id}"]
+        targets = []
+        for indicator in mapped.indicators:
+            tq_id, fresh = self._upsert_indicator(obs_id, case_id, indicator)
+            self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
+            self._link(case_collection, case_tq_id, tq_id)
+            targets.append(("indicators", tq_id, fresh))
+            refs.append(f"indicators/{tq_id}")
+        self._sync_tags(obs_id, "observable", targets, mapped.indicators[0].tags)
+        self.state.mark_applied(obs_id, "observable", ts)
+        detail = "; ".join(mapped.skipped)
+        return Outcome("synced", number, refs, detail=detail)
+
+    def _upsert_indicator(self, obs_id: str, case_id: str, ind: IndicatorObject) -> Tuple[int, bool]:
+        type_id = self.tq.indicator_type_id(ind.type)
+        hit = self.tq.find_indicator(ind.value, type_id)
+        if hit is None:
+            status_id = self.tq.indicator_status_id(ind.status)
+            tq_id = self.tq.create_indicator(ind.value, type_id, status_id, ind.description,
+                                             [self._source(ind.tlp_id)])["id"]
+            fresh = True
+        else:
+            tq_id, fresh = hit["id"], False
+            # The status is set at creation only: an analyst's later choice in ThreatQ stands.
+            if (hit.get("description") or "") != ind.description:
+                self.tq.update_indicator(tq_id, description=ind.description)
+            self._sync_source("indicators", tq_id, ind.tlp_id)
+        self.state.record(obs_id, "observable", "indicators", tq_id, case_id)
+        return tq_id, fresh
+
+    def _link(self, case_collection: str, case_tq_id: int, indicator_id: int) -> None:
+        linked = self.tq.links("indicators", indicator_id, case_collection)
+        if not any(link.get("id") == case_tq_id for link in linked):
+            self.tq.link(case_collection, case_tq_id, "indicators", indicator_id)
+
+    def _delete_observable(self, obs_id: str, case_id: Optional[str], ts: int) -> Outcome:
+        if self._stale(obs_id, ts):
+            return Outcome("stale")
+        case_id = case_id or self.state.case_of(obs_id)
+        indicators = self.state.tq_ids(obs_id, "indicators")
+        case_ref = self.state.tq_ids(case_id, self.case_collection) if case_id else []
+        self.state.mark_applied(obs_id, "observable", ts)
+        if not indicators or not case_ref:
+            return Outcome("not_in_threatq", detail="the observable never reached ThreatQ")
+        case_collection, case_tq_id = case_ref[0]
+        refs = []
+        # The indicator stays (it is intelligence); only its link to this case goes.
+        for _, indicator_id in indicators:
+            pivots = [link["pivot"]["id"] for link in self.tq.links("indicators", indicator_id, case_collection)
+                      if link.get("id") == case_tq_id and isinstance(link.get("pivot"), dict)]
+            if pivots:
+                self.tq.unlink("indicators", indicator_id, case_collection, pivots)
+            refs.append(f"indicators/{indicator_id}")
+        self.state.forget(obs_id)
+        return Outcome("unlinked", threatq=refs)
+
+    # --- shared steps ---------------------------------------------------------------------------
+
+    def _source(self, tlp_id: Optional[int]) -> dict:
+        source = {"name": self.cfg.threatq.source}
+        if tlp_id is not None:
+            source["tlp_id"] = tlp_id
+        return source
+
+    def _sync_source(self, collection: str, tq_id: int, tlp_id: Optional[int]) -> None:
+        name = self.cfg.threatq.source
+        mine = next((s for s in self.tq.sources(collection, tq_id) if s.get("name") == name), None)
+        if mine is None:
+            self.tq.add_source(collection, tq_id, name, tlp_id)
+        elif tlp_id is not None and mine.get("tlp_id") != tlp_id:
+            pivot = (mine.get("pivot") or {}).get("id", mine.get("id"))
+            self.tq.set_source_tlp(collection, tq_id, pivot, tlp_id)
+
+    def _sync_attributes(self, collection: str, tq_id: int, desired: Iterable[Attribute],
+                         managed: Iterable[str], fresh: bool = False) -> None:
+        """Exactly one value per synced attribute, changed in place; ours that went away are removed."""
+        managed = set(managed)
+        have: Dict[str, List[dict]] = defaultdict(list)
+        if not fresh:
+            for attribute in self.tq.attributes(collection, tq_id):
+                if attribute.get("name") in managed:
+                    have[attribute["name"]].append(attribute)
+        for attribute in desired:
+            current = have.pop(attribute.name, [])
+            if not current:
+                self.tq.add_attribute(collection, tq_id, attribute.name, attribute.value)
+                continue
+            keep = next((a for a in current if a.get("value") == attribute.value), None)
+            if keep is None:
+                keep = current[0]
+                self.tq.update_attribute(collection, tq_id, keep["id"], attribute.value)
+            for extra in current:
+                if extra is not keep:
+                    self.tq.delete_attribute(collection, tq_id, extra["id"])
+        for leftovers in have.values():
+            for attribute in leftovers:
+                self.tq.delete_attribute(collection, tq_id, attribute["id"])
+
+    def _sync_tags(self, thehive_id: str, kind: str, targets: Sequence[Tuple[str, int, bool]],
+                   desired: Sequence[str]) -> None:
+        """Add TheHive's tags; remove those we synced before and TheHive no longer has."""
+        previous = set(self.state.synced_tags(thehive_id))
+        for collection, tq_id, fresh in targets:
+            existing = {} if fresh else {t.get("name"): t.get("id") for t in self.tq.tags(collection, tq_id)}
+            missing = [t for t in desired if t not in existing]
+            if missing:
+                self.tq.add_tags(collection, tq_id, missing)
+            for name in sorted(previous - set(desired)):
+                if name in existing:
+                    self.tq.delete_tag(collection, tq_id, existing[name])
+        self.state.set_synced_tags(thehive_id, kind, desired)

@@ -1,0 +1,102 @@
+"""What the sync remembers between events: TheHive ids → ThreatQ ids, and per object its sync state.
+
+This is what makes the effect in ThreatQ exactly-once: a re-delivered event finds
+its objects here instead of creating them again, and an older event that arrives
+after a newer one sees that a newer change was already applied.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import List, Optional, Sequence, Tuple
+
+from tq_mw_thehive import state
+
+
+class SyncState(state.Store):
+    """Tables ``object_map`` and ``sync_state`` (migration 2)."""
+
+    def tq_ids(self, thehive_id: str, collection: Optional[str] = None) -> List[Tuple[str, int]]:
+        """The ThreatQ objects (collection, id) standing for a TheHive case or observable."""
+        sql = "SELECT collection, tq_id FROM object_map WHERE thehive_id = ?"
+        params: tuple = (thehive_id,)
+        if collection is not None:
+            sql += " AND collection = ?"
+            params += (collection,)
+        return [(r["collection"], r["tq_id"]) for r in self.db.execute(sql + " ORDER BY rowid", params)]
+
+    def record(self, thehive_id: str, kind: str, collection: str, tq_id: int,
+               case_id: Optional[str] = None) -> None:
+        self.write(lambda db: db.execute(
+            "INSERT OR IGNORE INTO object_map (thehive_id, kind, collection, tq_id, case_id) "
+            "VALUES (?, ?, ?, ?, ?)", (thehive_id, kind, collection, tq_id, case_id)))
+
+    def forget(self, thehive_id: str, collection: Optional[str] = None,
+               tq_id: Optional[int] = None) -> None:
+        sql, params = "DELETE FROM object_map WHERE thehive_id = ?", [thehive_id]
+        if collection is not None:
+            sql += " AND collection = ?"
+            params.append(collection)
+        if tq_id is not None:
+            sql += " AND tq_id = ?"
+            params.append(tq_id)
+        self.write(lambda db: db.execute(sql, params))
+
+    def case_of(self, thehive_id: str) -> Optional[str]:
+        """The case an observable was synced under (a TheHive 4 delete event does not say)."""
+        row = self.db.execute("SELECT case_id FROM object_map WHERE thehive_id = ? AND case_id IS NOT NULL "
+                              "LIMIT 1", (thehive_id,)).fetchone()
+        return None if row is None else row["case_id"]
+
+    def case_has_synced_observable(self, case_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM object_map WHERE kind = 'observable' AND case_id = ? LIMIT 1",
+                              (case_id,)).fetchone()
+        return row is not None
+
+    def _row(self, thehive_id: str) -> Optional[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM sync_state WHERE thehive_id = ?", (thehive_id,)).fetchone()
+
+    def applied_ts(self, thehive_id: str) -> Optional[int]:
+        row = self._row(thehive_id)
+        return None if row is None else row["applied_ts"]
+
+    def mark_applied(self, thehive_id: str, kind: str, ts: int) -> None:
+        """Remember that TheHive's state as of ``ts`` reached ThreatQ (never moves back)."""
+        self.write(lambda db: db.execute(
+            "INSERT INTO sync_state (thehive_id, kind, applied_ts) VALUES (?, ?, ?) "
+            "ON CONFLICT (thehive_id) DO UPDATE SET applied_ts = MAX(applied_ts, excluded.applied_ts)",
+            (thehive_id, kind, ts)))
+
+    def synced_tags(self, thehive_id: str) -> List[str]:
+        row = self._row(thehive_id)
+        return [] if row is None else json.loads(row["tags"])
+
+    def set_synced_tags(self, thehive_id: str, kind: str, tags: Sequence[str]) -> None:
+        self.write(lambda db: db.execute(
+            "INSERT INTO sync_state (thehive_id, kind, applied_ts, tags) VALUES (?, ?, 0, ?) "
+            "ON CONFLICT (thehive_id) DO UPDATE SET tags = excluded.tags",
+            (thehive_id, kind, json.dumps(list(tags)))))
+
+    def hold_case(self, case_id: str, case: dict, ts: int) -> None:
+        """Keep the newest state of a case that waits for its first synced observable."""
+        def hold(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT applied_ts, held_case FROM sync_state WHERE thehive_id = ?",
+                             (case_id,)).fetchone()
+            if row is not None and row["held_case"] and json.loads(row["held_case"])["ts"] > ts:
+                return
+            db.execute("INSERT INTO sync_state (thehive_id, kind, applied_ts, held_case) VALUES (?, 'case', 0, ?) "
+                       "ON CONFLICT (thehive_id) DO UPDATE SET held_case = excluded.held_case",
+                       (case_id, json.dumps({"ts": ts, "case": case})))
+
+        self.write(hold)
+
+    def held_case(self, case_id: str) -> Optional[Tuple[dict, int]]:
+        row = self._row(case_id)
+        if row is None or not row["held_case"]:
+            return None
+        held = json.loads(row["held_case"])
+        return held["case"], held["ts"]
+
+    def release_case(self, case_id: str) -> None:
+        self.write(lambda db: db.execute("UPDATE sync_state SET held_case = NULL WHERE thehive_id = ?",
+                                         (case_id,)))

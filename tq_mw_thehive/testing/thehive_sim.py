@@ -1,0 +1,277 @@
+"""A TheHive 5 API v1 simulator: the read side that ``thehive.api`` uses (reference §4, §5).
+
+``POST /api/v1/query`` understands the sources ``getCase``, ``listCase`` and
+``listObservable``, the traversal ``observables``, ``filter`` (``_gte``, ``_lte``,
+``_eq``, ``_and``, ``_or``), ``sort`` on one field and ``page`` (``from`` inclusive,
+``to`` exclusive), and answers a bare JSON array like TheHive. Errors use TheHive's
+``{"type", "message"}`` body. ``GET /api/v1/case/{idOrName}`` and
+``GET /api/v1/observable/{id}`` answer one object or 404.
+
+Choices where the reference has no source ([guess]):
+- A never-updated object has no ``_updatedAt`` (as in the TheHive 5 captures);
+  sorting puts objects without the field last in both directions, like Elasticsearch.
+- ``getCase`` of an unknown case answers ``[]`` (its traversal is empty), not 404.
+- Adding an observable bumps its case's ``_updatedAt`` (seen in the captures).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from flask import Flask, jsonify, request
+
+SEVERITY_LABELS = {1: "LOW", 2: "MEDIUM", 3: "HIGH", 4: "CRITICAL"}
+TLP_LABELS = {0: "CLEAR", 1: "GREEN", 2: "AMBER", 3: "AMBER+STRICT", 4: "RED"}  # TheHive 5.2+
+PAP_LABELS = {0: "CLEAR", 1: "GREEN", 2: "AMBER", 3: "RED"}
+SIM_USER = "sim@thehive.example.org"
+_CASE_LINK = "_case"  # observable -> case id; kept in memory, never served
+
+
+class QueryError(Exception):
+    """A query the simulator (and TheHive) would reject with 400."""
+
+
+def _error(status: int, kind: str, message: str):
+    return jsonify({"type": kind, "message": message}), status
+
+
+class TheHiveSimulator:
+    def __init__(self, api_key: str = "thehive-sim-api-key", organisation: Optional[str] = None) -> None:
+        self.api_key = api_key
+        self.organisation = organisation
+        self.cases: Dict[str, dict] = {}
+        self.observables: Dict[str, dict] = {}
+        self.requests: List[Tuple[str, str]] = []
+        self.delay_s: float = 0.0
+        self._failures: List[int] = []
+        self._lock = threading.RLock()
+        self._next_id = 4096
+        self._next_number = 1
+        self._last_ms = 0
+        self.app = self._build_app()
+
+    # -- data helpers ---------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        """Wall-clock milliseconds, strictly increasing, so that sort orders are deterministic."""
+        with self._lock:
+            self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
+            return self._last_ms
+
+    def _new_id(self) -> str:
+        with self._lock:
+            self._next_id += 1
+            return f"~{self._next_id}"
+
+    def add_case(self, **fields: Any) -> dict:
+        """Store a case with TheHive 5 defaults; ``fields`` override them. Returns a copy."""
+        with self._lock:
+            now = self._now_ms()
+            number = fields.get("number", self._next_number)
+            self._next_number = max(self._next_number, int(number)) + 1
+            case = {"_id": self._new_id(), "_type": "Case", "_createdBy": SIM_USER, "_createdAt": now,
+                    "number": number, "title": f"Simulated case {number}", "description": "",
+                    "severity": 2, "startDate": now, "tags": [], "flag": False, "tlp": 2, "pap": 2,
+                    "status": "New", "stage": "New", "assignee": SIM_USER, "customFields": [],
+                    "customFieldValues": {}, "extraData": {}}
+            case.update(fields)
+            _label(case)
+            self.cases[case["_id"]] = case
+            return copy.deepcopy(case)
+
+    def update_case(self, case_id: str, **fields: Any) -> dict:
+        """Change a case as an analyst would: ``_updatedAt``/``_updatedBy`` move on."""
+        with self._lock:
+            case = self.cases[case_id]
+            case.update(fields)
+            _label(case)
+            self._touch(case)
+            return copy.deepcopy(case)
+
+    def add_observable(self, case_id: str, **fields: Any) -> dict:
+        """Store an observable in ``case_id`` (KeyError if absent). Returns the served form."""
+        with self._lock:
+            case = self.cases[case_id]
+            now = self._now_ms()
+            observable = {"_id": self._new_id(), "_type": "Observable", "_createdBy": SIM_USER,
+                          "_createdAt": now, "dataType": "other", "data": f"sim-observable-{now}",
+                          "startDate": now, "tlp": 2, "pap": 2, "tags": [], "ioc": False, "sighted": False,
+                          "reports": {}, "message": "", "extraData": {}, "ignoreSimilarity": False}
+            observable.update(fields)
+            observable[_CASE_LINK] = case_id
+            _label(observable)
+            self.observables[observable["_id"]] = observable
+            self._touch(case)
+            return _served(observable)
+
+    def update_observable(self, observable_id: str, **fields: Any) -> dict:
+        """Change an observable; unlike ``add_observable`` this leaves the case's ``_updatedAt`` alone."""
+        with self._lock:
+            observable = self.observables[observable_id]
+            observable.update(fields)
+            _label(observable)
+            self._touch(observable)
+            return _served(observable)
+
+    def _touch(self, obj: dict) -> None:
+        obj["_updatedAt"] = self._now_ms()
+        obj["_updatedBy"] = SIM_USER
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        """Answer the next ``n`` API requests with ``status`` before looking at them."""
+        with self._lock:
+            self._failures.extend([status] * n)
+
+    # -- query engine -----------------------------------------------------------------------------
+
+    def run_query(self, ops: Any) -> List[dict]:
+        """Evaluate a v1 query (a list of operations); raises QueryError for what TheHive rejects."""
+        if not isinstance(ops, list) or not ops or not all(isinstance(op, dict) for op in ops):
+            raise QueryError("query must be a non-empty list of operations")
+        with self._lock:
+            items = self._source(ops[0])
+            for op in ops[1:]:
+                items = self._apply(op, items)
+            return [_served(item) for item in items]
+
+    def _source(self, op: dict) -> List[dict]:
+        name = op.get("_name")
+        if name == "getCase":
+            case = self._find_case(op.get("idOrName"))
+            return [case] if case else []
+        if name == "listCase":
+            return list(self.cases.values())
+        if name == "listObservable":
+            return list(self.observables.values())
+        raise QueryError(f"Unknown query source: {name}")
+
+    def _apply(self, op: dict, items: List[dict]) -> List[dict]:
+        name = op.get("_name")
+        if name == "observables":
+            if any(item.get("_type") != "Case" for item in items):
+                raise QueryError("observables applies to cases only")
+            ids = {item["_id"] for item in items}
+            return [o for o in self.observables.values() if o[_CASE_LINK] in ids]
+        if name == "filter":
+            expr = {k: v for k, v in op.items() if k != "_name"}
+            return [item for item in items if _matches(expr, item)]
+        if name == "sort":
+            fields = op.get("_fields")
+            if not (isinstance(fields, list) and len(fields) == 1 and isinstance(fields[0], dict)
+                    and len(fields[0]) == 1):
+                raise QueryError("sort takes _fields with exactly one {field: asc|desc}")
+            (field, order), = fields[0].items()
+            if order not in ("asc", "desc"):
+                raise QueryError(f"sort order must be asc or desc, not {order!r}")
+            present = [i for i in items if i.get(field) is not None]
+            missing = [i for i in items if i.get(field) is None]
+            return sorted(present, key=lambda i: i[field], reverse=order == "desc") + missing
+        if name == "page":
+            start, end = op.get("from", 0), op.get("to")
+            if not isinstance(start, int) or not isinstance(end, int) or start < 0 or end < start:
+                raise QueryError("page needs integers 0 <= from <= to")
+            return items[start:end]
+        raise QueryError(f"Unknown query operation: {name}")
+
+    def _find_case(self, id_or_name: Any) -> Optional[dict]:
+        """A case by ``~id`` or by number (int or digits), as TheHive resolves ``idOrName``."""
+        if isinstance(id_or_name, str) and id_or_name in self.cases:
+            return self.cases[id_or_name]
+        if isinstance(id_or_name, int) or (isinstance(id_or_name, str) and id_or_name.isdigit()):
+            return next((c for c in self.cases.values() if str(c.get("number")) == str(id_or_name)), None)
+        return None
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+
+    def _build_app(self) -> Flask:
+        app = Flask("thehive-simulator")
+
+        @app.before_request
+        def gate():
+            with self._lock:
+                self.requests.append((request.method, request.path))
+                failure = self._failures.pop(0) if self._failures else None
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if failure is not None:
+                return _error(failure, "InternalError", f"simulated failure (HTTP {failure})")
+            scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or key != self.api_key:
+                return _error(401, "AuthenticationError", "Authentication failure")
+            wanted = request.headers.get("X-Organisation")
+            if self.organisation and wanted and wanted != self.organisation:
+                return _error(403, "AuthorizationError", f"Organisation {wanted} not found or not accessible")
+            return None
+
+        @app.post("/api/v1/query")
+        def query():
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict):
+                return _error(400, "BadRequest", "Invalid JSON body")
+            try:
+                return jsonify(self.run_query(body.get("query")))
+            except QueryError as exc:
+                return _error(400, "BadRequest", str(exc))
+
+        @app.get("/api/v1/case/<id_or_name>")
+        def get_case(id_or_name: str):
+            with self._lock:
+                case = self._find_case(id_or_name)
+                if case is None:
+                    return _error(404, "NotFoundError", f"Case {id_or_name} not found")
+                return jsonify(_served(case))
+
+        @app.get("/api/v1/observable/<observable_id>")
+        def get_observable(observable_id: str):
+            with self._lock:
+                observable = self.observables.get(observable_id)
+                if observable is None:
+                    return _error(404, "NotFoundError", f"Observable {observable_id} not found")
+                return jsonify(_served(observable))
+
+        return app
+
+
+def _served(obj: dict) -> dict:
+    """A copy as the API shows it: no internal links, safe to mutate."""
+    return {k: copy.deepcopy(v) for k, v in obj.items() if k != _CASE_LINK}
+
+
+def _label(obj: dict) -> None:
+    """Derive the TheHive 5 ``*Label`` fields from the numbers, so the two never disagree."""
+    for number, label, names in (("severity", "severityLabel", SEVERITY_LABELS), ("tlp", "tlpLabel", TLP_LABELS),
+                                 ("pap", "papLabel", PAP_LABELS)):
+        if number in obj:
+            obj[label] = names.get(obj[number], str(obj[number]))
+
+
+_COMPARE: Dict[str, Callable[[Any, Any], bool]] = {
+    "_gte": lambda a, b: a >= b,
+    "_lte": lambda a, b: a <= b,
+    "_eq": lambda a, b: a == b,
+}
+
+
+def _matches(expr: Any, item: dict) -> bool:
+    """Evaluate one filter expression; a missing or null field never matches a comparison."""
+    if not isinstance(expr, dict) or len(expr) != 1:
+        raise QueryError("a filter holds exactly one operator")
+    (operator, arg), = expr.items()
+    if operator in ("_and", "_or"):
+        if not isinstance(arg, list):
+            raise QueryError(f"{operator} takes a list of filters")
+        results: Iterable[bool] = (_matches(sub, item) for sub in arg)
+        return all(results) if operator == "_and" else any(results)
+    if operator in _COMPARE:
+        if not isinstance(arg, dict) or "_field" not in arg or "_value" not in arg:
+            raise QueryError(f"{operator} takes {{_field, _value}}")
+        value = item.get(arg["_field"])
+        if value is None:
+            return False
+        try:
+            return _COMPARE[operator](value, arg["_value"])
+        except TypeError:
+            return False
+    raise QueryError(f"Unknown filter operator: {operator}")

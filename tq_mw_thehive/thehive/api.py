@@ -1,0 +1,250 @@
+"""Read cases and observables from TheHive API v1 (reference ``thehive-webhooks.md`` §5).
+
+Webhooks are delivered at most once, so the daemon re-reads what it needs: the
+current case behind an event, a case's observables, and everything changed
+since a checkpoint (catch-up after downtime). All reads go through
+``POST /api/v1/query``: it is the only way to list a case's observables (there is
+no GET list), and using it for single cases too keeps one request shape, one
+error mapping and one paging loop. ``?name=`` only labels the request in
+TheHive's logs.
+
+Errors are mapped so that callers can decide what to do without looking at HTTP:
+``TheHiveNotFound`` (the object is gone), ``TheHiveUnavailable`` (try again later:
+network, 5xx after retries, or a key that TheHive refuses) and ``TheHiveError``
+(anything else). No message, log line or ``repr`` holds the API key.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import requests
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none, wait_random_exponential
+
+from tq_mw_thehive.config import Config
+
+logger = logging.getLogger("tq_mw_thehive.thehive")
+
+QUERY_PATH = "/api/v1/query"
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+_MASK = "***"
+
+
+class TheHiveError(Exception):
+    """A TheHive request failed; the message never holds the API key."""
+
+
+class TheHiveNotFound(TheHiveError):
+    """The case or observable does not exist (404, or an empty ``getCase`` result)."""
+
+
+class TheHiveUnavailable(TheHiveError):
+    """TheHive cannot answer now: connection error, timeout, 5xx after retries, or 401/403 (bad key)."""
+
+
+class _Transient(Exception):
+    """Internal: one attempt failed in a way that another attempt may fix."""
+
+
+class TheHiveClient:
+    """A TheHive API v1 reader with one ``requests.Session``, retries and error mapping."""
+
+    def __init__(self, url: str, api_key: Optional[str], *, organisation: Optional[str] = None,
+                 verify: bool = True, timeout: Tuple[float, float] = (5.0, 30.0), attempts: int = 4,
+                 max_wait_s: float = 8.0, page_size: int = 100,
+                 session: Optional[requests.Session] = None) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        self.url = url.rstrip("/")
+        self.organisation = organisation
+        self.verify = verify
+        self.timeout = timeout
+        self.attempts = attempts
+        self.max_wait_s = max_wait_s
+        self.page_size = page_size
+        self._api_key = api_key
+        self._session = session or requests.Session()
+        # Sent per request rather than set on the session, so that a caller's session is not changed.
+        self._headers: Dict[str, str] = {}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        if organisation:
+            self._headers["X-Organisation"] = organisation
+        # tenacity's sleep; tests replace it to record the waits instead of sleeping.
+        self._sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> "TheHiveClient":
+        """A client for ``cfg.thehive``; ``kwargs`` override the tuning defaults (timeouts, paging)."""
+        hive = cfg.thehive
+        return cls(hive.url, hive.api_key, organisation=hive.organisation, verify=hive.verify_ssl, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"TheHiveClient(url={self.url!r}, organisation={self.organisation!r}, verify={self.verify!r})"
+
+    # -- public reads -------------------------------------------------------------------------
+
+    def get_case(self, case_id: str) -> dict:
+        """The case in API v1 form; ``case_id`` is ``~id`` or the case number.
+
+        TheHive answers an unknown id with an empty array (or a 404); both raise TheHiveNotFound.
+        """
+        found = self._query("get-case", [{"_name": "getCase", "idOrName": case_id}])
+        if not found:
+            raise TheHiveNotFound(f"TheHive has no case {case_id}")
+        return found[0]
+
+    def iter_case_observables(self, case_id: str) -> Iterator[dict]:
+        """The case's observables, oldest first, one page in memory at a time.
+
+        A case with no observables and a case that does not exist give the same empty
+        answer; when the first page is empty, ``get_case`` tells them apart so that a
+        deleted case raises TheHiveNotFound instead of looking like an empty one.
+        """
+        ops = [{"_name": "getCase", "idOrName": case_id}, {"_name": "observables"},
+               {"_name": "sort", "_fields": [{"_createdAt": "asc"}]}]
+        empty = True
+        for observable in self._pages("case-observables", ops):
+            empty = False
+            yield observable
+        if empty:
+            self.get_case(case_id)
+
+    def iter_cases(self, since_ms: Optional[int] = None) -> Iterator[dict]:
+        """Cases with ``_updatedAt`` or ``_createdAt`` >= ``since_ms`` (all when None), ``_updatedAt`` ascending.
+
+        Where never-updated cases (no ``_updatedAt``) sort is up to TheHive [guess]. Offset
+        paging over a set that changes while it is read can repeat a case, and can skip
+        one: an update moves an already-read case to the end and shifts the rest down
+        past the next ``from``. So a run's newest ``_updatedAt`` does not prove that
+        nothing older was missed; overlapping windows do not fix that, a re-run does.
+        """
+        return self._pages("list-cases", self._listing("listCase", since_ms))
+
+    def iter_observables(self, since_ms: Optional[int] = None) -> Iterator[dict]:
+        """Observables changed or created since ``since_ms``, as ``iter_cases``; each embeds nothing.
+
+        Updating an observable may not bump its case's ``_updatedAt`` (reference §5), so
+        catch-up has to list observables as well as cases.
+        """
+        return self._pages("list-observables", self._listing("listObservable", since_ms))
+
+    # -- query building and paging ------------------------------------------------------------
+
+    @staticmethod
+    def _listing(source: str, since_ms: Optional[int]) -> List[Dict[str, Any]]:
+        ops: List[Dict[str, Any]] = [{"_name": source}]
+        if since_ms is not None:
+            # Objects never updated may have a null _updatedAt, which a _gte on it alone would
+            # exclude, hence the _or with _createdAt. The reference marks this as [guess].
+            ops.append({"_name": "filter", "_or": [{"_gte": {"_field": "_updatedAt", "_value": since_ms}},
+                                                   {"_gte": {"_field": "_createdAt", "_value": since_ms}}]})
+        ops.append({"_name": "sort", "_fields": [{"_updatedAt": "asc"}]})
+        return ops
+
+    def _pages(self, label: str, ops: List[Dict[str, Any]]) -> Iterator[dict]:
+        """Yield the query's results page by page (``from`` inclusive, ``to`` exclusive).
+
+        The end condition, a page shorter than requested, is the reference's [guess]:
+        TheHive returns a bare array with no total. An exact multiple costs one empty page.
+        """
+        start = 0
+        while True:
+            page = self._query(label, ops + [{"_name": "page", "from": start, "to": start + self.page_size}])
+            yield from page
+            if len(page) < self.page_size:
+                return
+            start += self.page_size
+
+    def _query(self, label: str, ops: List[Dict[str, Any]]) -> List[dict]:
+        body = self._request("POST", QUERY_PATH, params={"name": label}, json={"query": ops})
+        if not isinstance(body, list):
+            raise TheHiveError(f"TheHive answered query {label} with {type(body).__name__}, not a JSON array")
+        return body
+
+    # -- HTTP, retries and error mapping ------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        # "Full jitter": a random wait up to 0.5 s, 1 s, 2 s, ... capped at max_wait_s, so that
+        # several workers that failed together do not come back together.
+        wait = wait_random_exponential(multiplier=0.5, max=self.max_wait_s) if self.max_wait_s > 0 else wait_none()
+        retrying = Retrying(stop=stop_after_attempt(self.attempts), wait=wait, sleep=self._sleep,
+                            retry=retry_if_exception_type(_Transient), reraise=True)
+        try:
+            response = retrying(self._send, method, path, **kwargs)
+        except _Transient as exc:
+            raise TheHiveUnavailable(f"TheHive {method} {path} failed after {self.attempts} attempt(s): "
+                                     f"{exc}") from None
+        return self._decode(method, path, response)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One attempt; raises _Transient for what a retry may fix."""
+        shown = _shown_path(path, kwargs.get("params"))
+        started = time.monotonic()
+        try:
+            response = self._session.request(method, self.url + path, headers=self._headers,
+                                             timeout=self.timeout, verify=self.verify, **kwargs)
+        except requests.exceptions.SSLError:
+            # A certificate problem does not go away by retrying.
+            self._log(method, shown, "SSLError", started)
+            raise TheHiveUnavailable(f"TheHive {method} {shown}: TLS verification failed for {self.url} "
+                                     "(check the certificate, or thehive.verify_ssl)") from None
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            self._log(method, shown, type(exc).__name__, started)
+            raise _Transient(f"{type(exc).__name__} talking to {self.url}") from None
+        except requests.RequestException as exc:
+            self._log(method, shown, type(exc).__name__, started)
+            raise TheHiveUnavailable(f"TheHive {method} {shown}: {type(exc).__name__} "
+                                     f"(check thehive.url {self.url!r})") from None
+        self._log(method, shown, response.status_code, started)
+        if response.status_code in RETRY_STATUSES:
+            raise _Transient(f"HTTP {response.status_code}{self._detail(response)}")
+        return response
+
+    def _decode(self, method: str, path: str, response: requests.Response) -> Any:
+        status = response.status_code
+        where = f"TheHive {method} {path}"
+        if status in (401, 403):
+            problem = ("the API key was refused (check thehive.api_key)" if self._api_key
+                       else "no API key is configured (thehive.api_key)")
+            if status == 403:
+                problem = ("the API key lacks the permission"
+                           + (f", or cannot act in organisation {self.organisation!r}" if self.organisation else ""))
+            raise TheHiveUnavailable(f"{where}: HTTP {status}: {problem}{self._detail(response)}")
+        if status == 404:
+            raise TheHiveNotFound(f"{where}: HTTP 404{self._detail(response)}")
+        if status == 429:
+            # Not in the brief's list; the request was fine, TheHive just wants us to slow down.
+            raise TheHiveUnavailable(f"{where}: HTTP 429: rate limited{self._detail(response)}")
+        if status >= 400:
+            raise TheHiveError(f"{where}: HTTP {status}{self._detail(response)}")
+        try:
+            return response.json()
+        except ValueError:
+            raise TheHiveError(f"{where}: HTTP {status} with a body that is not JSON") from None
+
+    def _detail(self, response: requests.Response) -> str:
+        """``": <TheHive's message>"`` when the body has one, with the key masked in case it is echoed."""
+        try:
+            body = response.json()
+        except ValueError:
+            return ""
+        message = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(message, str) or not message:
+            return ""
+        if self._api_key:
+            message = message.replace(self._api_key, _MASK)
+        return f": {message[:500]}"
+
+    @staticmethod
+    def _log(method: str, path: str, status: Any, started: float) -> None:
+        logger.debug("%s %s -> %s in %d ms", method, path, status, (time.monotonic() - started) * 1000)
+
+
+def _shown_path(path: str, params: Optional[Dict[str, str]]) -> str:
+    if not params:
+        return path
+    return path + "?" + "&".join(f"{k}={v}" for k, v in params.items())

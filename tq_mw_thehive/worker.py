@@ -1,0 +1,151 @@
+"""The loop that drains the inbox into ThreatQ.
+
+One worker thread runs in each gunicorn worker process (and ``tq-mw-thehive
+worker`` runs one in the foreground). It claims an event under a lease, applies
+it, and records the outcome: done; retry later with backoff when ThreatQ or
+TheHive is unreachable (capped near a minute, so a short outage costs seconds);
+dead when retrying cannot help (ThreatQ refused the data) or after
+``sync.max_attempts`` / ``sync.max_age``. A killed process's event is claimed
+again when its lease runs out. One log line per event says what happened.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+from typing import Callable, Optional
+
+from tq_mw_thehive.config import Config
+from tq_mw_thehive.inbox import Inbox, InboxItem
+from tq_mw_thehive.sync import Outcome, PermanentSyncError, Sync
+from tq_mw_thehive.sync_state import SyncState
+from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError, TheHiveUnavailable
+from tq_mw_thehive.thehive.model import ModelError
+from tq_mw_thehive.threatq.api import ThreatQClient, ThreatQPermanentError, ThreatQUnavailable
+from tq_mw_thehive.type_mapping import TypeMapping
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 300.0
+IDLE_POLL_S = 1.0
+BACKOFF_FIRST_S = 2.0
+BACKOFF_CAP_S = 60.0
+# A bug of ours (an unexpected exception) is retried a few times, then dead-lettered with its
+# text, rather than retried for days like an outage.
+UNEXPECTED_ATTEMPTS = 5
+
+RETRYABLE = (ThreatQUnavailable, TheHiveUnavailable, sqlite3.OperationalError)
+PERMANENT = (ThreatQPermanentError, TheHiveError, PermanentSyncError, ModelError)
+
+
+def backoff_s(attempts: int, cap: float = BACKOFF_CAP_S) -> float:
+    """Exponential backoff with full jitter in the upper half: 2, 4, 8, … capped at ``cap``."""
+    ceiling = min(cap, BACKOFF_FIRST_S * 2 ** max(0, attempts - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def build_sync(cfg: Config) -> Sync:
+    thehive = TheHiveClient.from_config(cfg) if cfg.thehive.api_key else None
+    return Sync(cfg, ThreatQClient.from_config(cfg), thehive, SyncState(cfg.state_db),
+                TypeMapping.from_config(cfg.sync))
+
+
+class Worker:
+    def __init__(self, cfg: Config, inbox: Inbox, sync_factory: Callable[[Config], Sync] = build_sync,
+                 name: Optional[str] = None, lease_s: float = LEASE_S, idle_poll_s: float = IDLE_POLL_S,
+                 backoff_cap_s: float = BACKOFF_CAP_S) -> None:
+        self.cfg = cfg
+        self.inbox = inbox
+        self.sync_factory = sync_factory
+        self.owner = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.lease_s = lease_s
+        self.idle_poll_s = idle_poll_s
+        self.backoff_cap_s = backoff_cap_s
+        self.wakeup = threading.Event()
+        self.stopping = threading.Event()
+        self._sync: Optional[Sync] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def sync(self) -> Sync:
+        if self._sync is None:
+            self._sync = self.sync_factory(self.cfg)
+        return self._sync
+
+    def run_once(self) -> bool:
+        """Process one due event if there is one; True if one was processed."""
+        item = self.inbox.claim(self.owner, self.lease_s)
+        if item is None:
+            return False
+        self._process(item)
+        return True
+
+    def _process(self, item: InboxItem) -> None:
+        started = time.monotonic()
+        outcome: Optional[Outcome] = None
+        try:
+            outcome = self.sync.handle(item)
+        except RETRYABLE as exc:
+            self._retry_or_dead(item, f"{type(exc).__name__}: {exc}", started, unexpected=False)
+        except PERMANENT as exc:
+            self._dead(item, f"{type(exc).__name__}: {exc}", started)
+        except Exception as exc:  # a bug: keep the event, say what happened, stop after a few tries
+            log.exception("unexpected error on inbox event %s", item.id)
+            self._retry_or_dead(item, f"{type(exc).__name__}: {exc}", started, unexpected=True)
+        if outcome is not None:
+            if self.inbox.done(item.id, self.owner):
+                self._log(item, outcome.result, started, outcome)
+            else:
+                self._log(item, "lease_lost", started, outcome, level=logging.WARNING)
+
+    def _retry_or_dead(self, item: InboxItem, error: str, started: float, unexpected: bool) -> None:
+        limit = UNEXPECTED_ATTEMPTS if unexpected else self.cfg.sync.max_attempts
+        too_old = time.time() - item.received_at > self.cfg.sync.max_age
+        if item.attempts >= limit or too_old:
+            why = "too old" if too_old else f"{item.attempts} attempts"
+            self._dead(item, f"{error} (gave up: {why})", started)
+            return
+        delay = backoff_s(item.attempts, self.backoff_cap_s)
+        self.inbox.retry(item.id, self.owner, error, delay)
+        self._log(item, "retry", started, error=error, extra=f" retry_in_s={delay:.1f}", level=logging.WARNING)
+
+    def _dead(self, item: InboxItem, error: str, started: float) -> None:
+        self.inbox.dead(item.id, self.owner, error)
+        self._log(item, "dead", started, error=error, level=logging.ERROR)
+
+    def _log(self, item: InboxItem, result: str, started: float, outcome: Optional[Outcome] = None,
+             error: str = "", extra: str = "", level: int = logging.INFO) -> None:
+        case = f"#{outcome.case_number}" if outcome and outcome.case_number is not None else "-"
+        threatq = ",".join(outcome.threatq) if outcome and outcome.threatq else "-"
+        detail = outcome.detail if outcome else error
+        log.log(level, "sync audit=%s case=%s object=%s:%s action=%s threatq=%s outcome=%s attempts=%d "
+                "ms=%.1f%s%s", item.audit_id or "-", case, item.object_type, item.object_id or "-", item.action,
+                threatq, result, item.attempts, (time.monotonic() - started) * 1000, extra,
+                f" detail={detail!r}" if detail else "")
+
+    def run_forever(self) -> None:
+        """Drain until ``stop``; an event in progress is finished first."""
+        while not self.stopping.is_set():
+            try:
+                busy = self.run_once()
+            except sqlite3.Error as exc:  # the state database is locked or full: wait, then go on
+                log.warning("worker cannot read the inbox: %s", exc)
+                busy = False
+            if not busy:
+                self.wakeup.wait(self.idle_poll_s)
+                self.wakeup.clear()
+
+    def start(self) -> "Worker":
+        self._thread = threading.Thread(target=self.run_forever, name="tq-sync-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
