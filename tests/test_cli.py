@@ -320,3 +320,31 @@ def test_options_given_before_the_subcommand_are_kept_when_not_repeated():
     assert before.merged(external_proxy=False, disable_ssl=False, **not_repeated) == before
     assert before.merged(config="other", unknown="ignored") == Options(
         **{**before.__dict__, "config": "other"})
+
+
+def test_a_malformed_custom_type_mapping_stops_the_start_with_its_line_number(tmp_path):
+    write_config(tmp_path, sync={"custom_mapping": True,
+                                 "type_mapping": "ip: IP Address\n# comment\ndomain FQDN\n"})
+    result = run_process(["-c", str(tmp_path), "-p", "0"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "sync.type_mapping line 3" in result.stderr and "domain FQDN" in result.stderr
+
+
+def test_replay_puts_dead_letters_back(config_dir):
+    inbox = Inbox.open(config_mod.load(config_dir).state_db)
+    ids = []
+    for name in ("th5-case-create.json", "th5-case-update.json"):
+        inbox.put(events.parse(sample(name)), "{}")
+    for _ in range(2):
+        item = inbox.claim("test")
+        inbox.dead(item.id, "test", "ThreatQPermanentError: refused")
+        ids.append(item.id)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["replay", "-c", str(config_dir), "--id", str(ids[0])])
+    assert result.exit_code == 0 and "replayed 1 dead letter(s)" in result.output
+    assert [inbox.get(i)["state"] for i in ids] == ["pending", "dead"]
+    result = runner.invoke(cli, ["replay", "-c", str(config_dir), "--id", str(ids[0])])
+    assert result.exit_code == 1 and f"not dead letters: {ids[0]}" in result.output
+    result = runner.invoke(cli, ["replay", "-c", str(config_dir)])
+    assert result.exit_code == 0 and "replayed 1 dead letter(s)" in result.output
+    assert inbox.get(ids[1])["state"] == "pending" and inbox.get(ids[1])["attempts"] == 0

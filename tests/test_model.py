@@ -147,8 +147,9 @@ def base_observable(**fields) -> dict:
 
 
 @pytest.mark.parametrize("number, label", [(0, "WHITE"), (1, "GREEN"), (2, "AMBER"), (3, "RED"),
-                                           (4, None), (-1, None), (99, None)])
+                                           (4, "RED"), (-1, "RED"), (99, "RED")])
 def test_tlp_and_pap_numbers_without_labels(number, label):
+    """Unknown numbers (TheHive 5.2+ RED is 4) read as RED: a restriction is never lowered."""
     case = Case.from_thehive(base_case(tlp=number, pap=number))
     observable = Observable.from_thehive(base_observable(tlp=number, pap=number))
     assert (case.tlp, case.pap) == (label, label)

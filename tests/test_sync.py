@@ -314,3 +314,68 @@ def test_a_lost_state_database_finds_existing_objects_again(world, tmp_path):
     assert len(world.tq.events) == 1
     assert world.event()["title"] == "Hive Case # ~8396848 Renamed in TheHive"
     assert len(world.tq.find_indicators("203.0.113.47")) == 1
+
+
+def _v0_case(case: dict) -> dict:
+    """A v1 case object as TheHive 4 / TheHive 5 version 0 renders it (numbers, caseId, owner)."""
+    return {"_id": case["_id"], "id": case["_id"], "_type": "case", "caseId": case["number"],
+            "title": case["title"], "description": case["description"], "severity": case["severity"],
+            "startDate": case["startDate"], "tags": case["tags"], "flag": case["flag"], "tlp": case["tlp"],
+            "pap": case["pap"], "status": "Open", "owner": case["assignee"], "createdAt": case["_createdAt"]}
+
+
+def _v0_observable(obs: dict, case: dict) -> dict:
+    keep = ("dataType", "data", "tlp", "tags", "ioc", "sighted", "message", "startDate")
+    return {"_id": obs["_id"], "id": obs["_id"], "_type": "case_artifact", **{k: obs[k] for k in keep},
+            "case": _v0_case(case)}
+
+
+def as_version0(payload: dict, thehive5: bool) -> dict:
+    """The same audit event in TheHive 4 version 0 or TheHive 5 version 0 shape."""
+    operation = payload["action"]
+    if thehive5:
+        operation = {"create": "Creation", "update": "Update", "delete": "Delete"}[operation]
+    is_case = payload["objectType"] == "Case"
+    obj = payload.get("object")
+    if obj:
+        obj = _v0_case(obj) if is_case else _v0_observable(obj, obj["case"])
+    v0 = {"operation": operation, "objectType": "case" if is_case else "case_artifact",
+          "objectId": payload["objectId"], "base": True, "startDate": payload["_createdAt"],
+          "rootId": payload["objectId"], "requestId": payload["requestId"], "details": payload["details"]}
+    if obj:
+        v0["object"] = obj
+    if thehive5:
+        v0.update(_id=payload["_id"], _type="audit", organisation={"organisation": "acme-soc"})
+    else:
+        v0.update(organisation="acme-soc", organisationId="~4120")
+    return v0
+
+
+def session() -> list:
+    """A case's life: create, update, an observable created then made an IOC, deleted, the case deleted."""
+    delete_observable = {"_id": "~2070000", "_type": "Audit", "action": "delete", "objectType": "Observable",
+                         "objectId": "~12734592", "rootId": CASE_ID, "_createdAt": 1717500000000,
+                         "requestId": "req-del", "details": {"dataType": "ip", "data": "203.0.113.47"}}
+    return [sample("th5-case-create.json"), sample("th5-case-update.json"), sample("th5-observable-create-ip.json"),
+            sample("th5-observable-update-ioc.json"), delete_observable, sample("th5-case-delete.json")]
+
+
+@pytest.mark.parametrize("shape", ["thehive5-v1", "thehive4-v0", "thehive5-v0"])
+def test_a_whole_case_life_in_every_payload_shape(world, shape):
+    payloads = session()
+    if shape != "thehive5-v1":
+        payloads = [as_version0(p, thehive5=shape == "thehive5-v0") for p in payloads]
+    assert {events.parse(p).shape for p in payloads} == {shape}
+    world.deliver(*payloads[:4])
+    world.drain()
+    event = world.event()
+    assert world.attributes("events", event["id"])["Severity"] == "CRITICAL"
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+    assert world.tq.links_of("events", event["id"], "indicators") == [indicator["id"]]
+    world.deliver(*payloads[4:])
+    world.drain()
+    assert world.states() == ["done"] * 6
+    assert world.tq.links_of("events", event["id"], "indicators") == []
+    assert world.attributes("events", event["id"])["Status"] == "Deleted"
+    assert len(world.tq.events) == 1 and len(world.tq.indicators) == 1

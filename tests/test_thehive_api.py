@@ -279,7 +279,7 @@ def test_sim_iter_cases_since_finds_updated_and_new_never_updated_cases(sim, ser
     old = sim.add_case(title="old")
     untouched = sim.add_case(title="untouched")
     since = sim.add_case(title="marker")["_createdAt"] + 1
-    new = sim.add_case(title="new")  # never updated: no _updatedAt, found via _createdAt
+    sim.add_case(title="new")  # never updated: no _updatedAt, found via _createdAt
     sim.update_case(old["_id"], status="InProgress")
     got = list(sim_client(served, page_size=1).iter_cases(since_ms=since))
     assert [c["title"] for c in got] == ["old", "new"]  # updated first, un-updated last [guess]

@@ -102,11 +102,11 @@ def test_tokens_are_read_from_the_token_file(rsps, client):
     assert token_calls(rsps) == []
 
 
-def test_a_missing_token_file_is_permanent_and_says_to_configure(rsps, tmp_path):
-    with pytest.raises(ThreatQPermanentError, match="tq-mw-thehive configure"):
+def test_a_missing_token_file_keeps_events_waiting_and_says_to_configure(rsps, tmp_path):
+    with pytest.raises(ThreatQUnavailable, match="tq-mw-thehive configure"):
         make_client(tmp_path).request("GET", "/api/objects")
     (tmp_path / auth.TOKEN_FILE).write_text("{not json", encoding="utf-8")
-    with pytest.raises(ThreatQPermanentError, match="damaged.*tq-mw-thehive configure"):
+    with pytest.raises(ThreatQUnavailable, match="damaged.*tq-mw-thehive configure"):
         make_client(tmp_path).request("GET", "/api/objects")
     assert len(rsps.calls) == 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import sys
 from dataclasses import dataclass, fields, replace
@@ -19,6 +20,7 @@ import click
 from tq_mw_thehive import __version__, configure, logs, server, startup, state
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.worker import Worker
 
 DEFAULT_PORT = 5000
 DEFAULT_LISTENER = "127.0.0.1"
@@ -204,6 +206,72 @@ def status_command(obj: Options, as_json: bool, **given: Any) -> None:
                + (f", oldest {age:.0f} s" if age is not None else ""))
     click.echo(f"done:    {counts['done']}")
     click.echo(f"dead:    {counts['dead']}")
+
+
+@cli.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (config, database, logs).")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the inbox to drain.")
+def demo_command(keep: bool, timeout: float) -> None:
+    """Run the daemon against the ThreatQ simulator and show what a TheHive session becomes.
+
+    Everything runs on loopback ports in a temporary directory; nothing needs configuring.
+    """
+    from tq_mw_thehive import demo
+
+    try:
+        sys.exit(demo.run(keep=keep, timeout=timeout))
+    except demo.DemoError as exc:
+        _fail(exc, 1)
+
+
+@cli.command("worker")
+@_config_option
+@_logging_options
+@click.option("-ep", "--external-proxy", is_flag=True, help="Reach ThreatQ through threatq.proxy.")
+@click.option("-ds", "--disable-ssl", is_flag=True, help="Do not verify TLS certificates.")
+@click.pass_obj
+def worker_command(obj: Options, **given: Any) -> None:
+    """Drain the inbox into ThreatQ in the foreground, without serving (until SIGTERM or Ctrl-C).
+
+    The daemon already runs a worker in each gunicorn worker; this is for draining
+    without the web endpoint, e.g. after `replay` while the service is stopped.
+    """
+    opts = obj.merged(**given)
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity)
+        cfg = startup.load_config(opts.config_dir, use_proxy=opts.external_proxy,
+                                  disable_ssl=opts.disable_ssl)
+        startup.prepare(cfg, disable_ssl=opts.disable_ssl)
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    worker = Worker(cfg, Inbox(cfg.state_db))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop_soon())
+    worker.run_forever()
+
+
+@cli.command("replay")
+@_config_option
+@click.option("--id", "ids", type=int, multiple=True, metavar="N",
+              help="Replay only dead letter N (repeatable). Default: all dead letters.")
+@click.pass_obj
+def replay_command(obj: Options, ids: tuple, **given: Any) -> None:
+    """Put dead letters back into the inbox, once the cause is fixed; a running daemon picks them up."""
+    opts = obj.merged(**given)
+    try:
+        cfg = startup.load_config(opts.config_dir)
+        inbox = Inbox.open(cfg.state_db)
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    except state.StateError as exc:
+        _fail(exc, 1)
+    missing = [i for i in ids if (row := inbox.get(i)) is None or row["state"] != "dead"]
+    count = inbox.replay(list(ids) if ids else None)
+    click.echo(f"replayed {count} dead letter(s)")
+    if missing:
+        click.echo(f"not dead letters: {', '.join(map(str, missing))}", err=True)
+        sys.exit(1)
 
 
 def main() -> None:

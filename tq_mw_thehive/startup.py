@@ -15,6 +15,7 @@ from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, private_files, state
 from tq_mw_thehive.config import Config, ConfigError
 from tq_mw_thehive.threatq import auth as tq_auth
+from tq_mw_thehive.type_mapping import TypeMapping, TypeMappingError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ def load_config(config_dir: Path, *, use_proxy: bool = False, disable_ssl: bool 
         cfg = config_mod.load(config_dir)
     except ConfigError as exc:
         raise StartupError(str(exc), 2) from None
+    try:
+        TypeMapping.from_config(cfg.sync)
+    except TypeMappingError as exc:
+        raise StartupError(f"{config_mod.config_path(config_dir)}: {exc}", 2) from None
     if use_proxy and not cfg.threatq.proxy:
         raise StartupError(f"{config_mod.config_path(config_dir)}: threatq.proxy: required by "
                            "-ep/--external-proxy but not set", 2)
@@ -56,6 +61,9 @@ def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
         tokens = None
     if tokens is not None:
         logs.add_secrets([tokens.access_token, tokens.refresh_token])
+    elif not cfg.threatq.client_secret:
+        log.warning("no ThreatQ tokens in %s: events are accepted and wait until you run "
+                    "`tq-mw-thehive configure -c %s`", tq_auth.token_path(cfg.config_dir), cfg.config_dir)
     if disable_ssl:
         log.warning("TLS certificate verification is disabled for ThreatQ and TheHive (-ds)")
     if cfg.webhook.auth == "none":

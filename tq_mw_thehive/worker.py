@@ -144,6 +144,11 @@ class Worker:
         self._thread.start()
         return self
 
+    def stop_soon(self) -> None:
+        """Ask the loop to stop after the event in progress (safe from a signal handler)."""
+        self.stopping.set()
+        self.wakeup.set()
+
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping.set()
         self.wakeup.set()

@@ -4,14 +4,22 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access line per request: the simulators' callers print what matters."""
+
+    def log_request(self, code="-", size="-") -> None:
+        pass
 
 
 class LoopbackServer:
     """``with LoopbackServer(app) as srv: requests.get(srv.url + "/path")``."""
 
     def __init__(self, app, port: int = 0) -> None:
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True,
+                                                      request_handler=_QuietHandler)
         self.port: int = self._server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: Optional[threading.Thread] = None

@@ -107,7 +107,9 @@ def _label(obj: Mapping[str, Any], kind: str, name: str,
         return label.strip().upper()
     if number is None or numbers is None:
         return None
-    return numbers.get(number)
+    # A number outside the table (TheHive 5.2+ RED is 4) is read as the strictest level:
+    # a restriction is never lowered because we did not understand it.
+    return numbers.get(number, "RED")
 
 
 @dataclass(frozen=True)

@@ -315,16 +315,18 @@ class ThreatQClient:
         return self._config_dir
 
     def _load_file(self) -> auth.Tokens:
+        """The stored tokens. Without usable ones nothing can be sent, but the events are fine:
+        they wait (ThreatQUnavailable, retried) until ``configure`` is run again."""
         path = auth.token_path(self._token_dir)
         try:
             tokens = auth.load_tokens(self._token_dir)
         except auth.ThreatQAuthError as exc:
-            raise ThreatQPermanentError(str(exc)) from None
+            raise ThreatQUnavailable(str(exc)) from None
         except OSError as exc:
-            raise ThreatQPermanentError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); "
-                                        f"{_CONFIGURE}") from None
+            raise ThreatQUnavailable(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); "
+                                     f"{_CONFIGURE}") from None
         if tokens is None:
-            raise ThreatQPermanentError(f"no ThreatQ tokens in {path}; {_CONFIGURE}")
+            raise ThreatQUnavailable(f"no ThreatQ tokens in {path}; {_CONFIGURE}")
         logs.add_secrets([tokens.access_token, tokens.refresh_token])
         return tokens
 

@@ -1,0 +1,171 @@
+"""Sync end to end: the real daemon (gunicorn, 2 workers, a sync thread in each) against the simulators."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import WEBHOOK_TOKEN, sample, write_config
+from daemon import Daemon, wait_for
+from tq_mw_thehive.testing.loopback import LoopbackServer
+from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
+from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
+from tq_mw_thehive.threatq import auth as tq_auth
+
+pytestmark = pytest.mark.e2e
+EMAIL, PASSWORD = "e2e@example.org", "e2e-password-42"
+HIVE_KEY = "e2e-hive-key-0123"
+BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}", "Content-Type": "application/json"}
+CASE_ID, IP = "~8396848", "203.0.113.47"
+
+
+@pytest.fixture
+def simulators():
+    tq, hive = ThreatQSimulator(users={EMAIL: PASSWORD}), TheHiveSimulator(api_key=HIVE_KEY)
+    with LoopbackServer(tq.app) as tq_server, LoopbackServer(hive.app) as hive_server:
+        tq.url, hive.url = tq_server.url, hive_server.url
+        yield tq, hive
+
+
+@pytest.fixture
+def start(tmp_path, simulators):
+    tq, hive = simulators
+    daemons = []
+
+    def start(**sync) -> Daemon:
+        write_config(tmp_path, threatq={"host": tq.url, "client_id": tq.client_id},
+                     thehive={"url": hive.url, "api_key": HIVE_KEY}, sync=sync)
+        tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq.url, tq.client_id, EMAIL, PASSWORD))
+        daemon = Daemon(tmp_path, tmp_path / "logs")
+        daemons.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in daemons:
+        daemon.close()
+
+
+def post(daemon: Daemon, *payloads: dict) -> list:
+    return [requests.post(daemon.url + "/cases", data=json.dumps(p), headers=BEARER, timeout=10).json()["status"]
+            for p in payloads]
+
+
+def status(daemon: Daemon) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tq_mw_thehive", "status", "-c", str(daemon.config_dir), "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def drained(daemon: Daemon, timeout: float = 60) -> dict:
+    return wait_for(lambda: (s := status(daemon))["pending"] == 0 and s, timeout, "the inbox to drain", 0.2)
+
+
+def attributes(tq: ThreatQSimulator, collection: str, object_id: int) -> dict:
+    found = {}
+    for attribute in tq.attributes_of(collection, object_id):
+        assert attribute["name"] not in found, f"two values for {attribute['name']}"
+        found[attribute["name"]] = attribute["value"]
+    return found
+
+
+def test_every_shape_updates_duplicates_order_and_deletes(start, simulators):
+    tq, _ = simulators
+    daemon = start()
+    th5_create, th5_update = sample("th5-case-create.json"), sample("th5-case-update.json")
+    th5_obs, th5_ioc = sample("th5-observable-create-ip.json"), sample("th5-observable-update-ioc.json")
+    th4_obs, th5v0_case = sample("th4-case-artifact-create.json"), sample("th5v0-case-create.json")
+    assert post(daemon, th5_create, th5_update, th5_obs, th5_ioc, th4_obs, th5v0_case) == ["queued"] * 6
+    assert drained(daemon)["dead"] == 0
+    assert post(daemon, th5_create, th5_update, th5_obs, th4_obs) == ["duplicate"] * 4
+    (event,) = tq.events.values()
+    assert event["title"] == "Hive Case # ~8396848 Phishing wave targeting finance mailboxes"
+    case_attributes = attributes(tq, "events", event["id"])
+    assert (case_attributes["Severity"], case_attributes["Status"]) == ("CRITICAL", "InProgress")
+    (indicator,) = tq.find_indicators(IP, "IP Address")
+    assert attributes(tq, "indicators", indicator["id"]) == {
+        "PAP": "AMBER", "Sighted?": "Yes", "Indicator Of Compromise?": "Yes"}
+    assert tq.links_of("events", event["id"], "indicators") == [indicator["id"]]
+
+    # An update that TheHive made earlier but that arrives last changes nothing.
+    late = copy.deepcopy(th5_update)
+    late["_id"], late["_createdAt"] = "~2056001", th5_update["_createdAt"] - 1000
+    late["object"]["severity"], late["object"]["severityLabel"] = 1, "LOW"
+    assert post(daemon, late) == ["queued"]
+    drained(daemon)
+    assert attributes(tq, "events", event["id"])["Severity"] == "CRITICAL"
+    assert "outcome=stale" in daemon.log_text()
+
+    delete_obs = {"_id": "~2070000", "_type": "Audit", "action": "delete", "objectType": "Observable",
+                  "objectId": "~12734592", "rootId": CASE_ID, "_createdAt": 1717500000000,
+                  "details": {"dataType": "ip", "data": IP}}
+    assert post(daemon, delete_obs, sample("th5-case-delete.json")) == ["queued", "queued"]
+    assert drained(daemon)["dead"] == 0
+    assert attributes(tq, "events", event["id"])["Status"] == "Deleted"
+    assert tq.links_of("events", event["id"], "indicators") == []
+    assert len(tq.events) == 1 and len(tq.find_indicators(IP)) == 1
+    log = daemon.log_text()
+    assert "sync audit=~2048112 case=#142 object=case:~8396848 action=create threatq=events/1 outcome=synced" in log
+
+
+def test_a_threatq_outage_then_an_expired_token_lose_and_duplicate_nothing(start, simulators):
+    tq, _ = simulators
+    daemon = start()
+    tq.down = True
+    assert post(daemon, sample("th5-case-create.json"), sample("th5-observable-create-ip.json")) == ["queued"] * 2
+    wait_for(lambda: "outcome=retry" in daemon.log_text(), 30, "a retry while ThreatQ is down")
+    assert status(daemon)["pending"] == 2
+    tq.down = False
+    assert drained(daemon, 90)["done"] == 2
+    tq.expire_all_tokens()
+    assert post(daemon, sample("th5-case-update.json"), sample("th5-observable-update-ioc.json")) == ["queued"] * 2
+    assert drained(daemon)["done"] == 4
+    assert len(tq.events) == 1 and len(tq.find_indicators(IP)) == 1
+    (event,) = tq.events.values()
+    assert attributes(tq, "events", event["id"])["Severity"] == "CRITICAL"
+
+
+def test_incident_mode(start, simulators):
+    tq, _ = simulators
+    daemon = start(cases_as="incident")
+    post(daemon, sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    assert drained(daemon)["done"] == 2
+    assert tq.events == {}
+    (incident,) = tq.incidents.values()
+    assert incident["value"].startswith("Hive Case # ~8396848 ")
+    (indicator,) = tq.find_indicators(IP)
+    assert tq.links_of("incident", incident["id"], "indicators") == [indicator["id"]]
+
+
+def test_only_iocs_and_no_case_without_observables(start, simulators):
+    tq, hive = simulators
+    daemon = start(only_ioc=True, include_cases_without_observables=False)
+    post(daemon, sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    drained(daemon)
+    assert tq.events == {} and tq.indicators == {}
+    post(daemon, sample("th5-observable-update-ioc.json"))
+    drained(daemon)
+    assert len(tq.events) == 1 and len(tq.find_indicators(IP)) == 1
+    assert hive.requests == []  # the case came from the event itself
+
+
+def test_demo_runs_and_shows_what_threatq_holds(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tq_mw_thehive", "demo"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "ThreatQ now holds 2 events and 18 indicators" in out
+    assert "Hive Case # ~8396848 Phishing wave targeting finance mailboxes" in out
+    for expected in ("[IP Address] 203.0.113.47  linked to events [1, 2]", "[IPv6 Address] 2001:db8::47",
+                     "[SHA-256] 275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f",
+                     "[Filename] salary_review.html", "[ASN] AS64500", "Severity: CRITICAL",
+                     "Indicator Of Compromise?: Yes", "sources: TheHive (TLP:AMBER)",
+                     "[User-agent] python-requests/2.31  linked to events -"):
+        assert expected in out, expected
+    assert "0 pending, 0 dead" in out
+    assert not any(Path(tempdir).exists() for tempdir in
+                   [line.split("working directory ")[1] for line in out.splitlines() if "working directory" in line])
