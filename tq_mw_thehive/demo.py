@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, TextIO
 
@@ -26,6 +21,7 @@ import requests
 from tq_mw_thehive import configure
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.testing.daemon import Daemon, DaemonTimeout, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.threatq_sim import INDICATOR_TYPES, ThreatQSimulator
 
@@ -130,42 +126,6 @@ class DemoError(Exception):
     pass
 
 
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def _start_daemon(config_dir: Path) -> subprocess.Popen:
-    log_dir = config_dir / "logs"
-    console = open(config_dir / "daemon-console.txt", "wb")
-    try:
-        return subprocess.Popen([sys.executable, "-m", "tq_mw_thehive", "-c", str(config_dir), "-p", "0",
-                                 "-li", "127.0.0.1", "-ll", str(log_dir), "-v", "2"],
-                                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    finally:
-        console.close()
-
-
-def _daemon_port(config_dir: Path, proc: subprocess.Popen) -> int:
-    log_file = config_dir / "logs" / "tq_mw_thehive.log"
-
-    def ready() -> Optional[int]:
-        if proc.poll() is not None:
-            raise DemoError(f"the daemon exited with {proc.returncode}; see {config_dir}")
-        text = log_file.read_text(errors="replace") if log_file.exists() else ""
-        match = re.search(r"ready listening=127\.0\.0\.1:(\d+)", text)
-        return int(match.group(1)) if match else None
-
-    return _wait(ready, 60, "the daemon to listen")
-
-
 def summary(sim: ThreatQSimulator, counts: Dict[str, object], host: str) -> str:
     """What ThreatQ holds now, readable: objects, attributes, TLP, tags, links."""
     tlp = {1: "RED", 2: "AMBER", 3: "GREEN", 4: "WHITE"}
@@ -201,7 +161,7 @@ def run(out: TextIO = sys.stdout, keep: bool = False, timeout: float = 120.0) ->
     """Run the demo; 0 when every event reached ThreatQ (or was deliberately skipped)."""
     sim = ThreatQSimulator(users={EMAIL: PASSWORD})
     work = Path(tempfile.mkdtemp(prefix="tq-mw-demo-"))
-    proc: Optional[subprocess.Popen] = None
+    daemon = Daemon(work, work / "logs", verbosity="2")
     try:
         with LoopbackServer(sim.app) as threatq:
             print(f"ThreatQ simulator on {threatq.url}; working directory {work}", file=out)
@@ -210,9 +170,8 @@ def run(out: TextIO = sys.stdout, keep: bool = False, timeout: float = 120.0) ->
                                         thehive_api_key="demo-thehive-key")
             cfg: Config = configure.run(answers, work, listener_ip="127.0.0.1", port=0, disable_ssl=False,
                                         use_proxy=False, interactive=False, out=io.StringIO())
-            proc = _start_daemon(work)
-            port = _daemon_port(work, proc)
-            url = f"http://127.0.0.1:{port}/cases"
+            daemon.start()
+            url = f"{daemon.url}/cases"
             headers = {"Authorization": f"Bearer {cfg.webhook.token}", "Content-Type": "application/json"}
             sent = 0
             for payload in scenario():
@@ -222,19 +181,17 @@ def run(out: TextIO = sys.stdout, keep: bool = False, timeout: float = 120.0) ->
                 sent += 1
             print(f"Posted {sent} TheHive webhook events to {url}; waiting for the inbox to drain…", file=out)
             inbox = Inbox(cfg.state_db)
-            _wait(lambda: inbox.stats()["pending"] == 0, timeout, "the inbox to drain")
+            wait_for(lambda: inbox.stats()["pending"] == 0, timeout, "the inbox to drain", interval=0.1)
             counts = inbox.stats()
             inbox.close()
             print(summary(sim, counts, threatq.url), file=out)
-            print(f"Daemon log: {work / 'logs' / 'tq_mw_thehive.log'}" if keep else "", file=out)
+            if keep:
+                print(f"Daemon log: {daemon.log_file}", file=out)
             return 0 if counts["dead"] == 0 else 1
+    except DaemonTimeout as exc:
+        raise DemoError(f"{exc} (see {daemon.log_file})") from None
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        daemon.stop()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from conftest import SAMPLE_NAMES, THEHIVE_KEY, WEBHOOK_TOKEN, sample, sample_text, write_config
-from daemon import Daemon, wait_for
+from tq_mw_thehive.testing.daemon import Daemon, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
 from tq_mw_thehive.threatq import auth as tq_auth

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import WEBHOOK_TOKEN, sample, write_config
-from daemon import Daemon, wait_for
+from tq_mw_thehive.testing.daemon import Daemon, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
 from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator

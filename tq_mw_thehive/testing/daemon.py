@@ -1,4 +1,7 @@
-"""Run the real daemon (``python -m tq_mw_thehive``, gunicorn) as a user would, on a loopback port."""
+"""Run the real daemon (``python -m tq_mw_thehive``, gunicorn) as a user would, on a loopback port.
+
+Used by the end-to-end tests, the benchmarks and ``tq-mw-thehive demo``.
+"""
 from __future__ import annotations
 
 import os
@@ -16,6 +19,10 @@ READY = re.compile(r"ready listening=127\.0\.0\.1:(\d+)")
 LOG_NAME = "tq_mw_thehive.log"
 
 
+class DaemonTimeout(AssertionError):
+    """A condition polled with a deadline did not come true (an AssertionError for tests)."""
+
+
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -24,7 +31,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise DaemonTimeout(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
 
 
@@ -32,11 +39,12 @@ class Daemon:
     """One daemon process group; ``start`` returns once ``/healthz`` answers."""
 
     def __init__(self, config_dir: Path, log_dir: Path, args: Sequence[str] = (),
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, verbosity: str = "3") -> None:
         self.config_dir = Path(config_dir)
         self.log_dir = Path(log_dir)
         self.args = list(args)
         self.env = env
+        self.verbosity = verbosity
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
         self.console = self.log_dir / "console.txt"
@@ -54,7 +62,7 @@ class Daemon:
 
     def command(self) -> List[str]:
         return [sys.executable, "-m", "tq_mw_thehive", "-c", str(self.config_dir), "-ll", str(self.log_dir),
-                "-v", "3", "-p", "0", "-li", "127.0.0.1", "-w", "2", *self.args]
+                "-v", self.verbosity, "-p", "0", "-li", "127.0.0.1", "-w", "2", *self.args]
 
     def spawn(self) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,7 @@ class Daemon:
 
         def ready():
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n"
+                raise DaemonTimeout(f"daemon exited with {self.proc.returncode}:\n"
                                      f"{self.console.read_text(errors='replace')}\n{self.log_text()[seen:]}")
             match = READY.search(self.log_text(), seen)
             return match and int(match.group(1))
@@ -99,4 +107,13 @@ class Daemon:
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Graceful stop (SIGTERM: events in progress finish), SIGKILL if that takes too long."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.kill(signal.SIGTERM, timeout=timeout)
+        except subprocess.TimeoutExpired:
             self.kill()
