@@ -15,7 +15,7 @@ def test_example_config_is_valid_and_lists_every_key(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text((ROOT / "config" / "config.example.yaml").read_text())
     cfg = config_mod.load(tmp_path)
     assert cfg.webhook.token == "value-of-tq_mw_webhook_token"
-    assert set(cfg.to_dict()) == {"threatq", "thehive", "webhook", "sync", "state_db"}
+    assert set(cfg.to_dict()) == {"threatq", "thehive", "webhook", "sync", "enrichment", "state_db"}
     example = (ROOT / "config" / "config.example.yaml").read_text()
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
@@ -42,3 +42,15 @@ def test_logrotate_snippet_needs_no_copytruncate():
     directives = [line for line in lines if line and not line.startswith("#")]
     assert "/var/log/tq_labs/*.log {" in directives
     assert "copytruncate" not in directives
+
+
+def test_monitor_timer_runs_the_monitor_once_per_activation():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "systemd" / "tq_thehive-monitor.service")
+    assert unit["Service"]["Type"] == "oneshot"
+    assert "tq-mw-thehive monitor --once -c /etc/tq_labs/" in unit["Service"]["ExecStart"]
+    timer = configparser.ConfigParser(strict=False, interpolation=None)
+    timer.optionxform = str
+    timer.read(ROOT / "systemd" / "tq_thehive-monitor.timer")
+    assert timer["Timer"]["OnUnitActiveSec"] and timer["Install"]["WantedBy"] == "timers.target"

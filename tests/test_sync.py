@@ -31,8 +31,10 @@ class World:
     def __init__(self, tmp_path: Path, tq_url: str, hive_url: str, tq: ThreatQSimulator,
                  hive: TheHiveSimulator, **sync) -> None:
         self.tq, self.hive = tq, hive
+        # Enrichment has its own tests (test_enrichment.py, e2e): here only the sync's own attributes.
         raw = minimal_config(threatq={"host": tq_url, "client_id": tq.client_id},
-                             thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync)
+                             thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync,
+                             enrichment={"enabled": False})
         self.cfg = config_mod.from_dict(raw, tmp_path)
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, EMAIL, PASSWORD))
         state.open_state(self.cfg.state_db).close()

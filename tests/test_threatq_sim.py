@@ -313,16 +313,19 @@ def test_attributes_add_list_update_delete(api, sim):
     event = api.event()
     path = f"/api/events/{event['id']}/attributes"
     severity = api.ok("POST", path, 201, json={"name": "Severity", "value": "High"})
-    assert severity == [{"id": severity[0]["id"], "name": "Severity", "value": "High"}]
+    assert severity == [{"id": severity[0]["id"], "name": "Severity", "value": "High", "sources": []}]
     flag = api.ok("POST", path, 201, json={"name": "Flagged", "value": 3})[0]
     assert flag["value"] == "3"
     assert api.ok("GET", path) == severity + [flag]
     changed = api.ok("PUT", f"{path}/{severity[0]['id']}", json={"value": "Low"})
-    assert changed == {"id": severity[0]["id"], "name": "Severity", "value": "Low"}
+    assert changed == {"id": severity[0]["id"], "name": "Severity", "value": "Low", "sources": []}
     assert api("DELETE", f"{path}/{flag['id']}").status_code == 204
     assert sim.attributes_of("events", event["id"]) == [changed]
     assert set(validation_errors(api("POST", path, json={"name": "Severity"}))) == {"value"}
     assert set(validation_errors(api("POST", path, json={"value": "x"}))) == {"name"}
+    enriched = api.ok("POST", path, 201, json={"name": "GeoIP Country", "value": "FR", "sources": [{"name": "geoip"}]})
+    assert enriched[0]["sources"] == [{"name": "geoip"}]
+    assert set(validation_errors(api("POST", path, json={"name": "a", "value": "b", "sources": "geoip"}))) == {"sources"}
 
 
 def test_tags_add_list_delete_without_duplicates(api, sim):

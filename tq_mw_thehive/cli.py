@@ -7,13 +7,16 @@ With no subcommand it behaves as the vendor guide's tool: configure if
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
 import sys
+import threading
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import click
 
@@ -272,6 +275,282 @@ def replay_command(obj: Options, ids: tuple, **given: Any) -> None:
     if missing:
         click.echo(f"not dead letters: {', '.join(map(str, missing))}", err=True)
         sys.exit(1)
+
+
+def _load(opts: Options):
+    """Config and an opened (migrated) state database for the maintenance commands."""
+    try:
+        cfg = startup.load_config(opts.config_dir)
+        state.open_state(cfg.state_db).close()
+        return cfg
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    except state.StateError as exc:
+        _fail(exc, 1)
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _table(rows: List[List[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command("plugins")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def plugins_command(obj: Options, as_json: bool, **given: Any) -> None:
+    """List every enrichment plugin: data types, flags, keys and state."""
+    from tq_mw_thehive.enrichment.keys import KeyStore
+    from tq_mw_thehive.enrichment.registry import Registry, plugin_state
+
+    cfg = _load(obj.merged(**given))
+    registry, keys = Registry.discover(cfg.enrichment.plugin_dirs), KeyStore(cfg.state_db)
+    listing = [{"name": p.name, "state": plugin_state(p, cfg.enrichment, keys), "version": p.version,
+                "data_types": list(p.data_types), "external": p.external, "active": p.active,
+                "keys": {k: url for k, url in p.api_keys.items()}, "origin": p.origin,
+                "description": p.description} for p in registry.plugins]
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    rows = [["PLUGIN", "STATE", "TYPES", "EXTERNAL", "ACTIVE", "KEYS (sign-up)"]]
+    for p in listing:
+        rows.append([p["name"], p["state"], ",".join(p["data_types"]) or "-", "yes" if p["external"] else "no",
+                     "yes" if p["active"] else "no",
+                     ", ".join(f"{k} ({u})" for k, u in p["keys"].items()) or "-"])
+    _table(rows)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The enrichment result cache."""
+
+
+@cache_group.command("stats")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def cache_stats_command(obj: Options, as_json: bool, **given: Any) -> None:
+    """Entries, hits, misses, errors and mean plugin time per plugin."""
+    from tq_mw_thehive.enrichment.cache import ResultCache
+
+    stats = ResultCache(_load(obj.merged(**given)).state_db).stats()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    rows = [["PLUGIN", "ENTRIES", "EXPIRED", "HITS", "MISSES", "ERRORS", "HIT RATE", "MEAN MS"]]
+    for r in stats:
+        rows.append([r["plugin"], r["entries"], r["expired"], r["hits"], r["misses"], r["errors"],
+                     "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}",
+                     "-" if r["mean_lookup_ms"] is None else r["mean_lookup_ms"]])
+    _table(rows) if stats else click.echo("the cache is empty")
+
+
+@cache_group.command("clear")
+@_config_option
+@click.option("--plugin", help="Only this plugin's entries.")
+@click.pass_obj
+def cache_clear_command(obj: Options, plugin: Optional[str], **given: Any) -> None:
+    """Forget cached results (all, or one plugin's)."""
+    from tq_mw_thehive.enrichment.cache import ResultCache
+
+    removed = ResultCache(_load(obj.merged(**given)).state_db).clear(plugin)
+    click.echo(f"removed {removed} cached result(s)")
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """The team's API keys for the plugins (kept in the state database, mode 0600)."""
+
+
+@keys_group.command("set")
+@click.argument("name")
+@_config_option
+@click.pass_obj
+def keys_set_command(obj: Options, name: str, **given: Any) -> None:
+    """Store key NAME: typed at a hidden prompt, or read from standard input."""
+    from tq_mw_thehive.enrichment.keys import KeyStore
+
+    cfg = _load(obj.merged(**given))
+    value = (click.prompt(f"{name}", hide_input=True) if sys.stdin.isatty()
+             else sys.stdin.readline()).strip()
+    try:
+        KeyStore(cfg.state_db).set(name, value)
+    except ValueError as exc:
+        _fail(exc, 2)
+    click.echo(f"stored {name.strip().upper()}")
+
+
+@keys_group.command("list")
+@_config_option
+@click.pass_obj
+def keys_list_command(obj: Options, **given: Any) -> None:
+    """Key names, masked values, when set (an environment variable overrides a stored key)."""
+    from tq_mw_thehive.enrichment.keys import KeyStore
+
+    listing = KeyStore(_load(obj.merged(**given)).state_db).listing()
+    if not listing:
+        click.echo("no keys")
+        return
+    _table([["NAME", "VALUE", "SET", "FROM"]] +
+           [[k["name"], k["value"], _age(k["set_at"]), k["source"]] for k in listing])
+
+
+@keys_group.command("delete")
+@click.argument("name")
+@_config_option
+@click.pass_obj
+def keys_delete_command(obj: Options, name: str, **given: Any) -> None:
+    """Remove stored key NAME."""
+    from tq_mw_thehive.enrichment.keys import KeyStore
+
+    try:
+        deleted = KeyStore(_load(obj.merged(**given)).state_db).delete(name)
+    except ValueError as exc:
+        _fail(exc, 2)
+    if not deleted:
+        _fail(f"no stored key {name.strip().upper()}", 1)
+    click.echo(f"deleted {name.strip().upper()}")
+
+
+_LEVELS = click.Choice(["WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED"], case_sensitive=False)
+
+
+@cli.command("enrich")
+@click.argument("value")
+@_config_option
+@click.option("--type", "data_type", help="TheHive data type (default: guessed from the value).")
+@click.option("--plugin", help="Only this plugin.")
+@click.option("--tlp", type=_LEVELS, default="AMBER", show_default=True,
+              help="TLP of the value: external plugins only see up to enrichment.max_tlp_external.")
+@click.option("--pap", type=_LEVELS, default="AMBER", show_default=True, help="PAP of the value.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def enrich_command(obj: Options, value: str, data_type: Optional[str], plugin: Optional[str], tlp: str, pap: str,
+                   as_json: bool, **given: Any) -> None:
+    """Look VALUE up through the plugins, with the same gate and cache as the daemon."""
+    from tq_mw_thehive.enrichment.monitor import guess_type
+    from tq_mw_thehive.enrichment.runner import Enricher
+
+    cfg = _load(obj.merged(**given))
+    data_type = data_type or guess_type(value)
+    enricher = Enricher.from_config(cfg)
+    if plugin and not enricher.plugins_for(data_type, plugin):
+        _fail(f"no loaded plugin {plugin!r} takes {data_type} values (see `tq-mw-thehive plugins`)", 2)
+    runs = enricher.run(data_type, value, tlp.upper(), pap.upper(), only=plugin)
+    enricher.close()
+    if as_json:
+        click.echo(json.dumps({"value": value, "type": data_type, "results": [
+            {"plugin": r.plugin, "status": r.status, "verdict": r.verdict, "attributes": r.attributes,
+             "data": r.data, "age_s": r.age_s, "reason": r.reason} for r in runs]}, indent=2, default=str))
+        return
+    click.echo(f"{value} ({data_type})")
+    rows = [["PLUGIN", "VERDICT", "RESULT", "STATUS"]]
+    for r in runs:
+        shown = "; ".join(f"{k}: {v}" for k, v in r.attributes.items() if not k.endswith(" Verdict")) or "-"
+        rows.append([r.plugin, r.verdict or "-", shown, r.describe()])
+    _table(rows) if runs else click.echo(f"no plugin takes {data_type} values")
+
+
+@cli.group("watch")
+def watch_group() -> None:
+    """IOCs that `tq-mw-thehive monitor` re-checks on a schedule."""
+
+
+@watch_group.command("add")
+@click.argument("value")
+@_config_option
+@click.option("--type", "data_type", help="TheHive data type (default: guessed from the value).")
+@click.option("--interval", help="Re-check interval (90m, 6h, 1d; default enrichment.monitor_interval).")
+@click.option("--tlp", type=_LEVELS, default="AMBER", show_default=True, help="TLP of the value.")
+@click.option("--pap", type=_LEVELS, default="AMBER", show_default=True, help="PAP of the value.")
+@click.pass_obj
+def watch_add_command(obj: Options, value: str, data_type: Optional[str], interval: Optional[str], tlp: str,
+                      pap: str, **given: Any) -> None:
+    """Watch VALUE."""
+    from tq_mw_thehive.config import Duration
+    from tq_mw_thehive.enrichment.monitor import WatchList, guess_type
+
+    cfg = _load(obj.merged(**given))
+    seconds = Duration.parse(interval) if interval else None
+    if interval and not seconds:
+        _fail(f"--interval: not a duration: {interval!r} (e.g. 90m, 6h, 1d)", 2)
+    data_type = data_type or guess_type(value)
+    new = WatchList(cfg.state_db).add(value, data_type, interval_s=seconds, tlp=tlp.upper(), pap=pap.upper(),
+                                      default_interval_s=cfg.enrichment.monitor_interval)
+    click.echo(f"{'watching' if new else 'updated watch of'} {value} ({data_type})")
+
+
+@watch_group.command("list")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def watch_list_command(obj: Options, as_json: bool, **given: Any) -> None:
+    """The watch list, next due first."""
+    from tq_mw_thehive.enrichment.monitor import WatchList
+
+    listing = WatchList(_load(obj.merged(**given)).state_db).listing()
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    if not listing:
+        click.echo("nothing watched")
+        return
+    _table([["VALUE", "TYPE", "EVERY", "NEXT", "FROM", "TLP", "PAP"]] +
+           [[w["value"], w["data_type"], f"{w['interval_s'] / 3600:g} h", _age(w["next_due"]), w["origin"],
+             w["tlp"] or "-", w["pap"] or "-"] for w in listing])
+
+
+@watch_group.command("rm")
+@click.argument("value")
+@_config_option
+@click.option("--type", "data_type", help="Only the watch of this data type.")
+@click.pass_obj
+def watch_rm_command(obj: Options, value: str, data_type: Optional[str], **given: Any) -> None:
+    """Stop watching VALUE."""
+    from tq_mw_thehive.enrichment.monitor import WatchList
+
+    removed = WatchList(_load(obj.merged(**given)).state_db).remove(value, data_type)
+    if not removed:
+        _fail(f"{value} is not watched", 1)
+    click.echo(f"no longer watching {value}")
+
+
+@cli.command("monitor")
+@_config_option
+@_logging_options
+@click.option("--once", is_flag=True, help="One pass over the due watches, then exit (for a systemd timer).")
+@click.pass_obj
+def monitor_command(obj: Options, once: bool, **given: Any) -> None:
+    """Re-run the plugins for due watches; push changed results to ThreatQ."""
+    from tq_mw_thehive.enrichment.monitor import Monitor, WatchList
+    from tq_mw_thehive.worker import build_sync
+
+    opts = obj.merged(**given)
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity)
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    cfg = _load(opts)
+    sync = build_sync(cfg)
+    if sync.enricher is None:
+        _fail("enrichment.enabled is false: nothing to monitor", 2)
+    monitor = Monitor(sync.enricher, WatchList(cfg.state_db), sync)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    while True:
+        counts = monitor.run_once()
+        logging.getLogger("tq_mw_thehive.monitor").info(
+            "monitor pass checked=%d changed=%d errors=%d", counts["checked"], counts["changed"], counts["errors"])
+        if once or stopping.wait(60):
+            break
 
 
 def main() -> None:

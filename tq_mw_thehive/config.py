@@ -139,11 +139,32 @@ class SyncConfig:
     max_age: float = _opt(Duration, 48 * 3600.0, check=_positive)
 
 
+TLP_ORDER = ("WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")
+
+
+@dataclass(frozen=True)
+class EnrichmentConfig:
+    enabled: bool = _opt(bool, True)
+    plugin_dirs: Tuple[str, ...] = _opt(list, ())
+    disabled: Tuple[str, ...] = _opt(list, ())
+    max_tlp_external: str = _opt(str, "GREEN", choices=TLP_ORDER)
+    max_pap_active: str = _opt(str, "GREEN", choices=TLP_ORDER)
+    timeout: float = _opt(Duration, 10.0, check=_positive)
+    cache_ttl: float = _opt(Duration, 24 * 3600.0, check=_positive)
+    negative_ttl: float = _opt(Duration, 3600.0, check=_positive)
+    auto_watch_ioc: bool = _opt(bool, False)
+    monitor_interval: float = _opt(Duration, 24 * 3600.0, check=_positive)
+    # Per-plugin settings, e.g. {"geoip": {"mmdb_path": "/var/lib/GeoIP/GeoLite2-City.mmdb"},
+    # "virustotal": {"cache_ttl": "7d"}}: handed to the plugin as Lookup.settings.
+    plugins: Dict[str, Dict[str, Any]] = _opt(dict, None)
+
+
 _SECTIONS = {
     "threatq": ThreatQConfig,
     "thehive": TheHiveConfig,
     "webhook": WebhookConfig,
     "sync": SyncConfig,
+    "enrichment": EnrichmentConfig,
 }
 _REQUIRED_SECTIONS = ("threatq", "thehive")
 
@@ -154,6 +175,7 @@ class Config:
     thehive: TheHiveConfig
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    enrichment: EnrichmentConfig = field(default_factory=EnrichmentConfig)
     state_db: Path = Path(DEFAULT_STATE_DB)
     config_dir: Path = Path(".")
 
@@ -170,7 +192,10 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         """The YAML-ready form, as ``write_config`` stores it."""
-        data: Dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+        data: Dict[str, Any] = {
+            name: {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in dataclasses.asdict(getattr(self, name)).items()}
+            for name in _SECTIONS}
         state_db = self.state_db
         if state_db.parent == self.config_dir:
             state_db = Path(state_db.name)
@@ -216,6 +241,14 @@ def _coerce(value: Any, kind: type, path: str, from_env: bool, secret: bool) -> 
         if from_env and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise ConfigError(f"{path}: must be true or false (got {_shown(value, secret)})")
+    if kind is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{path}: must be a list of strings (got {_shown(value, secret)})")
+    if kind is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items()):
+            return value
+        raise ConfigError(f"{path}: must map names to mappings of settings (got {_shown(value, secret)})")
     if kind is Duration:
         seconds = Duration.parse(value)
         if seconds is None:

@@ -72,6 +72,11 @@ def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
         _worker.stop(timeout=server.cfg.graceful_timeout)
 
 
+def _post_worker_init(gunicorn_worker: Any) -> None:
+    """After the worker's signal handlers and app are in place: from here a SIGTERM is graceful."""
+    log.info("worker ready pid=%d", gunicorn_worker.pid)
+
+
 def _when_ready(server: Any) -> None:
     addresses = ",".join(f"{sock.sock.getsockname()[0]}:{sock.sock.getsockname()[1]}"
                          for sock in server.LISTENERS)
@@ -98,6 +103,7 @@ class DaemonApplication(BaseApplication):
             "proc_name": "tq-mw-thehive",
             "when_ready": _when_ready,
             "worker_exit": _worker_exit,
+            "post_worker_init": _post_worker_init,
         }
         # gunicorn >= 25 opens a control socket under $HOME, which a hardened unit forbids.
         if "control_socket_disable" in self.cfg.settings:

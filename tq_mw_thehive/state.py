@@ -68,11 +68,52 @@ _M002_SYNC = [
         )""",
 ]
 
+_M003_ENRICHMENT = [
+    # One entry per plugin version, data type and normalised value; a hit makes no network call.
+    """CREATE TABLE enrichment_cache (
+            plugin      TEXT    NOT NULL,
+            version     TEXT    NOT NULL,
+            data_type   TEXT    NOT NULL,
+            value       TEXT    NOT NULL,
+            found       INTEGER NOT NULL,            -- 0: a negative answer (shorter TTL)
+            verdict     TEXT,
+            result      TEXT    NOT NULL,            -- JSON: {"data": …, "attributes": …}
+            fetched_at  REAL    NOT NULL,
+            expires_at  REAL    NOT NULL,
+            PRIMARY KEY (plugin, version, data_type, value)
+        )""",
+    """CREATE TABLE enrichment_stats (
+            plugin      TEXT    PRIMARY KEY,
+            hits        INTEGER NOT NULL DEFAULT 0,
+            misses      INTEGER NOT NULL DEFAULT 0,
+            errors      INTEGER NOT NULL DEFAULT 0,
+            lookup_ms   REAL    NOT NULL DEFAULT 0    -- time spent in the plugin on misses
+        )""",
+    # The team's API keys for the plugins (the database file is 0600).
+    """CREATE TABLE api_keys (
+            name        TEXT    PRIMARY KEY,
+            value       TEXT    NOT NULL,
+            set_at      REAL    NOT NULL
+        )""",
+    """CREATE TABLE watches (
+            value       TEXT    NOT NULL,
+            data_type   TEXT    NOT NULL,
+            interval_s  REAL    NOT NULL,
+            next_due    REAL    NOT NULL,
+            added_at    REAL    NOT NULL,
+            origin      TEXT    NOT NULL,            -- manual | ioc
+            tlp         TEXT,
+            pap         TEXT,
+            PRIMARY KEY (value, data_type)
+        )""",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (1, "inbox", _M001_INBOX),
     (2, "sync", _M002_SYNC),
+    (3, "enrichment", _M003_ENRICHMENT),
 ]
 
 BUSY_TIMEOUT_S = 5.0

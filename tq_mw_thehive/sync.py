@@ -46,6 +46,16 @@ class Outcome:
     detail: str = ""
 
 
+_HASH_TYPES = {"MD5", "SHA-1", "SHA-256", "SHA-384", "SHA-512"}
+
+
+def enrichment_type(data_type: str, indicator_type: str) -> str:
+    """The TheHive data type a plugin sees: a file's hashes are ``hash``, its name ``filename``."""
+    if data_type != "file":
+        return data_type
+    return "hash" if indicator_type in _HASH_TYPES else "filename"
+
+
 def _now_utc() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
@@ -53,13 +63,16 @@ def _now_utc() -> str:
 class Sync:
     """Applies inbox events to ThreatQ; one per worker thread (the clients are not shared)."""
 
-    def __init__(self, cfg: Config, threatq, thehive, state: SyncState, types: TypeMapping) -> None:
+    def __init__(self, cfg: Config, threatq, thehive, state: SyncState, types: TypeMapping,
+                 enricher=None, watches=None) -> None:
         self.cfg = cfg
         self.sync = cfg.sync
         self.tq = threatq
         self.thehive = thehive
         self.state = state
         self.types = types
+        self.enricher = enricher
+        self.watches = watches
         self.case_collection = "incident" if cfg.sync.cases_as == "incident" else "events"
 
     # --- entry ----------------------------------------------------------------------------------
@@ -213,16 +226,37 @@ class Sync:
         case_collection, case_tq_id = self._ensure_case(case_id, embedded_case, ts)
         refs = [f"{case_collection}/{case_tq_id}"]
         targets = []
+        enrichment: Dict[str, int] = defaultdict(int)
         for indicator in mapped.indicators:
             tq_id, fresh = self._upsert_indicator(obs_id, case_id, indicator)
             self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
             self._link(case_collection, case_tq_id, tq_id)
             targets.append(("indicators", tq_id, fresh))
             refs.append(f"indicators/{tq_id}")
+            data_type = enrichment_type(observable.data_type, indicator.type)
+            for run in self._enrich(tq_id, data_type, indicator.value, observable):
+                enrichment[run.status] += 1
+            if observable.ioc and self.watches is not None and self.cfg.enrichment.auto_watch_ioc:
+                self.watches.add(indicator.value, data_type, origin="ioc", tlp=observable.tlp, pap=observable.pap)
         self._sync_tags(obs_id, "observable", targets, mapped.indicators[0].tags)
         self.state.mark_applied(obs_id, "observable", ts)
-        detail = "; ".join(mapped.skipped)
+        detail = "; ".join(list(mapped.skipped) + (
+            ["enrichment " + ", ".join(f"{n} {s}" for s, n in sorted(enrichment.items()))] if enrichment else []))
         return Outcome("synced", number, refs, detail=detail)
+
+    def _enrich(self, tq_id: int, data_type: str, value: str, observable: Observable) -> list:
+        """Plugin results as indicator attributes under a source named after the plugin, set in place."""
+        if self.enricher is None:
+            return []
+        runs = self.enricher.run(data_type, value, observable.tlp, observable.pap)
+        for run in runs:
+            if run.attributes:
+                self.apply_enrichment("indicators", tq_id, run)
+        return runs
+
+    def apply_enrichment(self, collection: str, tq_id: int, run) -> None:
+        attributes = [Attribute(name, value) for name, value in run.attributes.items()]
+        self._sync_attributes(collection, tq_id, attributes, set(run.attributes), source=run.plugin)
 
     def _upsert_indicator(self, obs_id: str, case_id: str, ind: IndicatorObject) -> Tuple[int, bool]:
         type_id = self.tq.indicator_type_id(ind.type)
@@ -285,7 +319,7 @@ class Sync:
             self.tq.set_source_tlp(collection, tq_id, pivot, tlp_id)
 
     def _sync_attributes(self, collection: str, tq_id: int, desired: Iterable[Attribute],
-                         managed: Iterable[str], fresh: bool = False) -> None:
+                         managed: Iterable[str], fresh: bool = False, source: Optional[str] = None) -> None:
         """Exactly one value per synced attribute, changed in place; ours that went away are removed."""
         managed = set(managed)
         have: Dict[str, List[dict]] = defaultdict(list)
@@ -296,7 +330,11 @@ class Sync:
         for attribute in desired:
             current = have.pop(attribute.name, [])
             if not current:
-                self.tq.add_attribute(collection, tq_id, attribute.name, attribute.value)
+                if source:
+                    self.tq.add_attribute(collection, tq_id, attribute.name, attribute.value,
+                                          sources=[{"name": source}])
+                else:
+                    self.tq.add_attribute(collection, tq_id, attribute.name, attribute.value)
                 continue
             keep = next((a for a in current if a.get("value") == attribute.value), None)
             if keep is None:

@@ -20,6 +20,8 @@ import time
 from typing import Callable, Optional
 
 from tq_mw_thehive.config import Config
+from tq_mw_thehive.enrichment.monitor import WatchList
+from tq_mw_thehive.enrichment.runner import Enricher
 from tq_mw_thehive.inbox import Inbox, InboxItem
 from tq_mw_thehive.sync import Outcome, PermanentSyncError, Sync
 from tq_mw_thehive.sync_state import SyncState
@@ -50,8 +52,9 @@ def backoff_s(attempts: int, cap: float = BACKOFF_CAP_S) -> float:
 
 def build_sync(cfg: Config) -> Sync:
     thehive = TheHiveClient.from_config(cfg) if cfg.thehive.api_key else None
+    enricher = Enricher.from_config(cfg) if cfg.enrichment.enabled else None
     return Sync(cfg, ThreatQClient.from_config(cfg), thehive, SyncState(cfg.state_db),
-                TypeMapping.from_config(cfg.sync))
+                TypeMapping.from_config(cfg.sync), enricher=enricher, watches=WatchList(cfg.state_db))
 
 
 class Worker:

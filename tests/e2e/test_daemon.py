@@ -184,7 +184,7 @@ def test_locked_state_database_gives_503_and_workers_still_boot(daemon):
 
 @pytest.mark.parametrize("workers", [2, 4])
 def test_workers_store_concurrent_duplicates_once(config_dir, workers):
-    d = Daemon(config_dir, config_dir / "logs", args=["-w", str(workers)])
+    d = Daemon(config_dir, config_dir / "logs", workers=workers)
     try:
         d.start()
         events = list(case_events(60))

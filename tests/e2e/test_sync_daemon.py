@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,12 @@ def start(tmp_path, simulators):
     tq, hive = simulators
     daemons = []
 
-    def start(**sync) -> Daemon:
+    def start(enrichment=None, env=None, **sync) -> Daemon:
         write_config(tmp_path, threatq={"host": tq.url, "client_id": tq.client_id},
-                     thehive={"url": hive.url, "api_key": HIVE_KEY}, sync=sync)
+                     thehive={"url": hive.url, "api_key": HIVE_KEY}, sync=sync,
+                     enrichment=enrichment or {"enabled": False})
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq.url, tq.client_id, EMAIL, PASSWORD))
-        daemon = Daemon(tmp_path, tmp_path / "logs")
+        daemon = Daemon(tmp_path, tmp_path / "logs", env=env)
         daemons.append(daemon)
         return daemon.start()
 
@@ -169,3 +171,73 @@ def test_demo_runs_and_shows_what_threatq_holds(tmp_path):
     assert "0 pending, 0 dead" in out
     assert not any(Path(tempdir).exists() for tempdir in
                    [line.split("working directory ")[1] for line in out.splitlines() if "working directory" in line])
+
+
+FAKE_INTEL_PLUGIN = '''
+"""A third-party reputation service, stood in by a loopback server the test runs."""
+from tq_mw_thehive.enrichment.plugin import PluginError, Result
+
+NAME = "fake_intel"
+TITLE = "Fake Intel"
+VERSION = "1"
+DESCRIPTION = "test stand-in for an external reputation service"
+DATA_TYPES = ("ip",)
+EXTERNAL = True
+ACTIVE = False
+API_KEYS = {"FAKE_INTEL": "https://example.invalid/signup"}
+
+
+def lookup(request):
+    response = request.http().get(request.settings["url"] + "/reputation/" + request.value,
+                                  headers={"X-Key": request.keys["FAKE_INTEL"]}, timeout=request.timeout)
+    if response.status_code != 200:
+        raise PluginError(f"HTTP {response.status_code}")
+    score = response.json()["score"]
+    return Result("malicious" if score > 80 else "info", {"score": score}, {"Fake Intel Score": str(score)})
+'''
+
+
+def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leaves(start, simulators, tmp_path):
+    """The issue's proof: enriched attributes arrive, the second time the cache answers with zero
+    network calls, and a TLP:RED value causes no outbound request at all."""
+    tq, _ = simulators
+    seen = []
+
+    def intel(environ, start_response):
+        seen.append((environ["PATH_INFO"], environ.get("HTTP_X_KEY")))
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"score": 93}']
+
+    plugin_dir = tmp_path / "more_plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "fake_intel.py").write_text(FAKE_INTEL_PLUGIN)
+    with LoopbackServer(intel) as service:
+        daemon = start(enrichment={"plugin_dirs": [str(plugin_dir)],
+                                   "plugins": {"fake_intel": {"url": service.url}}},
+                       env={**os.environ, "TQ_MW_KEY_FAKE_INTEL": "fake-intel-key-77"})
+        green = sample("th5-observable-create-ip.json")
+        # 203.0.113.47 is a documentation address, which never leaves; use a public one.
+        green["object"]["data"], green["object"]["tlpLabel"] = "9.9.9.9", "GREEN"
+        assert post(daemon, sample("th5-case-create.json"), green) == ["queued", "queued"]
+        assert drained(daemon)["dead"] == 0
+        (indicator,) = tq.find_indicators("9.9.9.9", "IP Address")
+        found = {a["name"]: a for a in tq.attributes_of("indicators", indicator["id"])}
+        assert found["Fake Intel Score"]["value"] == "93"
+        assert found["Fake Intel Verdict"]["value"] == "malicious"
+        assert found["Fake Intel Score"]["sources"] == [{"name": "fake_intel"}]
+        assert found["IP Scope"]["value"] == "global" and found["GeoIP Country"]["value"]
+        assert seen == [("/reputation/9.9.9.9", "fake-intel-key-77")]
+
+        again = copy.deepcopy(green)  # the same value in another observable: the cache answers
+        again["_id"], again["objectId"], again["object"]["_id"] = "~2999001", "~12999001", "~12999001"
+        red = copy.deepcopy(green)
+        red["_id"], red["objectId"], red["object"]["_id"] = "~2999002", "~12999002", "~12999002"
+        red["object"]["data"], red["object"]["tlpLabel"] = "8.8.4.4", "RED"
+        assert post(daemon, again, red) == ["queued", "queued"]
+        assert drained(daemon)["dead"] == 0
+        assert seen == [("/reputation/9.9.9.9", "fake-intel-key-77")]  # no new call: cache, and RED stayed home
+        (red_indicator,) = tq.find_indicators("8.8.4.4", "IP Address")
+        names = {a["name"] for a in tq.attributes_of("indicators", red_indicator["id"])}
+        assert "Fake Intel Score" not in names and "GeoIP Country" in names
+        assert "max_tlp_external" in daemon.log_text()
+        assert "fake-intel-key-77" not in daemon.log_text()

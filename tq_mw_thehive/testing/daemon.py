@@ -39,12 +39,13 @@ class Daemon:
     """One daemon process group; ``start`` returns once ``/healthz`` answers."""
 
     def __init__(self, config_dir: Path, log_dir: Path, args: Sequence[str] = (),
-                 env: Optional[Dict[str, str]] = None, verbosity: str = "3") -> None:
+                 env: Optional[Dict[str, str]] = None, verbosity: str = "3", workers: int = 2) -> None:
         self.config_dir = Path(config_dir)
         self.log_dir = Path(log_dir)
         self.args = list(args)
         self.env = env
         self.verbosity = verbosity
+        self.workers = workers
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
         self.console = self.log_dir / "console.txt"
@@ -62,7 +63,7 @@ class Daemon:
 
     def command(self) -> List[str]:
         return [sys.executable, "-m", "tq_mw_thehive", "-c", str(self.config_dir), "-ll", str(self.log_dir),
-                "-v", self.verbosity, "-p", "0", "-li", "127.0.0.1", "-w", "2", *self.args]
+                "-v", self.verbosity, "-p", "0", "-li", "127.0.0.1", "-w", str(self.workers), *self.args]
 
     def spawn(self) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,10 @@ class Daemon:
             return match and int(match.group(1))
 
         self.port = wait_for(ready, timeout, "the daemon's ready line")
+        # Every worker must have its signal handlers: a SIGTERM that reaches a worker still
+        # booting is lost (gunicorn then waits out its graceful timeout).
+        wait_for(lambda: self.log_text().count("worker ready pid=", seen) >= self.workers, timeout,
+                 "every worker to be ready")
         wait_for(self._healthy, timeout, "/healthz")
         return self
 

@@ -584,8 +584,13 @@ class ThreatQSimulator:
         name = body.get("name")
         if not isinstance(name, str) or not name.strip():
             raise FieldError("name", "The name field is required.")
+        sources = body.get("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(src, dict) and isinstance(src.get("name"), str)
+                                                    and src["name"].strip() for src in sources):
+            raise FieldError("sources", "The sources must be a list of objects with a name.")
         # [sim choice] no de-duplication of attributes: the contract does not promise any.
-        attribute = {"id": next(self._ids["attribute"]), "name": name, "value": self._attribute_value(body)}
+        attribute = {"id": next(self._ids["attribute"]), "name": name, "value": self._attribute_value(body),
+                     "sources": [{"name": src["name"]} for src in sources]}
         self._attrs[key].append(attribute)
         return _data([attribute], 201)
 

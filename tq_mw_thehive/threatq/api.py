@@ -516,9 +516,13 @@ class ThreatQClient:
     def attributes(self, collection: str, object_id: int) -> List[Dict[str, Any]]:
         return self._get_all(self._sub(collection, object_id, "attributes"))
 
-    def add_attribute(self, collection: str, object_id: int, name: str, value: str) -> Dict[str, Any]:
+    def add_attribute(self, collection: str, object_id: int, name: str, value: str,
+                      sources: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         path = self._sub(collection, object_id, "attributes")
-        return self._one(self.request("POST", path, json={"name": name, "value": value}), f"POST {path}")
+        body: Dict[str, Any] = {"name": name, "value": value}
+        if sources:
+            body["sources"] = sources
+        return self._one(self.request("POST", path, json=body), f"POST {path}")
 
     def update_attribute(self, collection: str, object_id: int, attribute_id: int, value: str) -> Dict[str, Any]:
         path = self._sub(collection, object_id, "attributes", int(attribute_id))

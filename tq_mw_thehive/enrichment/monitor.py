@@ -1,0 +1,157 @@
+"""Watched IOCs, re-checked on a schedule, so a verdict that changes overnight reaches ThreatQ.
+
+``tq-mw-thehive monitor`` runs the plugins again for every due watch, bypassing the
+cache and keeping to each plugin's ``RATE_LIMIT_PER_MIN``; a result that changed
+updates the indicator's attributes in ThreatQ and logs one line
+``changed <value> <plugin> <field>: old -> new``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+from typing import Callable, Dict, List, Optional
+
+from tq_mw_thehive import state
+from tq_mw_thehive.enrichment.cache import normalise
+from tq_mw_thehive.enrichment.runner import Enricher
+
+log = logging.getLogger(__name__)
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+def guess_type(value: str) -> str:
+    """The TheHive data type a bare value most likely is (for ``watch add`` without ``--type``)."""
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+        return "ip"
+    except ValueError:
+        pass
+    if "://" in value:
+        return "url"
+    if len(value) in (32, 40, 64, 96, 128) and _HEX.match(value):
+        return "hash"
+    if "@" in value:
+        return "mail"
+    return "domain"
+
+
+class WatchList(state.Store):
+    """Table ``watches`` (migration 3)."""
+
+    def __init__(self, path, busy_timeout: float = state.BUSY_TIMEOUT_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(path, busy_timeout)
+        self.clock = clock
+
+    def add(self, value: str, data_type: str, *, interval_s: Optional[float] = None, origin: str = "manual",
+            tlp: Optional[str] = None, pap: Optional[str] = None, default_interval_s: float = 86400.0) -> bool:
+        """Watch ``value``; True if it was not watched. A manual add updates an existing watch."""
+        now = self.clock()
+        value = normalise(data_type, value)
+        interval = interval_s or default_interval_s
+
+        def upsert(db) -> bool:
+            exists = db.execute("SELECT 1 FROM watches WHERE value = ? AND data_type = ?",
+                                (value, data_type)).fetchone()
+            if exists and origin != "manual":
+                return False
+            if exists:
+                db.execute("UPDATE watches SET interval_s = ?, origin = 'manual', tlp = COALESCE(?, tlp), "
+                           "pap = COALESCE(?, pap) WHERE value = ? AND data_type = ?",
+                           (interval, tlp, pap, value, data_type))
+                return False
+            db.execute("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (value, data_type, interval, now + interval, now, origin, tlp, pap))
+            return True
+
+        return self.write(upsert)
+
+    def remove(self, value: str, data_type: Optional[str] = None) -> int:
+        def delete(db) -> int:
+            if data_type:
+                return db.execute("DELETE FROM watches WHERE value = ? AND data_type = ?",
+                                  (normalise(data_type, value), data_type)).rowcount
+            return db.execute("DELETE FROM watches WHERE value = ?", (value.strip(),)).rowcount
+        return self.write(delete)
+
+    def listing(self) -> List[Dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM watches ORDER BY next_due, value")]
+
+    def due(self) -> List[Dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM watches WHERE next_due <= ? ORDER BY next_due",
+                                                 (self.clock(),))]
+
+    def reschedule(self, value: str, data_type: str, interval_s: float) -> None:
+        self.write(lambda db: db.execute("UPDATE watches SET next_due = ? WHERE value = ? AND data_type = ?",
+                                         (self.clock() + interval_s, value, data_type)))
+
+
+class Monitor:
+    """One pass over the due watches; ``sync`` (a ``Sync``) pushes changes to ThreatQ when given."""
+
+    def __init__(self, enricher: Enricher, watches: WatchList, sync=None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.enricher = enricher
+        self.watches = watches
+        self.sync = sync
+        self.clock = clock
+        self.sleep = sleep
+        self._last_call: Dict[str, float] = {}
+
+    def _respect_rate_limit(self, plugin) -> None:
+        limit = plugin.rate_limit_per_min
+        if not limit:
+            return
+        gap = 60.0 / float(limit)
+        last = self._last_call.get(plugin.name)
+        if last is not None:
+            wait = last + gap - self.clock()
+            if wait > 0:
+                self.sleep(wait)
+        self._last_call[plugin.name] = self.clock()
+
+    def run_once(self) -> Dict[str, int]:
+        counts = {"checked": 0, "changed": 0, "errors": 0}
+        for watch in self.watches.due():
+            value, data_type = watch["value"], watch["data_type"]
+            counts["checked"] += 1
+            for plugin in self.enricher.plugins_for(data_type):
+                before = self.enricher.cache.latest(plugin.name, plugin.version, data_type, value)
+                self._respect_rate_limit(plugin)
+                runs = self.enricher.run(data_type, value, watch["tlp"], watch["pap"], bypass_cache=True,
+                                         only=plugin.name)
+                run = runs[0] if runs else None
+                if run is not None and run.status == "error":
+                    counts["errors"] += 1
+                if run is None or run.status not in ("fetched", "not_found"):
+                    continue
+                old = dict(before.attributes, **({f"{plugin.title} Verdict": before.verdict or "info"}
+                                                 if before and before.found else {})) if before else {}
+                changed = {k for k in set(old) | set(run.attributes) if old.get(k) != run.attributes.get(k)}
+                for field in sorted(changed):
+                    log.info("changed %s %s %s: %s -> %s", value, plugin.name, field,
+                             old.get(field, "-"), run.attributes.get(field, "-"))
+                if changed:
+                    counts["changed"] += 1
+                    self._push(value, data_type, run)
+            self.watches.reschedule(value, data_type, watch["interval_s"])
+        return counts
+
+    def _push(self, value: str, data_type: str, run) -> None:
+        """Set the new attributes on the ThreatQ indicators with this value (there may be none yet)."""
+        if self.sync is None or not run.attributes:
+            return
+        for indicator_type in self._threatq_types(data_type, value):
+            type_id = self.sync.tq.indicator_type_id(indicator_type)
+            hit = self.sync.tq.find_indicator(value, type_id)
+            if hit is not None:
+                self.sync.apply_enrichment("indicators", hit["id"], run)
+
+    def _threatq_types(self, data_type: str, value: str) -> List[str]:
+        if data_type == "filename":
+            return ["Filename"]
+        resolved, _ = self.sync.types.resolve(data_type, value)
+        return [resolved] if resolved else []

@@ -1,0 +1,156 @@
+"""Run the plugins that take a value: gate, cache, timeout, and one record per plugin.
+
+A failing or slow plugin never fails the event: each lookup runs under
+``enrichment.timeout`` in a small thread pool, and whatever it raises becomes an
+``error`` record in the log, never an exception here. Cached answers make no call.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import requests
+
+from tq_mw_thehive.config import Config
+from tq_mw_thehive.enrichment import gate
+from tq_mw_thehive.enrichment.cache import ResultCache
+from tq_mw_thehive.enrichment.keys import KeyStore
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.registry import PluginInfo, Registry, plugin_state, ttl_s
+
+log = logging.getLogger(__name__)
+
+
+def address_scope(value: str) -> Optional[str]:
+    """The ip_scope plugin's classification, or None when it is not installed or not an IP."""
+    try:
+        from tq_mw_thehive.plugins.ip_scope import classify
+        return classify(value)
+    except Exception:  # no ip_scope, or not an address: nothing to say
+        return None
+
+
+@dataclass
+class PluginRun:
+    """What one plugin did for one value."""
+
+    plugin: str
+    title: str
+    status: str                      # fetched, cached, not_found, skipped, error
+    verdict: Optional[str] = None
+    data: Dict = field(default_factory=dict)
+    attributes: Dict[str, str] = field(default_factory=dict)   # ThreatQ attributes, incl. "<Title> Verdict"
+    age_s: Optional[float] = None    # for cached answers
+    reason: str = ""
+    ms: float = 0.0
+
+    def describe(self) -> str:
+        if self.status == "cached":
+            return f"cached, {int((self.age_s or 0) // 60)} min old"
+        return self.reason or self.status
+
+
+class Enricher:
+    def __init__(self, cfg: Config, registry: Registry, cache: ResultCache, keys: KeyStore,
+                 session: Optional[requests.Session] = None, workers: int = 4) -> None:
+        self.cfg = cfg
+        self.settings = cfg.enrichment
+        self.registry = registry
+        self.cache = cache
+        self.keys = keys
+        self.session = session or requests.Session()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tq-plugin")
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs) -> "Enricher":
+        registry = Registry.discover(cfg.enrichment.plugin_dirs)
+        return cls(cfg, registry, ResultCache(cfg.state_db), KeyStore(cfg.state_db), **kwargs)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def plugins_for(self, data_type: str, only: Optional[str] = None) -> List[PluginInfo]:
+        return [p for p in self.registry.loaded()
+                if data_type in p.data_types and (only is None or p.name == only)]
+
+    def run(self, data_type: str, value: str, tlp: Optional[str] = None, pap: Optional[str] = None, *,
+            bypass_cache: bool = False, only: Optional[str] = None) -> List[PluginRun]:
+        """Every enabled plugin that takes ``data_type``, each gated, cached and timed."""
+        if not self.settings.enabled:
+            return []
+        scope = address_scope(value) if data_type == "ip" else None
+        runs = []
+        for info in self.plugins_for(data_type, only):
+            run = self._one(info, data_type, value, tlp, pap, scope, bypass_cache)
+            if run.status in ("skipped", "error"):
+                level = logging.WARNING if run.status == "error" else logging.INFO
+                log.log(level, "enrichment %s %s value=%r outcome=%s reason=%r", info.name, data_type,
+                        value[:80], run.status, run.reason)
+            runs.append(run)
+        return runs
+
+    def _one(self, info: PluginInfo, data_type: str, value: str, tlp: Optional[str], pap: Optional[str],
+             scope: Optional[str], bypass_cache: bool) -> PluginRun:
+        run = PluginRun(info.name, info.title, "skipped")
+        state = plugin_state(info, self.settings, self.keys)
+        if state != "enabled":
+            run.reason = state
+            return run
+        refusal = gate.refusal(info.module, tlp, pap, self.settings.max_tlp_external, self.settings.max_pap_active)
+        if refusal:
+            run.reason = refusal
+            return run
+        if info.external and scope not in (None, "global"):
+            run.reason = f"{scope} address: never sent to a third party"
+            return run
+        if not bypass_cache:
+            hit = self.cache.get(info.name, info.version, data_type, value)
+            if hit is not None:
+                self.cache.count(info.name, hit=True)
+                return self._with_result(run, "cached" if hit.found else "not_found", hit.verdict, hit.data,
+                                         hit.attributes, age_s=hit.age_s())
+        return self._fetch(info, run, data_type, value)
+
+    def _fetch(self, info: PluginInfo, run: PluginRun, data_type: str, value: str) -> PluginRun:
+        request = Lookup(data_type=data_type, value=value.strip(), keys=self.keys.resolve(info.api_keys),
+                         settings=(self.settings.plugins or {}).get(info.name, {}), session=self.session,
+                         timeout=self.settings.timeout)
+        started = time.monotonic()
+        future = self._pool.submit(info.module.lookup, request)
+        try:
+            result = future.result(timeout=self.settings.timeout)
+            if not isinstance(result, Result):
+                raise TypeError(f"lookup returned {type(result).__name__}, not a Result")
+        except NotFound as exc:
+            run.ms = (time.monotonic() - started) * 1000
+            self.cache.count(info.name, miss=True, lookup_ms=run.ms)
+            self.cache.put(info.name, info.version, data_type, value, found=False, verdict=None, data={},
+                           attributes={}, ttl_s=ttl_s(info, self.settings, found=False))
+            run.status, run.reason = "not_found", str(exc) or "not found"
+            return run
+        except concurrent.futures.TimeoutError:
+            run.status, run.reason = "error", f"timed out after {self.settings.timeout:g} s"
+        except QuotaExceeded as exc:
+            run.status, run.reason = "error", f"quota exceeded: {exc}"
+        except Exception as exc:  # any plugin failure is contained here
+            run.status, run.reason = "error", f"{type(exc).__name__}: {exc}"
+        else:
+            run.ms = (time.monotonic() - started) * 1000
+            self.cache.count(info.name, miss=True, lookup_ms=run.ms)
+            self.cache.put(info.name, info.version, data_type, value, found=True, verdict=result.verdict,
+                           data=result.data, attributes=result.attributes, ttl_s=ttl_s(info, self.settings, True))
+            return self._with_result(run, "fetched", result.verdict, result.data, result.attributes)
+        run.ms = (time.monotonic() - started) * 1000
+        self.cache.count(info.name, error=True)
+        return run
+
+    @staticmethod
+    def _with_result(run: PluginRun, status: str, verdict: Optional[str], data: Dict,
+                     attributes: Dict[str, str], age_s: Optional[float] = None) -> PluginRun:
+        run.status, run.verdict, run.data, run.age_s = status, verdict, data, age_s
+        if status != "not_found":
+            run.attributes = {**{k: str(v) for k, v in attributes.items()}, f"{run.title} Verdict": verdict or "info"}
+        return run
