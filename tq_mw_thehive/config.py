@@ -99,6 +99,7 @@ class ThreatQConfig:
     verify_ssl: bool = _opt(bool, True)
     proxy: Optional[str] = _opt(str, secret=True, check=_http_url)  # may carry user:password
     source: str = _opt(str, "TheHive", check=_non_empty)
+    timeout: float = _opt(Duration, 30.0, check=_positive)          # read timeout of one API call
 
     @property
     def base_url(self) -> str:
@@ -137,6 +138,9 @@ class SyncConfig:
     # first) ride out a ThreatQ outage of a day or more before an event goes dead.
     max_attempts: int = _opt(int, 2000, check=_positive)
     max_age: float = _opt(Duration, 48 * 3600.0, check=_positive)
+    # How long a worker holds an event before another may take it over (a killed worker's
+    # event waits this long); longer than the slowest event, including enrichment.
+    lease: float = _opt(Duration, 300.0, check=_positive)
 
 
 TLP_ORDER = ("WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")

@@ -32,7 +32,6 @@ from tq_mw_thehive.type_mapping import TypeMapping
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 300.0
 IDLE_POLL_S = 1.0
 BACKOFF_FIRST_S = 2.0
 BACKOFF_CAP_S = 60.0
@@ -59,13 +58,13 @@ def build_sync(cfg: Config) -> Sync:
 
 class Worker:
     def __init__(self, cfg: Config, inbox: Inbox, sync_factory: Callable[[Config], Sync] = build_sync,
-                 name: Optional[str] = None, lease_s: float = LEASE_S, idle_poll_s: float = IDLE_POLL_S,
+                 name: Optional[str] = None, lease_s: Optional[float] = None, idle_poll_s: float = IDLE_POLL_S,
                  backoff_cap_s: float = BACKOFF_CAP_S) -> None:
         self.cfg = cfg
         self.inbox = inbox
         self.sync_factory = sync_factory
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.lease_s = lease_s
+        self.lease_s = lease_s or cfg.sync.lease
         self.idle_poll_s = idle_poll_s
         self.backoff_cap_s = backoff_cap_s
         self.wakeup = threading.Event()

@@ -172,6 +172,7 @@ class ThreatQClient:
     def from_config(cls, cfg: Config, **kwargs: Any) -> "ThreatQClient":
         """The client the daemon uses: ``threatq.*`` settings, tokens beside ``config.yaml``."""
         tq = cfg.threatq
+        kwargs.setdefault("timeout", (min(5.0, tq.timeout), tq.timeout))
         return cls(tq.base_url, tq.client_id, client_secret=tq.client_secret, config_dir=cfg.config_dir,
                    verify=tq.verify_ssl, proxy=tq.proxy, **kwargs)
 
