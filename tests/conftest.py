@@ -9,7 +9,15 @@ from typing import Any, Dict
 import pytest
 import yaml
 
-from tq_mw_thehive import logs
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive import logs, state
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.testing.loopback import LoopbackServer
+from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
+from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
+from tq_mw_thehive.thehive import events
+from tq_mw_thehive.threatq import auth as tq_auth
+from tq_mw_thehive.worker import Worker
 
 SAMPLES = Path(__file__).parent / "samples"
 SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.json"))
@@ -72,3 +80,87 @@ def restore_logging():
         logging.getLogger(name).setLevel(lvl)
     with logs._secrets_lock:
         logs._secrets.clear()
+
+
+# --- the sync path against live simulators (test_sync.py, test_backfill.py) -------------------
+
+SYNC_EMAIL, SYNC_PASSWORD = "sync@example.org", "sync-password-123"
+HIVE_KEY = "hive-key-for-sync-tests"
+
+
+class World:
+    """A config dir wired to live simulators, an inbox and a worker that never waits to retry."""
+
+    def __init__(self, tmp_path: Path, tq_url: str, hive_url: str, tq: ThreatQSimulator,
+                 hive: TheHiveSimulator, **sync) -> None:
+        self.tq, self.hive = tq, hive
+        # Enrichment has its own tests (test_enrichment.py, e2e): here only the sync's own attributes.
+        raw = minimal_config(threatq={"host": tq_url, "client_id": tq.client_id},
+                             thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync,
+                             enrichment={"enabled": False})
+        self.cfg = config_mod.from_dict(raw, tmp_path)
+        tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, SYNC_EMAIL, SYNC_PASSWORD))
+        state.open_state(self.cfg.state_db).close()
+        self.inbox = Inbox(self.cfg.state_db)
+        self.worker = Worker(self.cfg, self.inbox, backoff_cap_s=0)
+
+    def deliver(self, *payloads: dict) -> None:
+        for payload in payloads:
+            self.inbox.put(events.parse(payload), json.dumps(payload))
+
+    def drain(self, limit: int = 500) -> None:
+        for _ in range(limit):
+            if not self.worker.run_once():
+                return
+        raise AssertionError("the inbox did not drain")
+
+    def states(self):
+        return [r["state"] for r in self.inbox.db.execute("SELECT state FROM inbox ORDER BY id")]
+
+    def last_error(self):
+        return self.inbox.db.execute("SELECT last_error FROM inbox ORDER BY id DESC").fetchone()[0]
+
+    def event(self) -> dict:
+        (event,) = self.tq.events.values()
+        return event
+
+    def attributes(self, collection: str, object_id: int) -> dict:
+        found = {}
+        for attribute in self.tq.attributes_of(collection, object_id):
+            assert attribute["name"] not in found, f"two values for {attribute['name']}"
+            found[attribute["name"]] = attribute["value"]
+        return found
+
+
+@pytest.fixture(scope="module")
+def servers():
+    tq_box, hive_box = {}, {}
+
+    def tq_app(environ, start_response):
+        return tq_box["sim"].app(environ, start_response)
+
+    def hive_app(environ, start_response):
+        return hive_box["sim"].app(environ, start_response)
+
+    with LoopbackServer(tq_app) as tq_server, LoopbackServer(hive_app) as hive_server:
+        yield tq_server.url, hive_server.url, tq_box, hive_box
+
+
+@pytest.fixture
+def make_world(tmp_path, servers):
+    tq_url, hive_url, tq_box, hive_box = servers
+
+    def make(**sync) -> World:
+        tq_box["sim"] = ThreatQSimulator(users={SYNC_EMAIL: SYNC_PASSWORD},
+                                         incident_object=sync.pop("incident_object", True))
+        hive_box["sim"] = TheHiveSimulator(api_key=HIVE_KEY)
+        return World(tmp_path, tq_url, hive_url, tq_box["sim"], hive_box["sim"], **sync)
+
+    return make
+
+
+
+
+@pytest.fixture
+def world(make_world) -> World:
+    return make_world()

@@ -553,5 +553,73 @@ def monitor_command(obj: Options, once: bool, **given: Any) -> None:
             break
 
 
+def _parse_since(value: str) -> int:
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 date or time: {value!r} (e.g. 2026-11-20T08:00:00Z)")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+@cli.command("backfill")
+@_config_option
+@_logging_options
+@click.option("--since", "since", metavar="ISO8601", help="Changes since this time (default: since the last run).")
+@click.option("--all", "everything", is_flag=True, help="Every case TheHive holds.")
+@click.pass_obj
+def backfill_command(obj: Options, since: Optional[str], everything: bool, **given: Any) -> None:
+    """Queue what TheHive changed while webhooks were missed; the running daemon syncs it.
+
+    Reads cases and their observables from TheHive's API (paged, oldest change first) and
+    puts them into the inbox like webhooks; re-running is harmless.
+    """
+    from tq_mw_thehive.backfill import Backfill, Marks
+    from tq_mw_thehive.sync_state import SyncState
+    from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError
+
+    if since and everything:
+        _fail("--since and --all exclude each other", 2)
+    opts = obj.merged(**given)
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir else "1"))
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    cfg = _load(opts)
+    if not cfg.thehive.api_key:
+        _fail("thehive.api_key is not set: backfill reads TheHive's API", 2)
+    since_ms = _parse_since(since) if since else None
+    marks = Marks(cfg.state_db)
+    if since_ms is None and not everything and marks.get() is None:
+        _fail("no previous run to continue from: use --since ISO8601 or --all", 2)
+    tty = sys.stderr.isatty()
+    last = [0.0]
+    log = logging.getLogger("tq_mw_thehive.backfill")
+
+    def progress(result) -> None:
+        line = (f"cases {result.cases}, observables {result.observables}, queued {result.queued}, "
+                f"already queued {result.duplicates}")
+        if tty:
+            click.echo("\r" + line, nl=False, err=True)
+        elif time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            log.info("backfill progress %s", line)
+
+    try:
+        result = Backfill(Inbox(cfg.state_db), TheHiveClient.from_config(cfg), marks, SyncState(cfg.state_db),
+                          progress=progress).run(since_ms, everything)
+    except TheHiveError as exc:
+        if tty:
+            click.echo("", err=True)
+        _fail(f"{exc} (what was queued stays queued; run backfill again to resume)", 1)
+    if tty:
+        click.echo("", err=True)
+    click.echo(f"backfill: {result.cases} case(s), {result.observables} observable(s); {result.queued} queued, "
+               f"{result.duplicates} already queued")
+
+
 def main() -> None:
     cli(prog_name="tq-mw-thehive")

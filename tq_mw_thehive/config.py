@@ -141,6 +141,8 @@ class SyncConfig:
     # How long a worker holds an event before another may take it over (a killed worker's
     # event waits this long); longer than the slowest event, including enrichment.
     lease: float = _opt(Duration, 300.0, check=_positive)
+    # At start, queue what TheHive changed since the last run (TheHive never re-sends a webhook).
+    catch_up: bool = _opt(bool, True)
 
 
 TLP_ORDER = ("WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")

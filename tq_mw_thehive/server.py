@@ -17,6 +17,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from tq_mw_thehive import web
+from tq_mw_thehive.backfill import catch_up_in_background
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.worker import Worker
@@ -63,6 +64,8 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
     inbox = Inbox(cfg.state_db)
     _worker = Worker(cfg, inbox).start()
     atexit.register(_worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
+    if cfg.sync.catch_up and cfg.thehive.api_key:
+        catch_up_in_background(cfg, inbox, _worker.owner, _worker.wakeup.set)
     return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set)
 
 
