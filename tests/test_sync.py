@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import World, sample
+from conftest import sample
 from tq_mw_thehive import state
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
