@@ -241,3 +241,30 @@ def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leav
         assert "Fake Intel Score" not in names and "GeoIP Country" in names
         assert "max_tlp_external" in daemon.log_text()
         assert "fake-intel-key-77" not in daemon.log_text()
+
+
+def test_catch_up_at_start_brings_what_was_missed_while_down(start, simulators):
+    tq, hive = simulators
+    daemon = start()  # the first start only sets the mark
+    wait_for(lambda: "catch-up: first start" in daemon.log_text(), 30, "the first catch-up")
+    daemon.stop()
+    case = hive.add_case(title="Created while the daemon was down", tags=["missed"])
+    hive.add_observable(case["_id"], dataType="domain", data="missed.example.net", tlp=1, pap=1)
+    daemon.start()
+    wait_for(lambda: len(tq.events) == 1 and tq.find_indicators("missed.example.net"), 60,
+             "the missed case in ThreatQ")
+    (event,) = tq.events.values()
+    assert event["title"] == f"Hive Case # {case['_id']} Created while the daemon was down"
+    assert "catch-up done cases=1 observables=1 queued=2" in daemon.log_text()
+
+
+def test_an_unreachable_thehive_delays_catch_up_only(start, simulators, tmp_path):
+    tq, hive = simulators
+    daemon = start()
+    wait_for(lambda: "catch-up: first start" in daemon.log_text(), 30, "the first catch-up")
+    daemon.stop()
+    hive.fail_next(1000, 503)  # TheHive keeps failing
+    daemon.start()
+    assert post(daemon, sample("th5-case-create.json")) == ["queued"]
+    assert drained(daemon)["done"] == 1 and len(tq.events) == 1
+    wait_for(lambda: "catch-up stopped" in daemon.log_text(), 90, "catch-up to give up for now")
