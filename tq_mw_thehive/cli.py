@@ -438,7 +438,12 @@ def enrich_command(obj: Options, value: str, data_type: Optional[str], plugin: O
     from tq_mw_thehive.enrichment.monitor import guess_type
     from tq_mw_thehive.enrichment.runner import Enricher
 
-    cfg = _load(obj.merged(**given))
+    opts = obj.merged(**given)
+    try:
+        startup.setup_logging(None, "1")  # warnings only, redacted, on stderr
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    cfg = _load(opts)
     data_type = data_type or guess_type(value)
     enricher = Enricher.from_config(cfg)
     if plugin and not enricher.plugins_for(data_type, plugin):
@@ -468,8 +473,8 @@ def watch_group() -> None:
 @_config_option
 @click.option("--type", "data_type", help="TheHive data type (default: guessed from the value).")
 @click.option("--interval", help="Re-check interval (90m, 6h, 1d; default enrichment.monitor_interval).")
-@click.option("--tlp", type=_LEVELS, default="AMBER", show_default=True, help="TLP of the value.")
-@click.option("--pap", type=_LEVELS, default="AMBER", show_default=True, help="PAP of the value.")
+@click.option("--tlp", type=_LEVELS, help="TLP of the value (a new watch: AMBER).")
+@click.option("--pap", type=_LEVELS, help="PAP of the value (a new watch: AMBER).")
 @click.pass_obj
 def watch_add_command(obj: Options, value: str, data_type: Optional[str], interval: Optional[str], tlp: str,
                       pap: str, **given: Any) -> None:
@@ -482,7 +487,8 @@ def watch_add_command(obj: Options, value: str, data_type: Optional[str], interv
     if interval and not seconds:
         _fail(f"--interval: not a duration: {interval!r} (e.g. 90m, 6h, 1d)", 2)
     data_type = data_type or guess_type(value)
-    new = WatchList(cfg.state_db).add(value, data_type, interval_s=seconds, tlp=tlp.upper(), pap=pap.upper(),
+    new = WatchList(cfg.state_db).add(value, data_type, interval_s=seconds, tlp=tlp.upper() if tlp else None,
+                                      pap=pap.upper() if pap else None,
                                       default_interval_s=cfg.enrichment.monitor_interval)
     click.echo(f"{'watching' if new else 'updated watch of'} {value} ({data_type})")
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 from tq_mw_thehive import state
 from tq_mw_thehive.enrichment.cache import normalise
 from tq_mw_thehive.enrichment.runner import Enricher
+from tq_mw_thehive.threatq.api import ThreatQError
 
 log = logging.getLogger(__name__)
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -48,23 +49,25 @@ class WatchList(state.Store):
 
     def add(self, value: str, data_type: str, *, interval_s: Optional[float] = None, origin: str = "manual",
             tlp: Optional[str] = None, pap: Optional[str] = None, default_interval_s: float = 86400.0) -> bool:
-        """Watch ``value``; True if it was not watched. A manual add updates an existing watch."""
+        """Watch ``value``; True if it was not watched. A manual add updates an existing watch:
+        what it does not give (interval, TLP, PAP) stays; a new watch without TLP/PAP is AMBER."""
         now = self.clock()
         value = normalise(data_type, value)
-        interval = interval_s or default_interval_s
 
         def upsert(db) -> bool:
-            exists = db.execute("SELECT 1 FROM watches WHERE value = ? AND data_type = ?",
+            exists = db.execute("SELECT interval_s FROM watches WHERE value = ? AND data_type = ?",
                                 (value, data_type)).fetchone()
             if exists and origin != "manual":
                 return False
             if exists:
-                db.execute("UPDATE watches SET interval_s = ?, origin = 'manual', tlp = COALESCE(?, tlp), "
-                           "pap = COALESCE(?, pap) WHERE value = ? AND data_type = ?",
-                           (interval, tlp, pap, value, data_type))
+                interval = interval_s or exists["interval_s"]
+                db.execute("UPDATE watches SET interval_s = ?, next_due = MIN(next_due, ?), origin = 'manual', "
+                           "tlp = COALESCE(?, tlp), pap = COALESCE(?, pap) WHERE value = ? AND data_type = ?",
+                           (interval, now + interval, tlp, pap, value, data_type))
                 return False
+            interval = interval_s or default_interval_s
             db.execute("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (value, data_type, interval, now + interval, now, origin, tlp, pap))
+                       (value, data_type, interval, now + interval, now, origin, tlp or "AMBER", pap or "AMBER"))
             return True
 
         return self.write(upsert)
@@ -74,7 +77,8 @@ class WatchList(state.Store):
             if data_type:
                 return db.execute("DELETE FROM watches WHERE value = ? AND data_type = ?",
                                   (normalise(data_type, value), data_type)).rowcount
-            return db.execute("DELETE FROM watches WHERE value = ?", (value.strip(),)).rowcount
+            return db.execute("DELETE FROM watches WHERE value IN (?, ?)",
+                              (value.strip(), normalise(guess_type(value), value))).rowcount
         return self.write(delete)
 
     def listing(self) -> List[Dict]:
@@ -116,29 +120,39 @@ class Monitor:
     def run_once(self) -> Dict[str, int]:
         counts = {"checked": 0, "changed": 0, "errors": 0}
         for watch in self.watches.due():
-            value, data_type = watch["value"], watch["data_type"]
             counts["checked"] += 1
-            for plugin in self.enricher.plugins_for(data_type):
-                before = self.enricher.cache.latest(plugin.name, plugin.version, data_type, value)
-                self._respect_rate_limit(plugin)
-                runs = self.enricher.run(data_type, value, watch["tlp"], watch["pap"], bypass_cache=True,
-                                         only=plugin.name)
-                run = runs[0] if runs else None
-                if run is not None and run.status == "error":
-                    counts["errors"] += 1
-                if run is None or run.status not in ("fetched", "not_found"):
-                    continue
-                old = dict(before.attributes, **({f"{plugin.title} Verdict": before.verdict or "info"}
-                                                 if before and before.found else {})) if before else {}
-                changed = {k for k in set(old) | set(run.attributes) if old.get(k) != run.attributes.get(k)}
-                for field in sorted(changed):
-                    log.info("changed %s %s %s: %s -> %s", value, plugin.name, field,
-                             old.get(field, "-"), run.attributes.get(field, "-"))
-                if changed:
-                    counts["changed"] += 1
-                    self._push(value, data_type, run)
-            self.watches.reschedule(value, data_type, watch["interval_s"])
+            try:
+                self._check(watch, counts)
+            finally:  # a watch that failed waits its interval too, never loops on every run
+                self.watches.reschedule(watch["value"], watch["data_type"], watch["interval_s"])
         return counts
+
+    def _check(self, watch: Dict, counts: Dict[str, int]) -> None:
+        value, data_type = watch["value"], watch["data_type"]
+        for plugin in self.enricher.plugins_for(data_type):
+            before = self.enricher.cache.latest(plugin.name, plugin.version, data_type, value)
+            self._respect_rate_limit(plugin)
+            runs = self.enricher.run(data_type, value, watch["tlp"], watch["pap"], bypass_cache=True,
+                                     only=plugin.name)
+            run = runs[0] if runs else None
+            if run is not None and run.status == "error":
+                counts["errors"] += 1
+            if run is None or run.status not in ("fetched", "not_found"):
+                continue
+            old = dict(before.attributes, **({f"{plugin.title} Verdict": before.verdict or "info"}
+                                             if before and before.found else {})) if before else {}
+            changed = {k for k in set(old) | set(run.attributes) if old.get(k) != run.attributes.get(k)}
+            for field in sorted(changed):
+                log.info("changed %s %s %s: %s -> %s", value, plugin.name, field,
+                         old.get(field, "-"), run.attributes.get(field, "-"))
+            if changed:
+                counts["changed"] += 1
+                try:
+                    self._push(value, data_type, run)
+                except ThreatQError as exc:
+                    counts["errors"] += 1
+                    log.warning("monitor: cannot update %s in ThreatQ (%s); the change is in the cache "
+                                "and the log", value, exc)
 
     def _push(self, value: str, data_type: str, run) -> None:
         """Set the new attributes on the ThreatQ indicators with this value (there may be none yet)."""

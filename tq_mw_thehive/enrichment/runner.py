@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import requests
 
+from tq_mw_thehive import logs
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment import gate
 from tq_mw_thehive.enrichment.cache import ResultCache
@@ -144,6 +145,7 @@ class Enricher:
                            data=result.data, attributes=result.attributes, ttl_s=ttl_s(info, self.settings, True))
             return self._with_result(run, "fetched", result.verdict, result.data, result.attributes)
         run.ms = (time.monotonic() - started) * 1000
+        run.reason = logs.redact(run.reason)  # a plugin may quote its own key in an error
         self.cache.count(info.name, error=True)
         return run
 
