@@ -26,6 +26,7 @@ from tq_mw_thehive.thehive import events
 log = logging.getLogger(__name__)
 MARK_KEY = "catch_up_mark_ms"
 LOCK_KEY = "catch_up_lock"
+DONE_KEY = "catch_up_done_by"
 # A catch-up that starts goes back a little before the mark: TheHive's clock and ours differ,
 # and an object updated in the same millisecond as the mark must not be missed. Re-reading
 # is harmless (duplicates are recognised, older states are stale).
@@ -80,6 +81,15 @@ class Marks(state.Store):
             return True
 
         return self.write(take)
+
+    def done_for(self, run: str) -> bool:
+        """Whether this daemon run already caught up (every gunicorn worker offers to at start)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (DONE_KEY,)).fetchone()
+        return row is not None and row["value"] == run
+
+    def record_done(self, run: str) -> None:
+        self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                         (DONE_KEY, run)))
 
     def unlock(self, owner: str) -> None:
         def release(db) -> None:
@@ -147,18 +157,24 @@ class Backfill:
                 self.progress(result)
 
 
-def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[], None]) -> threading.Thread:
-    """Run one catch-up in a thread, if no other process is running one; never blocks start-up."""
+def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[], None],
+                           run_id: str) -> threading.Thread:
+    """Run one catch-up in a thread, unless this daemon run (``run_id``: the gunicorn master)
+    had one or another process is running one; never blocks start-up."""
     from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError
 
     def run() -> None:
         marks = Marks(cfg.state_db)
         try:
-            if not marks.try_lock(owner, ttl_s=3600):
+            if marks.done_for(run_id) or not marks.try_lock(owner, ttl_s=3600):
+                return
+            if marks.done_for(run_id):  # another worker finished between the two checks
+                marks.unlock(owner)
                 return
             if marks.get() is None:
                 # A first start has no "last run": history is imported only when asked for.
                 marks.advance(int(time.time() * 1000))
+                marks.record_done(run_id)
                 marks.unlock(owner)
                 log.info("catch-up: first start, changes are caught up from now on; "
                          "`tq-mw-thehive backfill --all` imports what TheHive already holds")
@@ -171,6 +187,7 @@ def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[]
             backfill = Backfill(inbox, TheHiveClient.from_config(cfg), marks, SyncState(cfg.state_db),
                                 progress=lambda r: on_queued() if r.queued else None)
             result = backfill.run()
+            marks.record_done(run_id)
             log.info("catch-up done cases=%d observables=%d queued=%d duplicates=%d ms=%.0f", result.cases,
                      result.observables, result.queued, result.duplicates, (time.monotonic() - started) * 1000)
         except TheHiveError as exc:

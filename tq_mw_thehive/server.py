@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -65,7 +67,9 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
     _worker = Worker(cfg, inbox).start()
     atexit.register(_worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
     if cfg.sync.catch_up and cfg.thehive.api_key:
-        catch_up_in_background(cfg, inbox, _worker.owner, _worker.wakeup.set)
+        # The workers of one gunicorn master share its pid: one catch-up per daemon start.
+        catch_up_in_background(cfg, inbox, _worker.owner, _worker.wakeup.set,
+                               run_id=f"{socket.gethostname()}:{os.getppid()}")
     return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set)
 
 
