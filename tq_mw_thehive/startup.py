@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
+import sqlite3
 from pathlib import Path
 from typing import Optional
 
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, private_files, state
 from tq_mw_thehive.config import Config, ConfigError
+from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.threatq import auth as tq_auth
 from tq_mw_thehive.type_mapping import TypeMapping, TypeMappingError
 
@@ -48,12 +52,32 @@ def load_config(config_dir: Path, *, use_proxy: bool = False, disable_ssl: bool 
     return dataclasses.replace(cfg, threatq=threatq, thehive=thehive)
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (killed, not yet reaped by its adopter) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
     """Open and migrate the state database, register stored secrets, warn about loose files."""
     try:
         state.open_state(cfg.state_db).close()
+        freed = Inbox(cfg.state_db).release_leases(f"{socket.gethostname()}:", _alive)
     except state.StateError as exc:
         raise StartupError(str(exc), 1) from None
+    except sqlite3.Error as exc:
+        raise StartupError(f"state database {cfg.state_db}: {exc}", 1) from None
+    if freed:
+        log.info("redoing %d event(s) left in progress by processes that are gone", freed)
     try:
         tokens = tq_auth.load_tokens(cfg.config_dir)
     except tq_auth.ThreatQAuthError as exc:

@@ -86,8 +86,28 @@ class Worker:
         self._process(item)
         return True
 
+    def _keep_lease(self, item: InboxItem, finished: threading.Event) -> None:
+        """Extend the lease while the event is applied, so a slow event is not taken over while we live."""
+        while not finished.wait(self.lease_s / 3):
+            try:
+                if not self.inbox.extend(item.id, self.owner, self.lease_s):
+                    log.warning("inbox event %s: lease lost while it was being applied", item.id)
+                    return
+            except sqlite3.Error as exc:  # try again at the next beat, well within the lease
+                log.warning("inbox event %s: lease not extended: %s", item.id, exc)
+
     def _process(self, item: InboxItem) -> None:
         started = time.monotonic()
+        finished = threading.Event()
+        heartbeat = threading.Thread(target=self._keep_lease, args=(item, finished), name="tq-lease", daemon=True)
+        heartbeat.start()
+        try:
+            self._apply(item, started)
+        finally:
+            finished.set()
+            heartbeat.join()
+
+    def _apply(self, item: InboxItem, started: float) -> None:
         outcome: Optional[Outcome] = None
         try:
             outcome = self.sync.handle(item)

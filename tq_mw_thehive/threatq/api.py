@@ -249,7 +249,8 @@ class ThreatQClient:
         try:
             return retrying(attempt)
         except _Transient as exc:
-            raise ThreatQUnavailable(f"{label}: ThreatQ unavailable after {self._attempts} attempt(s) "
+            tries = retrying.statistics.get("attempt_number", self._attempts)
+            raise ThreatQUnavailable(f"{label}: ThreatQ unavailable after {tries} attempt(s) "
                                      f"({exc.text})", status=exc.status) from None
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
