@@ -50,6 +50,11 @@ def redact(text: str) -> str:
 
 
 class RedactingFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: text from a payload (an id with a newline) cannot forge log lines.
+        record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 

@@ -9,6 +9,7 @@ ends with one clear message and a non-zero exit instead of a worker crash loop.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from gunicorn import glogging
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
 from tq_mw_thehive import web
@@ -79,9 +81,31 @@ def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
         _worker.stop(timeout=server.cfg.graceful_timeout)
 
 
+_DRAINED_BY_GUNICORN = 64 * 1024
+
+
+def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own refusals (header too long, too many headers…) in our JSON error shape."""
+    body = json.dumps({"status": "error", "error": f"{reason}: {mesg}" if mesg else reason}).encode("utf-8")
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1", "replace") + body)
+
+
 def _post_worker_init(gunicorn_worker: Any) -> None:
     """After the worker's signal handlers and app are in place: from here a SIGTERM is graceful."""
+    gunicorn_util.write_error = _json_error  # gunicorn's workers call it through the module
     log.info("worker ready pid=%d", gunicorn_worker.pid)
+
+
+def _pre_request(gunicorn_worker: Any, req: Any) -> None:
+    """Close the connection after a large or chunked body: when the app refuses it unread (401,
+    413), gunicorn drains only 64 KiB, and a next request on the same connection would be lost."""
+    for name, value in req.headers:
+        if (name == "CONTENT-LENGTH" and value.isdigit() and int(value) > _DRAINED_BY_GUNICORN) or \
+                (name == "TRANSFER-ENCODING" and "chunked" in value.lower()):
+            req.must_close = True
+            return
 
 
 def _when_ready(server: Any) -> None:
@@ -111,6 +135,7 @@ class DaemonApplication(BaseApplication):
             "when_ready": _when_ready,
             "worker_exit": _worker_exit,
             "post_worker_init": _post_worker_init,
+            "pre_request": _pre_request,
         }
         # gunicorn >= 25 opens a control socket under $HOME, which a hardened unit forbids.
         if "control_socket_disable" in self.cfg.settings:

@@ -69,13 +69,25 @@ class WebhookEvent:
         return f"object:{self.object_id or self.dedup_key}"
 
 
+_INT64 = 2 ** 63
+
+
+def _text(value: str, key: str) -> str:
+    """``value`` if it can be stored: JSON's ``\ud800`` escapes decode to text UTF-8 cannot hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadError(f"{key} is not valid Unicode text (a lone surrogate escape)") from None
+    return value
+
+
 def _optional_str(payload: Mapping[str, Any], key: str) -> Optional[str]:
     value = payload.get(key)
     if value is None:
         return None
     if not isinstance(value, str):
         raise PayloadError(f"{key} must be a string, got {type(value).__name__}")
-    return value
+    return _text(value, key)
 
 
 def _optional_int(payload: Mapping[str, Any], key: str) -> Optional[int]:
@@ -84,6 +96,8 @@ def _optional_int(payload: Mapping[str, Any], key: str) -> Optional[int]:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise PayloadError(f"{key} must be an integer (epoch milliseconds), got {type(value).__name__}")
+    if not -_INT64 <= value < _INT64:
+        raise PayloadError(f"{key} is out of range for epoch milliseconds")
     return value
 
 
@@ -108,7 +122,7 @@ def _shape(payload: Mapping[str, Any]) -> str:
 def _embedded_id(obj: Mapping[str, Any], key: str) -> Optional[str]:
     parent = obj.get(key)
     if isinstance(parent, dict) and isinstance(parent.get("_id"), str):
-        return parent["_id"]
+        return _text(parent["_id"], f"object.{key}._id")
     return None
 
 
@@ -120,7 +134,7 @@ def _case_id(shape: str, object_type: str, object_id: Optional[str], root_id: Op
     if embedded:
         return embedded
     if str(context.get("_type", "")).lower() == "case" and isinstance(context.get("_id"), str):
-        return context["_id"]
+        return _text(context["_id"], "context._id")
     # In TheHive 5 v1 an observable's rootId is its case (for case observables);
     # in TheHive 4 v0 it is the observable itself, so it says nothing there.
     if shape == THEHIVE5_V1 and object_type == "observable" and root_id != object_id:
@@ -132,7 +146,7 @@ def _organisation(payload: Mapping[str, Any]) -> Optional[str]:
     org = payload.get("organisation")
     if isinstance(org, dict):
         org = org.get("organisation")
-    return org if isinstance(org, str) else None
+    return _text(org, "organisation") if isinstance(org, str) else None
 
 
 def _dedup_key(payload: Mapping[str, Any], audit_id: Optional[str], action_key: str,
@@ -174,11 +188,13 @@ def parse(payload: Any) -> WebhookEvent:
         raise PayloadError("missing objectType")
     if not isinstance(raw_object_type, str) or not raw_object_type.strip():
         raise PayloadError("objectType must be a non-empty string")
+    _text(raw_object_type, "objectType")
     raw_action = payload.get(action_key)
     if raw_action is None:
         raise PayloadError("missing action (TheHive 5 version 1) or operation (version 0)")
     if not isinstance(raw_action, str) or not raw_action.strip():
         raise PayloadError(f"{action_key} must be a non-empty string")
+    _text(raw_action, action_key)
 
     object_id = _optional_str(payload, "objectId")
     root_id = _optional_str(payload, "rootId")
