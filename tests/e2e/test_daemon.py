@@ -227,11 +227,13 @@ def test_files_holding_secrets_are_private(daemon):
         assert stat.S_IMODE((daemon.config_dir / name).stat().st_mode) == 0o600, name
 
 
-def test_vendor_guide_gunicorn_line(config_dir, tmp_path):
+@pytest.mark.parametrize("settings", [[], ["-c", "python:tq_mw_thehive.gunicorn_conf"]],
+                         ids=["as-the-guide-writes-it", "with-our-gunicorn-settings"])
+def test_vendor_guide_gunicorn_line(config_dir, tmp_path, settings):
     """``gunicorn -b … 'tq_mw_thehive.tq_driver:run(c="…")'`` serves the same app."""
     errors = tmp_path / "gunicorn.txt"
     with open(errors, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-b", "127.0.0.1:0", "-w", "2",
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", *settings, "-b", "127.0.0.1:0", "-w", "2",
                                  f'tq_mw_thehive.tq_driver:run(c="{config_dir}")'],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:

@@ -1,0 +1,15 @@
+"""Settings for running the vendor guide's gunicorn line with the same behaviour as the daemon:
+
+    gunicorn -c python:tq_mw_thehive.gunicorn_conf -b 0.0.0.0:5000 'tq_mw_thehive.tq_driver:run(c="/etc/tq_labs/")'
+
+Without it gunicorn still serves the app, but its own refusals are HTML, a connection is
+kept after a large refused body, and SIGTERM does not wait for the event in progress.
+"""
+from tq_mw_thehive.server import _post_worker_init as post_worker_init  # noqa: F401
+from tq_mw_thehive.server import _pre_request as pre_request  # noqa: F401
+from tq_mw_thehive.server import _worker_exit as worker_exit  # noqa: F401
+
+worker_class = "gthread"
+threads = 4
+accesslog = None
+control_socket_disable = True
