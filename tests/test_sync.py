@@ -298,3 +298,24 @@ def test_a_whole_case_life_in_every_payload_shape(world, shape):
     assert world.tq.links_of("events", event["id"], "indicators") == []
     assert world.attributes("events", event["id"])["Status"] == "Deleted"
     assert len(world.tq.events) == 1 and len(world.tq.indicators) == 1
+
+
+def test_an_update_that_changes_nothing_costs_no_threatq_call(world):
+    created, observed = sample("th5-case-create.json"), sample("th5-observable-create-ip.json")
+    world.deliver(created, observed)
+    world.drain()
+    before = len(world.tq.requests)
+    same_case, same_observable = copy.deepcopy(created), copy.deepcopy(observed)
+    for payload, audit in ((same_case, "~2999101"), (same_observable, "~2999102")):
+        payload["_id"], payload["action"], payload["_createdAt"] = audit, "update", payload["_createdAt"] + 999
+    world.deliver(same_case, same_observable)
+    world.drain()
+    assert world.states() == ["done"] * 4
+    assert world.tq.requests[before:] == []
+    changed = copy.deepcopy(same_observable)
+    changed["_id"], changed["_createdAt"] = "~2999103", changed["_createdAt"] + 1
+    changed["object"]["sighted"] = False
+    world.deliver(changed)
+    world.drain()
+    (indicator,) = world.tq.find_indicators("203.0.113.47")
+    assert world.attributes("indicators", indicator["id"])["Sighted?"] == "No"

@@ -5,11 +5,12 @@
 Without it gunicorn still serves the app, but its own refusals are HTML, a connection is
 kept after a large refused body, and SIGTERM does not wait for the event in progress.
 """
-from tq_mw_thehive.server import _post_worker_init as post_worker_init  # noqa: F401
-from tq_mw_thehive.server import _pre_request as pre_request  # noqa: F401
-from tq_mw_thehive.server import _worker_exit as worker_exit  # noqa: F401
+from tq_mw_thehive import server
 
 worker_class = "gthread"
 threads = 4
 accesslog = None
 control_socket_disable = True
+post_worker_init = server._post_worker_init
+pre_request = server._pre_request
+worker_exit = server._worker_exit

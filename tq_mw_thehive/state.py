@@ -108,12 +108,19 @@ _M003_ENRICHMENT = [
         )""",
 ]
 
+_M004_DIGEST = [
+    # A digest of what was last written to ThreatQ for an object: an update that changes
+    # nothing ThreatQ shows costs no API call.
+    "ALTER TABLE sync_state ADD COLUMN digest TEXT",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (1, "inbox", _M001_INBOX),
     (2, "sync", _M002_SYNC),
     (3, "enrichment", _M003_ENRICHMENT),
+    (4, "digest", _M004_DIGEST),
 ]
 
 BUSY_TIMEOUT_S = 5.0

@@ -11,6 +11,7 @@ event older than the newest one applied is skipped as ``stale``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -54,6 +55,12 @@ def enrichment_type(data_type: str, indicator_type: str) -> str:
     if data_type != "file":
         return data_type
     return "hash" if indicator_type in _HASH_TYPES else "filename"
+
+
+def _digest(value) -> str:
+    """What was last sent for an object: equal digests mean nothing new to write (frozen dataclasses
+    and lists of them have a stable repr)."""
+    return hashlib.sha256(repr(value).encode("utf-8")).hexdigest()
 
 
 def _now_utc() -> str:
@@ -141,10 +148,13 @@ class Sync:
 
     def _upsert_case(self, case: Case) -> Tuple[str, int]:
         obj = map_case(case, self.sync)
+        existing = self.state.tq_ids(case.id, obj.collection)
+        digest = _digest(obj)
+        if existing and self.state.digest(case.id) == digest:
+            return existing[0]  # TheHive changed nothing that ThreatQ shows: no call at all
         if obj.collection == "incident" and not self.tq.has_collection("incident"):
             raise PermanentSyncError("this ThreatQ instance has no incident object; "
                                      "set sync.cases_as: event or enable the object")
-        existing = self.state.tq_ids(case.id, obj.collection)
         tq_id = existing[0][1] if existing else self._find_case_object(obj, case.id)
         fresh = tq_id is None
         if fresh:
@@ -162,6 +172,7 @@ class Sync:
         self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh)
         self._sync_tags(case.id, "case", [(obj.collection, tq_id, fresh)], obj.tags)
         self.state.release_case(case.id)
+        self.state.set_digest(case.id, "case", digest)
         return obj.collection, tq_id
 
     def _delete_case(self, case_id: str, details: dict, ts: int) -> Outcome:
@@ -180,6 +191,7 @@ class Sync:
             return Outcome("not_in_threatq", number, detail="the case never reached ThreatQ")
         # Intelligence is never deleted: the case's object stays, marked as deleted.
         self._sync_attributes(self.case_collection, tq_id, (Attribute("Status", "Deleted"),), {"Status"})
+        self.state.set_digest(case_id, "case", None)
         return Outcome("deleted", number, [f"{self.case_collection}/{tq_id}"])
 
     def _ensure_case(self, case_id: str, embedded: Optional[dict], ts: int) -> Tuple[str, int]:
@@ -225,34 +237,39 @@ class Sync:
             return Outcome("skipped", number, detail="; ".join(mapped.skipped))
         case_collection, case_tq_id = self._ensure_case(case_id, embedded_case, ts)
         refs = [f"{case_collection}/{case_tq_id}"]
+        # Enrichment first (a cache hit costs no call): its answers are part of what must reach ThreatQ.
+        plan = []
+        for indicator in mapped.indicators:
+            data_type = enrichment_type(observable.data_type, indicator.type)
+            runs = self.enricher.run(data_type, indicator.value, observable.tlp, observable.pap) \
+                if self.enricher is not None else []
+            plan.append((indicator, data_type, runs))
+            if observable.ioc and self.watches is not None and self.cfg.enrichment.auto_watch_ioc:
+                self.watches.add(indicator.value, data_type, origin="ioc", tlp=observable.tlp, pap=observable.pap)
+        digest = _digest((case_collection, case_tq_id, [(i, [(r.plugin, sorted(r.attributes.items()))
+                                                             for r in runs]) for i, _, runs in plan]))
+        if already and self.state.digest(obs_id) == digest:
+            self.state.mark_applied(obs_id, "observable", ts)
+            return Outcome("unchanged", number, refs + [f"indicators/{i}" for _, i in already],
+                           detail="nothing to change in ThreatQ")
         targets = []
         enrichment: Dict[str, int] = defaultdict(int)
-        for indicator in mapped.indicators:
+        for indicator, data_type, runs in plan:
             tq_id, fresh = self._upsert_indicator(obs_id, case_id, indicator)
             self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
             self._link(case_collection, case_tq_id, tq_id)
             targets.append(("indicators", tq_id, fresh))
             refs.append(f"indicators/{tq_id}")
-            data_type = enrichment_type(observable.data_type, indicator.type)
-            for run in self._enrich(tq_id, data_type, indicator.value, observable):
+            for run in runs:
                 enrichment[run.status] += 1
-            if observable.ioc and self.watches is not None and self.cfg.enrichment.auto_watch_ioc:
-                self.watches.add(indicator.value, data_type, origin="ioc", tlp=observable.tlp, pap=observable.pap)
+                if run.attributes:
+                    self.apply_enrichment("indicators", tq_id, run)
         self._sync_tags(obs_id, "observable", targets, mapped.indicators[0].tags)
         self.state.mark_applied(obs_id, "observable", ts)
+        self.state.set_digest(obs_id, "observable", digest)
         detail = "; ".join(list(mapped.skipped) + (
             ["enrichment " + ", ".join(f"{n} {s}" for s, n in sorted(enrichment.items()))] if enrichment else []))
         return Outcome("synced", number, refs, detail=detail)
-
-    def _enrich(self, tq_id: int, data_type: str, value: str, observable: Observable) -> list:
-        """Plugin results as indicator attributes under a source named after the plugin, set in place."""
-        if self.enricher is None:
-            return []
-        runs = self.enricher.run(data_type, value, observable.tlp, observable.pap)
-        for run in runs:
-            if run.attributes:
-                self.apply_enrichment("indicators", tq_id, run)
-        return runs
 
     def apply_enrichment(self, collection: str, tq_id: int, run) -> None:
         attributes = [Attribute(name, value) for name, value in run.attributes.items()]
@@ -299,6 +316,7 @@ class Sync:
                 self.tq.unlink("indicators", indicator_id, case_collection, pivots)
             refs.append(f"indicators/{indicator_id}")
         self.state.forget(obs_id)
+        self.state.set_digest(obs_id, "observable", None)
         return Outcome("unlinked", threatq=refs)
 
     # --- shared steps ---------------------------------------------------------------------------

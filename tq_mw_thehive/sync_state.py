@@ -77,6 +77,16 @@ class SyncState(state.Store):
             "ON CONFLICT (thehive_id) DO UPDATE SET tags = excluded.tags",
             (thehive_id, kind, json.dumps(list(tags)))))
 
+    def digest(self, thehive_id: str) -> Optional[str]:
+        row = self._row(thehive_id)
+        return None if row is None else row["digest"]
+
+    def set_digest(self, thehive_id: str, kind: str, digest: Optional[str]) -> None:
+        """Remember what was last written to ThreatQ for this object (None: write next time)."""
+        self.write(lambda db: db.execute(
+            "INSERT INTO sync_state (thehive_id, kind, applied_ts, digest) VALUES (?, ?, 0, ?) "
+            "ON CONFLICT (thehive_id) DO UPDATE SET digest = excluded.digest", (thehive_id, kind, digest)))
+
     def hold_case(self, case_id: str, case: dict, ts: int) -> None:
         """Keep the newest state of a case that waits for its first synced observable."""
         def hold(db: sqlite3.Connection) -> None:
