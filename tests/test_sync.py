@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,26 @@ def test_an_update_that_changes_nothing_costs_no_threatq_call(world):
     world.drain()
     (indicator,) = world.tq.find_indicators("203.0.113.47")
     assert world.attributes("indicators", indicator["id"])["Sighted?"] == "No"
+
+
+def test_the_same_value_in_two_cases_at_once_makes_one_indicator(world):
+    """Two workers (threads here, processes in the daemon) apply observables of two cases that share
+    a value at the same moment: the look-up and create of the indicator must not interleave."""
+    first = sample("th5-observable-create-ip.json")
+    second = copy.deepcopy(first)
+    second["_id"], second["objectId"], second["object"]["_id"] = "~2999201", "~12999201", "~12999201"
+    second["rootId"] = second["object"]["case"]["_id"] = "~8396999"
+    world.deliver(first, second)
+    world.tq.delay_s = 0.05  # widen the window between the look-up and the create
+    other = Worker(world.cfg, Inbox(world.cfg.state_db), backoff_cap_s=0, name="other-worker")
+    threads = [threading.Thread(target=w.run_once) for w in (world.worker, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    world.tq.delay_s = 0
+    world.drain()
+    assert world.states() == ["done", "done"]
+    assert len(world.tq.find_indicators("203.0.113.47")) == 1
+    (indicator,) = world.tq.find_indicators("203.0.113.47")
+    assert len(world.tq.links_of("indicators", indicator["id"], "events")) == 2

@@ -73,11 +73,15 @@ class Inbox(state.Store):
         return self.write(insert)
 
     def claim(self, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Optional[InboxItem]:
-        """Lease the oldest due event whose case has nothing earlier pending and nothing in flight."""
+        """Lease the oldest due event whose case has nothing earlier pending and nothing in flight.
+
+        It walks the pending events in TheHive's order (index ``inbox_pending_order``) and stops
+        at the first one it may take, instead of sorting the whole backlog under the write lock.
+        """
         def take(db: sqlite3.Connection) -> Optional[InboxItem]:
             now = self.clock()
             row = db.execute(
-                """SELECT * FROM inbox AS e
+                """SELECT * FROM inbox AS e INDEXED BY inbox_pending_order
                    WHERE e.state = 'pending' AND e.next_attempt_at <= :now
                      AND (e.lease_until IS NULL OR e.lease_until <= :now)
                      AND NOT EXISTS (

@@ -114,6 +114,12 @@ _M004_DIGEST = [
     "ALTER TABLE sync_state ADD COLUMN digest TEXT",
 ]
 
+_M005_CLAIM_INDEX = [
+    # The claim picks the oldest pending event: with this index it reads a few rows, not the
+    # whole backlog (74 ms per claim at 17,700 pending, under the write lock, without it).
+    "CREATE INDEX inbox_pending_order ON inbox (state, order_ts, id)",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
@@ -121,6 +127,7 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (2, "sync", _M002_SYNC),
     (3, "enrichment", _M003_ENRICHMENT),
     (4, "digest", _M004_DIGEST),
+    (5, "claim index", _M005_CLAIM_INDEX),
 ]
 
 BUSY_TIMEOUT_S = 5.0

@@ -11,13 +11,16 @@ event older than the newest one applied is skipped as ``stale``.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import InboxItem
@@ -55,6 +58,24 @@ def enrichment_type(data_type: str, indicator_type: str) -> str:
     if data_type != "file":
         return data_type
     return "hash" if indicator_type in _HASH_TYPES else "filename"
+
+
+_LOCK_BUCKETS = 64
+
+
+@contextlib.contextmanager
+def _object_lock(directory: Path, key: str) -> Iterator[None]:
+    """A lock shared by every process of this daemon (flock on one of a few files beside the state
+    database), so that one ThreatQ object is looked up and created by one of them at a time."""
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % _LOCK_BUCKETS
+    locks = directory / ".locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    with open(locks / f"{bucket}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _digest(value) -> str:
@@ -255,16 +276,21 @@ class Sync:
         targets = []
         enrichment: Dict[str, int] = defaultdict(int)
         for indicator, data_type, runs in plan:
-            tq_id, fresh = self._upsert_indicator(obs_id, case_id, indicator)
-            self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
-            self._link(case_collection, case_tq_id, tq_id)
+            # The same value can arrive in two cases at once, in two worker processes: its look-up,
+            # create, attributes and link must not interleave (ThreatQ does not de-duplicate).
+            with _object_lock(self.cfg.state_db.parent, f"indicator:{indicator.type}:{indicator.value}"):
+                tq_id, fresh = self._upsert_indicator(obs_id, case_id, indicator)
+                self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
+                self._link(case_collection, case_tq_id, tq_id)
+                for run in runs:
+                    enrichment[run.status] += 1
+                    if run.attributes:
+                        self.apply_enrichment("indicators", tq_id, run)
+                self._sync_tags(obs_id, "observable", [("indicators", tq_id, fresh)], mapped.indicators[0].tags,
+                                remember=False)
             targets.append(("indicators", tq_id, fresh))
             refs.append(f"indicators/{tq_id}")
-            for run in runs:
-                enrichment[run.status] += 1
-                if run.attributes:
-                    self.apply_enrichment("indicators", tq_id, run)
-        self._sync_tags(obs_id, "observable", targets, mapped.indicators[0].tags)
+        self.state.set_synced_tags(obs_id, "observable", mapped.indicators[0].tags)
         self.state.mark_applied(obs_id, "observable", ts)
         self.state.set_digest(obs_id, "observable", digest)
         detail = "; ".join(list(mapped.skipped) + (
@@ -366,7 +392,7 @@ class Sync:
                 self.tq.delete_attribute(collection, tq_id, attribute["id"])
 
     def _sync_tags(self, thehive_id: str, kind: str, targets: Sequence[Tuple[str, int, bool]],
-                   desired: Sequence[str]) -> None:
+                   desired: Sequence[str], remember: bool = True) -> None:
         """Add TheHive's tags; remove those we synced before and TheHive no longer has."""
         previous = set(self.state.synced_tags(thehive_id))
         for collection, tq_id, fresh in targets:
@@ -377,4 +403,5 @@ class Sync:
             for name in sorted(previous - set(desired)):
                 if name in existing:
                     self.tq.delete_tag(collection, tq_id, existing[name])
-        self.state.set_synced_tags(thehive_id, kind, desired)
+        if remember:
+            self.state.set_synced_tags(thehive_id, kind, desired)
