@@ -10,19 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
-# `load` is not registered in pyproject.toml (markers are not strict there); silence pytest's
-# unknown-marker warning rather than print it on every run. Registering it is a one-line change:
-# markers = [..., "load: the bounded load soak (bench/load_soak.py)"].
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    _LOAD = pytest.mark.load
-
-pytestmark = [pytest.mark.e2e, _LOAD]
+pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "load_soak.py"
 
