@@ -149,7 +149,7 @@ def summary(sim: ThreatQSimulator, counts: Dict[str, object], host: str) -> str:
         linked = sim.links_of("events", event_id, "indicators")
         lines.append(f"      linked indicators: {len(linked)}")
     for indicator_id, indicator in sorted(sim.indicators.items()):
-        events = sim.links_of("indicators", indicator_id, "events")
+        events = sorted(sim.links_of("indicators", indicator_id, "events"))  # two workers: any order
         lines.append(f"  indicator {indicator_id}: [{types.get(indicator['type_id'], '?')}] {indicator['value']}"
                      f"  linked to events {events or '-'}")
         describe("indicators", indicator_id)
