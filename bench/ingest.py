@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         print(f"{f'paced {args.rate:g}/s p{q} ms':26}{bq:12.1f}{oq:12.1f}{oq / bq:9.2f}")
     print(f"{'paced p99 from schedule':26}{bps:12.1f}{ops:12.1f}{ops / bps:9.2f}")
     print(f"{'paced achieved req/s':26}{base['paced'].rate:12.0f}{ours['paced'].rate:12.0f}")
-    print(f"{'server CPU ms/request':26}{base['cpu_ms']:12.2f}{ours['cpu_ms']:12.2f}{ours['cpu_ms'] / base['cpu_ms']:9.2f}")
+    cpu_b, cpu_o = base["cpu_ms"], ours["cpu_ms"]
+    print(f"{'server CPU ms/request':26}{cpu_b:12.2f}{cpu_o:12.2f}{cpu_o / cpu_b:9.2f}")
     print()
     print("where the daemon's time goes:")
     for phase in ("paced", "closed loop"):

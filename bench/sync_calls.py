@@ -113,7 +113,8 @@ class Phases:
         drained_at = time.monotonic()
         calls = sim.requests[calls_before:]
         result = {
-            "events": len(events), "answers": dict(load.statuses), "status": dict(load.answers), "drained": ok, "stats": stats,
+            "events": len(events), "answers": dict(load.statuses), "status": dict(load.answers),
+            "drained": ok, "stats": stats,
             "elapsed": drained_at - load.started, "drain_after_post": drained_at - posted_at,
             "calls": calls, "sim_s": self.rig.timed.total() - sim_s_before,
         }
