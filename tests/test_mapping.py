@@ -399,3 +399,17 @@ def test_mapping_imports_only_the_model_and_type_mapping():
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
                  for alias in node.names}
     assert not top_level & {"requests", "sqlite3", "flask"}
+
+
+def test_consume_item_carries_attributes_enrichment_tags_source_and_links():
+    indicator = mapping.IndicatorObject(value="203.0.113.47", type="IP Address", description="landing",
+                                        status="Active", tags=("phishing",), tlp_id=2,
+                                        attributes=(mapping.Attribute("PAP", "AMBER"),))
+    item = mapping.consume_item(indicator, 10, 1, {"name": "TheHive", "tlp_id": 2},
+                                [("geoip", {"GeoIP Country": "NL"})], {"events": [12]})
+    assert item == {
+        "value": "203.0.113.47", "type_id": 10, "status_id": 1, "description": "landing",
+        "sources": [{"name": "TheHive", "tlp_id": 2}],
+        "attributes": [{"name": "PAP", "value": "AMBER"},
+                       {"name": "GeoIP Country", "value": "NL", "sources": [{"name": "geoip"}]}],
+        "tags": ["phishing"], "events": [{"id": 12}]}

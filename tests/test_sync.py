@@ -11,6 +11,7 @@ from conftest import sample
 from tq_mw_thehive import state
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
+from tq_mw_thehive.testing.threatq_sim import KINDS
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.worker import Worker
 
@@ -343,3 +344,74 @@ def test_the_same_value_in_two_cases_at_once_makes_one_indicator(world):
     assert len(world.tq.find_indicators("203.0.113.47")) == 1
     (indicator,) = world.tq.find_indicators("203.0.113.47")
     assert len(world.tq.links_of("indicators", indicator["id"], "events")) == 2
+
+
+def _observable_calls(world) -> list:
+    """The ThreatQ calls of one new observable of a case already in ThreatQ, without the token
+    and the name → id look-ups (made once per process)."""
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    before = len(world.tq.requests)
+    world.deliver(sample("th5-observable-create-ip.json"))
+    world.drain()
+    once = {"/api/token", "/api/indicator/types", "/api/indicator/statuses"}
+    return [(m, p) for m, p in world.tq.requests[before:] if p not in once]
+
+
+def _indicator_as_synced(world) -> dict:
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    oid = indicator["id"]
+    return {"description": indicator["description"], "status_id": indicator["status_id"],
+            "attributes": world.attributes("indicators", oid),
+            "tags": sorted(world.tq.tags_of("indicators", oid)),
+            "sources": [(s["name"], s["tlp_id"]) for s in world.tq.sources_of("indicators", oid)],
+            "events": world.tq.links_of("indicators", oid, "events")}
+
+
+def test_a_new_observable_costs_two_calls_look_up_and_consume(make_world):
+    world = make_world()
+    calls = _observable_calls(world)
+    assert [m for m, _ in calls] == ["GET", "POST"], calls
+    assert calls[1] == ("POST", "/api/indicators/consume")
+    assert [s for s in world.states()] == ["done", "done"]
+    synced = _indicator_as_synced(world)
+    assert synced == {"description": "IP hosting the credential-harvesting page", "status_id": 1,
+                      "attributes": {"PAP": "AMBER", "Sighted?": "Yes"},
+                      "tags": ["phishing-landing", "src:mail-header"], "sources": [("TheHive", 2)],
+                      "events": [world.event()["id"]]}
+
+
+def test_without_a_consume_endpoint_the_same_indicator_is_built_call_by_call(make_world, caplog):
+    world = make_world(consume=False)
+    calls = _observable_calls(world)
+    assert ("POST", "/api/indicators/consume") in calls and ("POST", "/api/indicators") in calls
+    # A fresh indicator has no links to check: create, 2 attributes, link, tags (+ the look-up).
+    assert not any(m == "GET" and p.endswith("/events") for m, p in calls)
+    assert "creating indicators call by call" in caplog.text
+    synced = _indicator_as_synced(world)
+    assert synced["attributes"] == {"PAP": "AMBER", "Sighted?": "Yes"}
+    assert synced["tags"] == ["phishing-landing", "src:mail-header"]
+    assert synced["sources"] == [("TheHive", 2)] and synced["events"] == [world.event()["id"]]
+    # The process does not ask for the missing endpoint again.
+    before = len(world.tq.requests)
+    other = sample("th5-observable-create-ip.json")
+    other["_id"], other["objectId"], other["object"]["_id"] = "~99", "~99", "~99"
+    other["object"]["data"] = "198.51.100.9"
+    world.deliver(other)
+    world.drain()
+    assert ("POST", "/api/indicators/consume") not in world.tq.requests[before:]
+    assert world.tq.find_indicators("198.51.100.9", "IP Address")
+
+
+def test_an_indicator_already_in_threatq_is_updated_not_consumed(world):
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    # An analyst created it before, with another status.
+    existing = world.tq._store(KINDS["indicators"], {"value": "203.0.113.47", "type_id": 10,
+                                                     "status_id": 4, "description": ""})
+    world.deliver(sample("th5-observable-create-ip.json"))
+    world.drain()
+    assert ("POST", "/api/indicators/consume") not in world.tq.requests
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert indicator["id"] == existing["id"] and indicator["status_id"] == 4  # the analyst's status stands
+    assert world.attributes("indicators", existing["id"]) == {"PAP": "AMBER", "Sighted?": "Yes"}

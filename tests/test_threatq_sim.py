@@ -387,6 +387,67 @@ def test_links_are_symmetric_and_unlink_by_pivot_id(api, sim):
     assert set(validation_errors(api("DELETE", links, json={"id": 1}))) == {"body"}
 
 
+# ------------------------------------------------------------------ consume
+
+
+def test_consume_creates_indicators_with_sources_attributes_tags_and_links_in_one_call(api, sim):
+    event = api.event()
+    body = [{"value": "198.51.100.7", "type": {"name": "IP Address"}, "status": {"name": "Review"},
+             "description": "seen", "sources": [{"name": "TheHive", "tlp_id": 2}],
+             "attributes": [{"name": "PAP", "value": "AMBER"},
+                            {"name": "GeoIP Country", "value": "NL", "sources": [{"name": "geoip"}]}],
+             "tags": ["phishing", {"name": "landing"}], "events": [{"id": event["id"]}]},
+            {"value": "x.example", "type_id": 8, "status_id": 1}]
+    created = api.ok("POST", "/api/indicators/consume", 201, json=body)
+    assert [(r["value"], r["type_id"], r["status_id"]) for r in created] == [
+        ("198.51.100.7", 10, 4), ("x.example", 8, 1)]
+    oid = created[0]["id"]
+    assert [(a["name"], a["value"], a["sources"]) for a in sim.attributes_of("indicators", oid)] == [
+        ("PAP", "AMBER", []), ("GeoIP Country", "NL", [{"name": "geoip"}])]
+    assert sim.tags_of("indicators", oid) == ["phishing", "landing"]
+    assert [(s["name"], s["tlp_id"]) for s in sim.sources_of("indicators", oid)] == [("TheHive", 2)]
+    assert sim.links_of("events", event["id"], "indicators") == [oid]
+
+
+def test_consume_merges_into_the_same_value_and_type(api, sim):  # [guess] of the contract, modelled
+    event = api.event()
+    first = api.indicator("198.51.100.7", status="Review", description="")
+    again = [{"value": "198.51.100.7", "type": "IP Address", "status": "Active", "description": "now set",
+              "sources": [{"name": "TheHive", "tlp_id": 3}], "attributes": [{"name": "PAP", "value": "RED"}],
+              "tags": ["t"], "events": [{"id": event["id"]}]}]
+    for _ in range(2):  # twice: nothing is added the second time
+        (merged,) = api.ok("POST", "/api/indicators/consume", 200, json=again)
+    assert merged["id"] == first["id"] and merged["status_id"] == 4 and merged["description"] == "now set"
+    assert len(sim.find_indicators("198.51.100.7")) == 1
+    assert [a["value"] for a in sim.attributes_of("indicators", first["id"])] == ["RED"]
+    assert sim.tags_of("indicators", first["id"]) == ["t"]
+    assert sim.links_of("indicators", first["id"], "events") == [event["id"]]
+
+
+def test_consume_validates_every_item_before_storing_any(api, sim):
+    bad = [{"value": "198.51.100.7", "type": "IP Address"},
+           {"value": "", "type": "Nope", "attributes": [{"name": "PAP"}], "tags": [""],
+            "events": [{"id": 999}]}]
+    errors = validation_errors(api("POST", "/api/indicators/consume", json=bad))
+    assert "1.value" in errors and "1.type" in errors
+    assert sim.indicators == {}
+    for body in ({"value": "x"}, []):
+        assert set(validation_errors(api("POST", "/api/indicators/consume", json=body))) == {"body"}
+    for item, field in (({"attributes": [{"name": "PAP"}]}, "0.attributes.0.value"),
+                        ({"tags": [3]}, "0.tags.0"), ({"events": [{"id": 999}]}, "0.events.0.id")):
+        body = [{"value": "198.51.100.7", "type": "IP Address", **item}]
+        assert set(validation_errors(api("POST", "/api/indicators/consume", json=body))) == {field}
+    assert sim.indicators == {}
+
+
+def test_an_instance_without_consume_answers_404(front):
+    sim = ThreatQSimulator(users={EMAIL: PASSWORD}, consume=False)
+    front.app = sim.app
+    api = Api(sim, front.url)
+    assert_not_found(api("POST", "/api/indicators/consume", json=[{"value": "x", "type_id": 8}]))
+    assert sim.indicators == {}
+
+
 # ------------------------------------------------------------------ fault injection
 
 

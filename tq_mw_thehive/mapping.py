@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from tq_mw_thehive.thehive.model import Case, Observable
 from tq_mw_thehive.type_mapping import FILE, FILENAME, TypeMapping
@@ -184,3 +184,25 @@ def map_observable(observable: Observable, types: TypeMapping,
         else:
             skipped.append(f"{data_type} observable: the attachment has no name")
     return MappedObservable(indicators=tuple(indicators), skipped=tuple(skipped))
+
+
+def consume_item(indicator: IndicatorObject, type_id: int, status_id: int, source: Dict[str, Any],
+                 enrichment: Sequence[Tuple[str, Mapping[str, str]]] = (),
+                 links: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Any]:
+    """A new indicator as one item of ``POST /api/indicators/consume``: what the call-by-call path
+    sends in four or more requests (create, attributes, link, tags), in one.
+
+    ``enrichment`` is ``(plugin, attributes)`` per plugin that answered: those attributes carry the
+    plugin as their source. ``links`` maps a collection (``events``, ``incident``) to the ids of
+    the objects to relate, the reference's relationship keys.
+    """
+    attributes: List[Dict[str, Any]] = [{"name": a.name, "value": a.value} for a in indicator.attributes]
+    for plugin, found in enrichment:
+        attributes += [{"name": name, "value": value, "sources": [{"name": plugin}]}
+                       for name, value in found.items()]
+    item: Dict[str, Any] = {"value": indicator.value, "type_id": type_id, "status_id": status_id,
+                            "description": indicator.description, "sources": [dict(source)],
+                            "attributes": attributes, "tags": list(indicator.tags)}
+    for collection, ids in (links or {}).items():
+        item[collection] = [{"id": int(i)} for i in ids]
+    return item

@@ -18,14 +18,14 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_title, case_title_prefix,
-                                   map_case, map_observable)
+                                   consume_item, map_case, map_observable)
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.thehive.model import Case, Observable
@@ -273,22 +273,31 @@ class Sync:
             self.state.mark_applied(obs_id, "observable", ts)
             return Outcome("unchanged", number, refs + [f"indicators/{i}" for _, i in already],
                            detail="nothing to change in ThreatQ")
-        targets = []
         enrichment: Dict[str, int] = defaultdict(int)
         for indicator, data_type, runs in plan:
             # The same value can arrive in two cases at once, in two worker processes: its look-up,
             # create, attributes and link must not interleave (ThreatQ does not de-duplicate).
             with _object_lock(self.cfg.state_db.parent, f"indicator:{indicator.type}:{indicator.value}"):
-                tq_id, fresh = self._upsert_indicator(obs_id, case_id, indicator)
-                self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
-                self._link(case_collection, case_tq_id, tq_id)
-                for run in runs:
-                    enrichment[run.status] += 1
-                    if run.attributes:
-                        self.apply_enrichment("indicators", tq_id, run)
-                self._sync_tags(obs_id, "observable", [("indicators", tq_id, fresh)], mapped.indicators[0].tags,
-                                remember=False)
-            targets.append(("indicators", tq_id, fresh))
+                type_id = self.tq.indicator_type_id(indicator.type)
+                hit = self.tq.find_indicator(indicator.value, type_id)
+                fresh = hit is None
+                # A new one: one call carries it all, where the instance has the consume endpoint.
+                tq_id = self._consume(indicator, type_id, runs, (case_collection, case_tq_id),
+                                      mapped.indicators[0].tags) if fresh else None
+                consumed = tq_id is not None
+                if not consumed:
+                    tq_id = self._upsert_indicator(indicator, type_id, hit)
+                self.state.record(obs_id, "observable", "indicators", tq_id, case_id)
+                if not consumed:
+                    self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
+                    self._link(case_collection, case_tq_id, tq_id, fresh)
+                    for run in runs:
+                        if run.attributes:
+                            self.apply_enrichment("indicators", tq_id, run)
+                    self._sync_tags(obs_id, "observable", [("indicators", tq_id, fresh)],
+                                    mapped.indicators[0].tags, remember=False)
+            for run in runs:
+                enrichment[run.status] += 1
             refs.append(f"indicators/{tq_id}")
         self.state.set_synced_tags(obs_id, "observable", mapped.indicators[0].tags)
         self.state.mark_applied(obs_id, "observable", ts)
@@ -301,27 +310,36 @@ class Sync:
         attributes = [Attribute(name, value) for name, value in run.attributes.items()]
         self._sync_attributes(collection, tq_id, attributes, set(run.attributes), source=run.plugin)
 
-    def _upsert_indicator(self, obs_id: str, case_id: str, ind: IndicatorObject) -> Tuple[int, bool]:
-        type_id = self.tq.indicator_type_id(ind.type)
-        hit = self.tq.find_indicator(ind.value, type_id)
+    def _consume(self, ind: IndicatorObject, type_id: int, runs, case_ref: Tuple[str, int],
+                 tags: Sequence[str]) -> Optional[int]:
+        """Create a new indicator with its attributes, enrichment, tags and case link in one
+        consume call; ``None`` when the instance has no consume endpoint."""
+        status_id = self.tq.indicator_status_id(ind.status)
+        item = consume_item(replace(ind, tags=tuple(tags)), type_id, status_id, self._source(ind.tlp_id),
+                            [(run.plugin, run.attributes) for run in runs if run.attributes],
+                            {case_ref[0]: [case_ref[1]]})
+        records = self.tq.consume_indicators([item])
+        return None if records is None else int(records[0]["id"])
+
+    def _upsert_indicator(self, ind: IndicatorObject, type_id: int, hit: Optional[dict]) -> int:
         if hit is None:
             status_id = self.tq.indicator_status_id(ind.status)
-            tq_id = self.tq.create_indicator(ind.value, type_id, status_id, ind.description,
-                                             [self._source(ind.tlp_id)])["id"]
-            fresh = True
-        else:
-            tq_id, fresh = hit["id"], False
-            # The status is set at creation only: an analyst's later choice in ThreatQ stands.
-            if (hit.get("description") or "") != ind.description:
-                self.tq.update_indicator(tq_id, description=ind.description)
-            self._sync_source("indicators", tq_id, ind.tlp_id)
-        self.state.record(obs_id, "observable", "indicators", tq_id, case_id)
-        return tq_id, fresh
+            return self.tq.create_indicator(ind.value, type_id, status_id, ind.description,
+                                            [self._source(ind.tlp_id)])["id"]
+        tq_id = hit["id"]
+        # The status is set at creation only: an analyst's later choice in ThreatQ stands.
+        if (hit.get("description") or "") != ind.description:
+            self.tq.update_indicator(tq_id, description=ind.description)
+        self._sync_source("indicators", tq_id, ind.tlp_id)
+        return tq_id
 
-    def _link(self, case_collection: str, case_tq_id: int, indicator_id: int) -> None:
-        linked = self.tq.links("indicators", indicator_id, case_collection)
-        if not any(link.get("id") == case_tq_id for link in linked):
-            self.tq.link(case_collection, case_tq_id, "indicators", indicator_id)
+    def _link(self, case_collection: str, case_tq_id: int, indicator_id: int, fresh: bool = False) -> None:
+        """Link the indicator to the case; one created a moment ago has no links to check."""
+        if not fresh:
+            linked = self.tq.links("indicators", indicator_id, case_collection)
+            if any(link.get("id") == case_tq_id for link in linked):
+                return
+        self.tq.link(case_collection, case_tq_id, "indicators", indicator_id)
 
     def _delete_observable(self, obs_id: str, case_id: Optional[str], ts: int) -> Outcome:
         if self._stale(obs_id, ts):

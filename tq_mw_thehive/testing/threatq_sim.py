@@ -225,12 +225,14 @@ class ThreatQSimulator:
 
     def __init__(self, users: Optional[Dict[str, str]] = None, client_id: str = "tq-client-id",
                  client_secrets: Optional[Dict[str, str]] = None, token_ttl: int = 3600,
-                 incident_object: bool = True) -> None:
+                 incident_object: bool = True, consume: bool = True) -> None:
         self.users = dict(users or {"analyst@example.org": "correct horse battery staple"})
         self.client_id = client_id
         self.client_secrets = dict(client_secrets or {})
         self.token_ttl = token_ttl
         self.incident_object = incident_object
+        #: False: an instance without ``POST /api/indicators/consume`` (it answers 404).
+        self.consume = consume
         # Fault knobs: tests set these directly while the server runs.
         self.delay_s: float = 0.0
         self.down: bool = False
@@ -400,6 +402,7 @@ class ThreatQSimulator:
                 {"collection": k.collection, "display_name": k.display[0],
                  "display_name_plural": k.display[1]} for k in self._kinds()])),
             ("GET", "/api/search", self._search),
+            ("POST", "/api/indicators/consume", self._consume_indicators),
             ("GET", "/api/<collection>", self._list_objects),
             ("POST", "/api/<collection>", self._create_objects),
             ("GET", obj, lambda **url: _data(self._record(**url))),
@@ -559,6 +562,75 @@ class ThreatQSimulator:
                 if query.casefold() in r[k.key].casefold()]  # [guess] case-insensitive substring
         return _page(hits)
 
+    def _consume_indicators(self) -> Any:
+        """``POST /api/indicators/consume``: an array of indicators, each carrying its sources,
+        attributes, tags and relations (research §2: SDK2 ``bulk_object``, SDK1 ``bulkindicator``).
+
+        [guess] keyed on (value, type): an indicator that exists is merged into (sources,
+        attributes, tags and links added when missing; its status and a non-empty description
+        stay), a new one is created. Every item is validated before any is stored.
+        """
+        if not self.consume:
+            raise _not_found()
+        kind, body = KINDS["indicators"], _json_body()
+        if not isinstance(body, list) or not body:
+            raise FieldError("body", "A JSON array of indicators is required.")
+        plans = [self._consume_item(kind, item, f"{i}.") for i, item in enumerate(body)]
+        answer, created = [], False
+        for fields, attributes, tags, targets in plans:
+            record = next((r for r in self._objects["indicators"].values()
+                           if r["value"] == fields["value"] and r["type_id"] == fields["type_id"]), None)
+            if record is None:
+                record, created = self._store(kind, fields), True
+            else:
+                for source in fields.get("sources", []):
+                    self._attach_source(("indicators", record["id"]), source)
+                if not record["description"] and fields.get("description"):
+                    record["description"] = fields["description"]
+            key = ("indicators", record["id"])
+            for attribute in attributes:
+                if not any(a["name"] == attribute["name"] and a["value"] == attribute["value"]
+                           for a in self._attrs[key]):
+                    self._attrs[key].append({"id": next(self._ids["attribute"]), **attribute})
+            for name in tags:
+                self._tag(key, name)
+            for target in targets:
+                self._link(key, target)
+            answer.append(record)
+        return _data(answer, 201 if created else 200)
+
+    def _consume_item(self, kind: _Kind, item: Any, prefix: str
+                      ) -> Tuple[Dict[str, Any], List[dict], List[str], List[Key]]:
+        """One consume item: its fields, attributes, tag names and link targets, or a 400."""
+        if not isinstance(item, dict):
+            raise _invalid({prefix.rstrip("."): ["A JSON object is required."]})
+        # The SDK sends `type`/`status` as {"name": …}; the plain create takes the bare name.
+        flat = {k: (v.get("name") if k in ("type", "status") and isinstance(v, dict) else v)
+                for k, v in item.items()}
+        fields = self._clean(kind, flat, (*kind.fields, "sources"), kind.required, prefix)
+        attributes = []
+        for i, attribute in enumerate(item.get("attributes") or []):
+            at = f"{prefix}attributes.{i}."
+            if not isinstance(attribute, dict):
+                raise FieldError(at.rstrip("."), "An attribute must be a JSON object.")
+            attributes.append(self._attribute_fields(attribute, at))
+        tags = []
+        for i, tag in enumerate(item.get("tags") or []):  # [guess] names, or {"name": …} objects
+            name = tag.get("name") if isinstance(tag, dict) else tag
+            if not isinstance(name, str) or not name.strip():
+                raise FieldError(f"{prefix}tags.{i}", "A tag must be a name.")
+            tags.append(name)
+        targets: List[Key] = []
+        for other in self._kinds():
+            if other.collection == "indicators" or other.collection not in item:
+                continue  # [sim choice] other keys are ignored, as unknown fields are elsewhere
+            for i, ref in enumerate(item[other.collection] or []):
+                target = ref.get("id") if isinstance(ref, dict) else None
+                if not _is_int(target) or target not in self._objects[other.collection]:
+                    raise FieldError(f"{prefix}{other.collection}.{i}.id", "The selected id is invalid.")
+                targets.append((other.collection, target))
+        return fields, attributes, tags, targets
+
     # ----------------------------------------------------------------- attributes and tags
 
     def _attribute(self, collection: str, oid: int, aid: int) -> dict:
@@ -577,20 +649,26 @@ class ThreatQSimulator:
             raise FieldError("value", "The value field is required.")
         return value
 
+    def _attribute_fields(self, body: dict, prefix: str = "") -> dict:
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise FieldError(prefix + "name", "The name field is required.")
+        sources = body.get("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(src, dict) and isinstance(src.get("name"), str)
+                                                    and src["name"].strip() for src in sources):
+            raise FieldError(prefix + "sources", "The sources must be a list of objects with a name.")
+        try:
+            value = self._attribute_value(body)
+        except FieldError as exc:
+            raise FieldError(prefix + exc.field, exc.message) from None
+        return {"name": name, "value": value, "sources": [{"name": src["name"]} for src in sources]}
+
     def _add_attribute(self, collection: str, oid: int) -> Any:
         key, body = self._key(collection, oid), _json_body()
         if not isinstance(body, dict):
             raise FieldError("body", "A JSON object is required.")
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise FieldError("name", "The name field is required.")
-        sources = body.get("sources", [])
-        if not isinstance(sources, list) or not all(isinstance(src, dict) and isinstance(src.get("name"), str)
-                                                    and src["name"].strip() for src in sources):
-            raise FieldError("sources", "The sources must be a list of objects with a name.")
         # [sim choice] no de-duplication of attributes: the contract does not promise any.
-        attribute = {"id": next(self._ids["attribute"]), "name": name, "value": self._attribute_value(body),
-                     "sources": [{"name": src["name"]} for src in sources]}
+        attribute = {"id": next(self._ids["attribute"]), **self._attribute_fields(body)}
         self._attrs[key].append(attribute)
         return _data([attribute], 201)
 
@@ -622,14 +700,20 @@ class ThreatQSimulator:
             raise FieldError("body", "At least one tag is required.")
         answer, added = [], False
         for name in dict.fromkeys(names):
-            if name not in self._tag_ids:
-                self._tag_ids[name] = next(self._ids["tag"])
-            tag = {"id": self._tag_ids[name], "name": name}
-            if tag not in self._tags[key]:
-                self._tags[key].append(tag)
-                added = True
+            tag, new = self._tag(key, name)
+            added = added or new
             answer.append(tag)
         return _data(answer, 201 if added else 200)
+
+    def _tag(self, key: Key, name: str) -> Tuple[dict, bool]:
+        """The tag ``name`` on the object, added if missing: ``(tag, added)``."""
+        if name not in self._tag_ids:
+            self._tag_ids[name] = next(self._ids["tag"])
+        tag = {"id": self._tag_ids[name], "name": name}
+        if tag in self._tags[key]:
+            return tag, False
+        self._tags[key].append(tag)
+        return tag, True
 
     def _delete_tag(self, collection: str, oid: int, tag_id: int) -> Any:
         tags = self._tags[self._key(collection, oid)]  # [guess] the delete path
@@ -706,14 +790,19 @@ class ThreatQSimulator:
             raise FieldError("body", "At least one id is required.")
         answer, added = [], False
         for target in targets:
-            existing = [p for p, o in self._related(me, collection2) if o == target]
-            if existing:
-                pivot_id = existing[0]
-            else:
-                pivot_id, added = next(self._ids["link_pivot"]), True
-                self._links[pivot_id] = (me, target)
+            pivot_id, new = self._link(me, target)
+            added = added or new
             answer.append(self._with_pivot(pivot_id, target))
         return _data(answer, 201 if added else 200)
+
+    def _link(self, me: Key, target: Key) -> Tuple[int, bool]:
+        """The link between two objects, made if missing: ``(pivot id, added)``."""
+        existing = [p for p, o in self._related(me, target[0]) if o == target]
+        if existing:
+            return existing[0], False
+        pivot_id = next(self._ids["link_pivot"])
+        self._links[pivot_id] = (me, target)
+        return pivot_id, True
 
     def _delete_links(self, collection: str, oid: int, other: str) -> Any:
         """Body ``[pivot_id, ...]``; all or nothing: a pivot id that is not a link of this object
