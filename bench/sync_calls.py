@@ -13,7 +13,9 @@ calls count, and posts, phase by phase, waiting for the inbox to drain after eac
 3. changed updates: half of the cases (severity and status change) and half of the observables
    (the IOC flag set);
 4. unchanged updates: the other half of the cases and observables, each re-sent in the state it
-   already has, with a new audit ``_id`` and a later ``_createdAt``.
+   already has, with a new audit ``_id`` and a later ``_createdAt``;
+5. bursts: per case, a new observable and two changes of it posted back to back (the worker
+   finds the changes queued behind the creation and writes the latest state once).
 
 Every call the simulator answers is in its ``requests`` log; the calls of a phase are those
 logged between its first post and the drained inbox, so each figure is the phase's calls divided
@@ -93,6 +95,21 @@ class World:
                        for j, o in enumerate(self.observables) if j % 2 == 1]
         return cases, observables
 
+    def bursts(self, ts0: int) -> List[dict]:
+        """Per case, a new observable and two changes of it posted back to back, as TheHive sends
+        them when an analyst adds an IOC and edits it at once: the worker finds the updates
+        queued behind the creation and writes the latest state once (coalescing)."""
+        events = []
+        for i, case in enumerate(self.cases):
+            j = 1_000_000 + i
+            obs = observable_object(case, j, "domain", f"burst-{i}.example.net", ts0 + 3 * i)
+            flagged = dict(obs, ioc=True, _updatedAt=ts0 + 3 * i + 1)
+            tagged = dict(flagged, tags=obs["tags"] + ["reviewed"], _updatedAt=ts0 + 3 * i + 2)
+            events += [audit(self.next_id(), "create", ts0 + 3 * i, obs, {k: v for k, v in obs.items() if k != "case"}),
+                       audit(self.next_id(), "update", ts0 + 3 * i + 1, flagged, {"ioc": True}),
+                       audit(self.next_id(), "update", ts0 + 3 * i + 2, tagged, {"tags": tagged["tags"]})]
+        return events
+
 
 class Phases:
     """Posts a phase, waits for the drain, and attributes the simulator's calls to it."""
@@ -170,6 +187,7 @@ def main(argv=None) -> int:
             same_cases, same_obs = world.unchanged_updates(BASE_TS + 30_000_000)
             un_case = phases.run("unchanged case updates", same_cases)
             un_obs = phases.run("unchanged observable updates", same_obs)
+            burst = phases.run("bursts: new observable + 2 updates posted together", world.bursts(BASE_TS + 35_000_000))
 
             # One event of each kind alone, its calls in order.
             print()
@@ -211,13 +229,16 @@ def main(argv=None) -> int:
           f"{unchanged_calls / unchanged_events:13.2f}")
     print(f"{'all phases':34}{total_events:8d}{total_events / total_time:10.1f}"
           f"{sum(len(p['calls']) for p in main_phases) / total_events:13.2f}{total_time:9.1f}")
+    per_burst = len(burst["calls"]) / args.cases
+    print(f"{'burst (3 events of one new object)':34}{burst['events']:8d}{burst['rate']:10.1f}"
+          f"{burst['per_event']:13.2f}{burst['drain_after_post']:9.1f}   = {per_burst:.2f} calls per object")
     print()
     all_answered = all(set(p["answers"]) == {"200"} for p in phases.results.values())
     report.check("every post answered 200", all_answered)
     report.check("every event done, none dead", all(p["drained"] for p in phases.results.values())
                  and final["dead"] == 0 and final["pending"] == 0, f"inbox {final}")
     report.check("ThreatQ holds one event per case and one indicator per observable",
-                 events_in_tq == args.cases + 1 and indicators_in_tq == args.cases * N_TYPES + 1,
+                 events_in_tq == args.cases + 1 and indicators_in_tq == args.cases * (N_TYPES + 1) + 1,
                  f"{events_in_tq} events, {indicators_in_tq} indicators")
     per_unchanged = unchanged_calls / unchanged_events
     report.check(f"an update that changes nothing costs {args.max_calls_unchanged_update:g} ThreatQ calls",

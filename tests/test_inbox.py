@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,6 +166,82 @@ def test_concurrent_puts_create_each_event_once(db_path: Path) -> None:
         assert check.db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == distinct
     finally:
         check.close()
+
+
+def _held_first_write(ib: Inbox, others: int, monkeypatch) -> list:
+    """Make the first transaction wait until ``others`` puts are queued behind it; record the
+    size of every transaction's batch."""
+    real, sizes = ib.write, []
+
+    def write(fn):
+        if not sizes:
+            deadline = time.monotonic() + 10
+            while len(ib._group.queue) < others:
+                assert time.monotonic() < deadline, "the other puts never queued"
+                time.sleep(0.001)
+        result = real(fn)
+        sizes.append(len(result) if isinstance(result, list) else 1)
+        return result
+
+    monkeypatch.setattr(ib, "write", write)
+    return sizes
+
+
+def test_puts_of_one_process_arriving_together_share_one_transaction(db_path: Path, monkeypatch) -> None:
+    """The web threads of a worker share the Inbox: while one commits, the others queue and go in
+    the next transaction together, each answered with its own id (or the first's, if a duplicate)."""
+    ib = Inbox(db_path)
+    sizes = _held_first_write(ib, others=7, monkeypatch=monkeypatch)
+    events_ = [make_event(f"~g-{i}", CASE_A, 1_000 + i) for i in range(7)] + [make_event("~g-3", CASE_A, 1_003)]
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        first = pool.submit(ib.put, *make_event("~g-first", CASE_A, 999))
+        deadline = time.monotonic() + 10
+        while not ib._group.committing:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        rest = [pool.submit(ib.put, *e) for e in events_]
+        results = [first.result(timeout=10)] + [f.result(timeout=10) for f in rest]
+    assert sizes == [1, 8]
+    assert [r.created for r in results] == [True] * 8 + [False]
+    assert results[-1].id == results[4].id  # the duplicate of ~g-3 in the same batch
+    assert len({r.id for r in results}) == 8
+    assert Inbox(db_path).db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 8
+
+
+def test_a_failed_group_transaction_is_retried_put_by_put_so_one_error_fails_one_put(db_path: Path,
+                                                                                     monkeypatch) -> None:
+    ib = Inbox(db_path)
+    real = ib.write
+    calls = {"n": 0}
+
+    def write(fn):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the leader's own put: hold it until the rest has queued
+            deadline = time.monotonic() + 10
+            while len(ib._group.queue) < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            return real(fn)
+        if calls["n"] == 2:
+            raise sqlite3.OperationalError("database is locked")  # the group's transaction
+        if calls["n"] == 3:
+            raise sqlite3.OperationalError("disk I/O error")  # the first put alone fails again
+        return real(fn)
+
+    monkeypatch.setattr(ib, "write", write)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        first = pool.submit(ib.put, *make_event("~lead", CASE_A, 1))
+        deadline = time.monotonic() + 10
+        while not ib._group.committing:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        rest = {name: pool.submit(ib.put, *make_event(name, CASE_A, 2)) for name in ("~a", "~b", "~c")}
+        assert first.result(timeout=10).created
+        outcomes = {name: f.exception(timeout=10) for name, f in rest.items()}
+    failed = [name for name, exc in outcomes.items() if exc is not None]
+    assert len(failed) == 1 and "disk I/O" in str(outcomes[failed[0]])
+    stored = {r["audit_id"] for r in ib.db.execute("SELECT audit_id FROM inbox")}
+    assert stored == {"~lead", "~a", "~b", "~c"} - set(failed)
 
 
 # --- claim and leases --------------------------------------------------------------------------

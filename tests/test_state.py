@@ -162,3 +162,31 @@ def test_open_state_of_an_up_to_date_database_needs_no_write_lock(tmp_path: Path
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_only_what_cannot_be_redone_waits_for_the_disk(tmp_path):
+    """Accepted events commit with synchronous=FULL; the sync's bookkeeping (claims, done marks,
+    object map) with NORMAL, since the idempotent sync redoes whatever a power cut undoes."""
+    from tq_mw_thehive.inbox import Inbox
+    from tq_mw_thehive.sync_state import SyncState
+    from tq_mw_thehive.thehive import events
+
+    path = tmp_path / "state.db"
+    state.open_state(path).close()
+    inbox, sync_state = Inbox(path), SyncState(path)
+    mode = lambda store: store.db.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
+    FULL, NORMAL = 2, 1
+    payload = {"_id": "~1", "objectType": "Case", "operation": "Creation", "objectId": "~9",
+               "object": {"_id": "~9", "_type": "Case", "title": "t"}, "_createdAt": 1}
+    inbox.put(events.parse(payload), "{}")
+    assert mode(inbox) == FULL
+    item = inbox.claim("me")
+    assert mode(inbox) == NORMAL
+    inbox.done(item.id, "me")
+    assert mode(inbox) == NORMAL
+    payload["_id"] = "~2"
+    inbox.put(events.parse(payload), "{}")
+    assert mode(inbox) == FULL
+    sync_state.mark_applied("~9", "case", 1)
+    assert mode(sync_state) == NORMAL
+    assert sync_state.applied_ts("~9") == 1

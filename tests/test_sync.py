@@ -415,3 +415,48 @@ def test_an_indicator_already_in_threatq_is_updated_not_consumed(world):
     (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
     assert indicator["id"] == existing["id"] and indicator["status_id"] == 4  # the analyst's status stands
     assert world.attributes("indicators", existing["id"]) == {"PAP": "AMBER", "Sighted?": "Yes"}
+
+
+def _observable_versions():
+    """The observable's creation, then two updates that TheHive sent before the worker got to it."""
+    created = sample("th5-observable-create-ip.json")
+    ioc = sample("th5-observable-update-ioc.json")
+    tagged = copy.deepcopy(ioc)
+    tagged["_id"], tagged["_createdAt"] = "~2060001", ioc["_createdAt"] + 1_000
+    tagged["object"]["tags"] = ioc["object"]["tags"] + ["late-tag"]
+    return created, ioc, tagged
+
+
+def test_changes_queued_behind_an_event_are_written_once_as_the_latest_state(world, caplog):
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    before = len(world.tq.requests)
+    world.deliver(*_observable_versions())
+    with caplog.at_level("INFO", logger="tq_mw_thehive.worker"):
+        world.drain()
+    once = {"/api/token", "/api/indicator/types", "/api/indicator/statuses"}
+    calls = [(m, p) for m, p in world.tq.requests[before:] if p not in once]
+    assert calls == [("GET", "/api/indicators"), ("POST", "/api/indicators/consume")]
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+    assert "late-tag" in world.tq.tags_of("indicators", indicator["id"])
+    assert world.states() == ["done"] * 4
+    outcomes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sync ")]
+    assert "applied the state of inbox event 4" in outcomes[0]
+    assert ["outcome=synced" in outcomes[0], "outcome=unchanged" in outcomes[1],
+            "outcome=unchanged" in outcomes[2]] == [True, True, True], outcomes
+
+
+def test_a_delete_queued_behind_stops_the_coalescing(world):
+    created, ioc, _ = _observable_versions()
+    delete = {"_id": "~2070000", "_type": "Audit", "action": "delete", "objectType": "Observable",
+              "objectId": created["objectId"], "rootId": CASE_ID, "_createdAt": ioc["_createdAt"] - 1,
+              "details": {"dataType": "ip", "data": "203.0.113.47"}}
+    world.deliver(sample("th5-case-create.json"), created, delete, ioc)
+    world.drain()
+    assert world.states() == ["done"] * 4
+    # The update after the delete was not applied ahead of it: the link went, and came back
+    # only with the later update (the same indicator, never a second one).
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.tq.links_of("indicators", indicator["id"], "events") == [world.event()["id"]]
+    assert ("DELETE", f"/api/indicators/{indicator['id']}/events") in world.tq.requests

@@ -13,10 +13,11 @@ none of its case is leased.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tq_mw_thehive import state
 from tq_mw_thehive.thehive.events import WebhookEvent
@@ -43,6 +44,33 @@ class InboxItem:
     attempts: int
     received_at: float
     lease_until: float
+    order_ts: Optional[int] = None
+
+
+class _Put:
+    """One event waiting in a group commit: its row, then its result or the error that stopped it."""
+
+    __slots__ = ("row", "result", "error")
+
+    def __init__(self, row: tuple) -> None:
+        self.row = row
+        self.result: Optional[PutResult] = None
+        self.error: Optional[BaseException] = None
+
+    def outcome(self) -> PutResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class _Group:
+    """The puts of one process waiting for the transaction that carries them."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.queue: List[_Put] = []
+        self.committing = False
 
 
 class Inbox(state.Store):
@@ -52,25 +80,67 @@ class Inbox(state.Store):
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(path, busy_timeout)
         self.clock = clock
+        self._group = _Group()
 
     def put(self, event: WebhookEvent, body: str) -> PutResult:
-        """Store ``event`` unless its dedup key is already here; committed on return."""
+        """Store ``event`` unless its dedup key is already here; committed on return.
+
+        Group commit: the web threads of a process that put at the same time share one
+        transaction (one fsync, one turn at SQLite's write lock). The first becomes the leader
+        and commits everything queued; the others wait on a condition instead of in SQLite's
+        busy handler, which sleeps up to 100 ms between tries. Every caller still returns only
+        after its own event is committed, or raises the ``sqlite3.Error`` that stopped it.
+        """
         now = self.clock()
         order_ts = event.timestamp_ms if event.timestamp_ms is not None else int(now * 1000)
+        mine = _Put((event.dedup_key, now, order_ts, event.shape, event.audit_id, event.object_type,
+                     event.action, event.object_id, event.case_key, body, now))
+        group = self._group
+        with group.changed:
+            group.queue.append(mine)
+            while mine.result is None and mine.error is None and group.committing:
+                group.changed.wait()
+            if mine.result is not None or mine.error is not None:
+                return mine.outcome()
+            batch, group.queue, group.committing = group.queue, [], True
+        try:
+            self._commit(batch)
+        except BaseException as exc:  # not SQLite's (those are per put): fail the whole batch
+            for put in batch:
+                if put.result is None and put.error is None:
+                    put.error = exc
+        finally:
+            with group.changed:
+                group.committing = False
+                group.changed.notify_all()
+        return mine.outcome()
 
-        def insert(db: sqlite3.Connection) -> PutResult:
+    def _commit(self, batch: List["_Put"]) -> None:
+        """One transaction for ``batch``; if it fails, each put alone, so one error fails one."""
+        def insert(db: sqlite3.Connection, put: "_Put") -> PutResult:
             cur = db.execute(
                 "INSERT OR IGNORE INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, "
                 "object_type, action, object_id, case_key, body, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.dedup_key, now, order_ts, event.shape, event.audit_id, event.object_type,
-                 event.action, event.object_id, event.case_key, body, now))
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", put.row)
             if cur.rowcount == 1:
                 return PutResult(cur.lastrowid, True)
-            row = db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (event.dedup_key,)).fetchone()
+            row = db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (put.row[0],)).fetchone()
             return PutResult(row["id"], False)
 
-        return self.write(insert)
+        try:
+            results = self.write(lambda db: [insert(db, put) for put in batch])
+        except sqlite3.Error as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            for put in batch:
+                try:
+                    put.result = self.write(lambda db: insert(db, put))
+                except sqlite3.Error as single:
+                    put.error = single
+            return
+        for put, result in zip(batch, results):
+            put.result = result
 
     def claim(self, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Optional[InboxItem]:
         """Lease the oldest due event whose case has nothing earlier pending and nothing in flight.
@@ -97,9 +167,30 @@ class Inbox(state.Store):
             return InboxItem(id=row["id"], dedup_key=row["dedup_key"], object_type=row["object_type"],
                              action=row["action"], object_id=row["object_id"], audit_id=row["audit_id"],
                              case_key=row["case_key"], body=row["body"], attempts=row["attempts"] + 1,
-                             received_at=row["received_at"], lease_until=until)
+                             received_at=row["received_at"], lease_until=until, order_ts=row["order_ts"])
 
-        return self.write(take)
+        return self.write(take, durable=False)
+
+    def latest_state(self, item: InboxItem) -> Optional[sqlite3.Row]:
+        """The newest pending create or update of ``item``'s object queued behind it (before any
+        delete of it), or ``None``: its body carries the object's latest state, so applying that
+        once makes the events in between cost nothing (they find it applied).
+
+        Safe while ``item`` is leased: the claim hands out nothing of its case meanwhile.
+        """
+        if item.object_id is None or item.action not in ("create", "update") or item.order_ts is None:
+            return None
+        latest = None
+        for row in self.db.execute(
+                """SELECT id, action, body FROM inbox INDEXED BY inbox_case
+                   WHERE case_key = ? AND state = 'pending' AND (order_ts, id) > (?, ?)
+                     AND object_type = ? AND object_id = ?
+                   ORDER BY order_ts, id""",
+                (item.case_key, item.order_ts, item.id, item.object_type, item.object_id)):
+            if row["action"] not in ("create", "update"):
+                break
+            latest = row
+        return latest
 
     def _finish(self, item_id: int, owner: str, assignments: str, params: tuple) -> bool:
         def update(db: sqlite3.Connection) -> bool:
@@ -109,7 +200,7 @@ class Inbox(state.Store):
                 params + (item_id, owner, self.clock()))
             return cur.rowcount == 1
 
-        return self.write(update)
+        return self.write(update, durable=False)
 
     def extend(self, item_id: int, owner: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
         """Keep a lease for a long event; False if it was lost (another worker may have it)."""
@@ -120,7 +211,7 @@ class Inbox(state.Store):
                              "AND lease_owner = ? AND lease_until > ?", (now + lease_s, item_id, owner, now))
             return cur.rowcount == 1
 
-        return self.write(update)
+        return self.write(update, durable=False)
 
     def done(self, item_id: int, owner: str) -> bool:
         return self._finish(item_id, owner, "state = 'done', finished_at = ?, last_error = NULL",
@@ -147,7 +238,7 @@ class Inbox(state.Store):
                                         (row["id"],)).rowcount
             return freed
 
-        return self.write(release)
+        return self.write(release, durable=False)
 
     def replay(self, ids: Optional[Iterable[int]] = None) -> int:
         """Put dead events (all, or those in ``ids``) back to pending, due now, attempts reset."""

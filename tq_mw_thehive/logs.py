@@ -28,6 +28,7 @@ _CREDENTIAL = re.compile(r"(?i)\b(Bearer|Basic) +(?:(?=[A-Za-z._~+/-]*[0-9])[A-Z
 
 _secrets: set = set()
 _secrets_lock = threading.Lock()
+_longest_first: tuple = ()  # _secrets sorted once per change, not once per log line
 
 
 class LogSetupError(Exception):
@@ -36,14 +37,14 @@ class LogSetupError(Exception):
 
 def add_secrets(values: Iterable[Optional[str]]) -> None:
     """Register values that must never appear in a log line."""
+    global _longest_first
     with _secrets_lock:
         _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
+        _longest_first = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
+    for secret in _longest_first:
         if secret in text:
             text = text.replace(secret, MASK)
     return _CREDENTIAL.sub(lambda m: f"{m.group(1)} {MASK}", text)

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple, TypeVar, Union
+from typing import Callable, List, Optional, Tuple, TypeVar, Union
 
 from tq_mw_thehive import private_files
 
@@ -239,6 +239,8 @@ class Store:
     connections must not be shared across threads mid-transaction.
     """
 
+    DURABLE_WRITES = True  # see ``write``
+
     def __init__(self, path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
@@ -256,6 +258,7 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = connect(self.path, self.busy_timeout)
+            self._local.synchronous = "FULL"
         return db
 
     def close(self) -> None:
@@ -264,9 +267,22 @@ class Store:
             db.close()
             self._local.db = None
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction: committed on return, rolled back on error."""
+    def write(self, fn: Callable[[sqlite3.Connection], T], durable: Optional[bool] = None) -> T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction: committed on return, rolled back on error.
+
+        ``durable`` (default: the store's ``DURABLE_WRITES``) commits with ``synchronous=FULL``:
+        on disk when this returns, even across a power cut. Otherwise ``NORMAL``: safe from a
+        crash of the process and never corrupt, but a power cut may undo the last commits, and
+        the commit does not wait for the disk. That is for what can be redone (the sync's
+        bookkeeping: every sync step is idempotent), so that it does not hold the one write
+        lock through an fsync that the web's puts are waiting behind. A later durable commit
+        makes every earlier one durable too (one WAL).
+        """
         db = self.db
+        mode = "FULL" if (self.DURABLE_WRITES if durable is None else durable) else "NORMAL"
+        if getattr(self._local, "synchronous", "FULL") != mode:
+            db.execute(f"PRAGMA synchronous={mode}")
+            self._local.synchronous = mode
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)

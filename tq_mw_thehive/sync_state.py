@@ -16,6 +16,8 @@ from tq_mw_thehive import state
 class SyncState(state.Store):
     """Tables ``object_map`` and ``sync_state`` (migration 2)."""
 
+    DURABLE_WRITES = False  # redone by the idempotent sync if a power cut undoes them
+
     def tq_ids(self, thehive_id: str, collection: Optional[str] = None) -> List[Tuple[str, int]]:
         """The ThreatQ objects (collection, id) standing for a TheHive case or observable."""
         sql = "SELECT collection, tq_id FROM object_map WHERE thehive_id = ?"

@@ -10,6 +10,7 @@ again when its lease runs out. One log line per event says what happened.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ import socket
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Optional
 
 from tq_mw_thehive.config import Config
@@ -47,6 +49,15 @@ def backoff_s(attempts: int, cap: float = BACKOFF_CAP_S) -> float:
     """Exponential backoff with full jitter in the upper half: 2, 4, 8, … capped at ``cap``."""
     ceiling = min(cap, BACKOFF_FIRST_S * 2 ** max(0, attempts - 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def _has_object(body: str) -> bool:
+    """Whether a stored event carries its object's whole state (``object``), not only a diff."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("object"), dict) and bool(payload["object"])
 
 
 def build_sync(cfg: Config) -> Sync:
@@ -110,7 +121,7 @@ class Worker:
     def _apply(self, item: InboxItem, started: float) -> None:
         outcome: Optional[Outcome] = None
         try:
-            outcome = self.sync.handle(item)
+            outcome = self._handle(item)
         except RETRYABLE as exc:
             self._retry_or_dead(item, f"{type(exc).__name__}: {exc}", started, unexpected=False)
         except PERMANENT as exc:
@@ -123,6 +134,17 @@ class Worker:
                 self._log(item, outcome.result, started, outcome)
             else:
                 self._log(item, "lease_lost", started, outcome, level=logging.WARNING)
+
+    def _handle(self, item: InboxItem) -> Outcome:
+        """Apply ``item``; when later changes of the same object are already queued, apply its
+        latest state instead: one write to ThreatQ for several events (they then find it done)."""
+        latest = self.inbox.latest_state(item)
+        if latest is None or not _has_object(latest["body"]):
+            return self.sync.handle(item)
+        outcome = self.sync.handle(replace(item, body=latest["body"]))
+        note = f"applied the state of inbox event {latest['id']} (queued behind it)"
+        outcome.detail = f"{outcome.detail}; {note}" if outcome.detail else note
+        return outcome
 
     def _retry_or_dead(self, item: InboxItem, error: str, started: float, unexpected: bool) -> None:
         limit = UNEXPECTED_ATTEMPTS if unexpected else self.cfg.sync.max_attempts

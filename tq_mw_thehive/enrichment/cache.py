@@ -46,6 +46,8 @@ class CachedResult:
 class ResultCache(state.Store):
     """Tables ``enrichment_cache`` and ``enrichment_stats`` (migration 3)."""
 
+    DURABLE_WRITES = False  # a cache: what a power cut undoes is looked up again
+
     def __init__(self, path, busy_timeout: float = state.BUSY_TIMEOUT_S,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(path, busy_timeout)
