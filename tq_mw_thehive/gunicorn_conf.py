@@ -14,3 +14,4 @@ control_socket_disable = True
 post_worker_init = server._post_worker_init
 pre_request = server._pre_request
 worker_exit = server._worker_exit
+child_exit = server._child_exit

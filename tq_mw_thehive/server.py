@@ -20,7 +20,7 @@ from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
-from tq_mw_thehive import web
+from tq_mw_thehive import metrics, web
 from tq_mw_thehive.backfill import catch_up_in_background
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
@@ -65,6 +65,7 @@ _worker: Optional[Worker] = None
 def start_app(cfg: Config, name: str = "tq_mw_thehive"):
     """The WSGI app plus this process's sync worker thread, woken by each new event."""
     global _worker
+    metrics.enable_multiprocess(metrics.directory_for(cfg.state_db), master_pid=os.getppid())
     inbox = Inbox(cfg.state_db)
     _worker = Worker(cfg, inbox).start()
     atexit.register(_worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
@@ -79,6 +80,11 @@ def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
     """On a graceful stop, let the event in progress finish before the process exits."""
     if _worker is not None:
         _worker.stop(timeout=server.cfg.graceful_timeout)
+
+
+def _child_exit(server: Any, gunicorn_worker: Any) -> None:
+    """In the master, after a worker is gone: prometheus_client's bookkeeping for its pid."""
+    metrics.process_gone(gunicorn_worker.pid)
 
 
 _DRAINED_BY_GUNICORN = 64 * 1024
@@ -134,6 +140,7 @@ class DaemonApplication(BaseApplication):
             "proc_name": "tq-mw-thehive",
             "when_ready": _when_ready,
             "worker_exit": _worker_exit,
+            "child_exit": _child_exit,
             "post_worker_init": _post_worker_init,
             "pre_request": _pre_request,
         }
@@ -151,4 +158,5 @@ def serve(cfg: Config, listen: Listen) -> None:
     """Run until gunicorn stops (SIGTERM: finish requests in flight, then exit)."""
     log.info("starting listen=%s auth=%s state_db=%s workers=%d threads=%d", listen.bind,
              cfg.webhook.auth, cfg.state_db, listen.workers, listen.threads)
+    metrics.master_prepare(metrics.directory_for(cfg.state_db))  # before the fork: a clean run
     DaemonApplication(cfg, listen).run()

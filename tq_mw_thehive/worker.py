@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Optional
 
+from tq_mw_thehive import metrics
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment.monitor import WatchList
 from tq_mw_thehive.enrichment.runner import Enricher
@@ -163,6 +164,7 @@ class Worker:
 
     def _log(self, item: InboxItem, result: str, started: float, outcome: Optional[Outcome] = None,
              error: str = "", extra: str = "", level: int = logging.INFO) -> None:
+        metrics.event_processed(result)  # every attempt's outcome goes through here, once
         case = f"#{outcome.case_number}" if outcome and outcome.case_number is not None else "-"
         threatq = ",".join(outcome.threatq) if outcome and outcome.threatq else "-"
         detail = outcome.detail if outcome else error

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import requests
 
-from tq_mw_thehive import logs
+from tq_mw_thehive import logs, metrics
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment import gate
 from tq_mw_thehive.enrichment.cache import ResultCache
@@ -86,6 +86,7 @@ class Enricher:
         runs = []
         for info in self.plugins_for(data_type, only):
             run = self._one(info, data_type, value, tlp, pap, scope, bypass_cache)
+            metrics.plugin_ran(run)
             if run.status in ("skipped", "error"):
                 level = logging.WARNING if run.status == "error" else logging.INFO
                 log.log(level, "enrichment %s %s value=%r outcome=%s reason=%r", info.name, data_type,
@@ -109,6 +110,7 @@ class Enricher:
             return run
         if not bypass_cache:
             hit = self.cache.get(info.name, info.version, data_type, value)
+            metrics.enrichment_cache(info.name, hit=hit is not None)
             if hit is not None:
                 self.cache.count(info.name, hit=True)
                 return self._with_result(run, "cached" if hit.found else "not_found", hit.verdict, hit.data,

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Ty
 import requests
 import tenacity
 
-from tq_mw_thehive import logs
+from tq_mw_thehive import logs, metrics
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.threatq import auth
 from tq_mw_thehive.threatq.auth import _error_text as error_text
@@ -215,7 +215,9 @@ class ThreatQClient:
         except requests.RequestException as exc:
             log.debug("%s %s failed: %s after %d ms", method, path, type(exc).__name__,
                       (time.monotonic() - start) * 1000)
+            metrics.threatq_request(method, path, time.monotonic() - start, error=exc)
             raise
+        metrics.threatq_request(method, path, time.monotonic() - start, response.status_code)
         log.debug("%s %s %s %d ms", method, path, response.status_code, (time.monotonic() - start) * 1000)
         return response
 

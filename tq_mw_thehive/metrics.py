@@ -1,0 +1,292 @@
+"""Prometheus metrics: every counter and histogram of the daemon, and ``GET /metrics``.
+
+Why it is shaped this way:
+
+* gunicorn runs several worker processes and a scrape reaches any one of them, so under
+  gunicorn the values live in prometheus_client's multiprocess files (one per process, in
+  ``<state db dir>/.metrics``) and a scrape adds up every process's file. The directory is
+  wiped when a daemon starts (by the embedded master, or by the first worker of a plain
+  ``gunicorn`` master), never when one worker restarts: a dead worker's counts stay in the
+  totals, so a restart neither loses nor double-counts events.
+* prometheus_client picks its value store when a metric value is created, from
+  ``PROMETHEUS_MULTIPROC_DIR``; the state directory is known only after the configuration is
+  read, long after this module is imported. ``enable_multiprocess`` therefore sets the
+  variable, switches the value store and builds the metric objects again, before the worker
+  records anything. Every other process (CLI commands, tests with Flask's test client) keeps
+  the default in-process values.
+* Inbox depth is read from the database at scrape time, so it is right whichever worker
+  answers and never drifts.
+* Labels are low-cardinality on purpose: ThreatQ paths become templates
+  (``/api/indicators/{id}``), rejection reasons and outcomes are fixed words.
+
+Other modules record through the small functions below (one line at each point of
+interest), never through the metric objects, which are replaced on the switch.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import requests
+from flask import Blueprint, Response, current_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tq_mw_thehive_"
+DIRECTORY_NAME = ".metrics"
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+_OWNER_FILE = "owner"
+_LOCK_FILE = ".lock"
+# The classic text format, which every Prometheus version reads (our names need no escaping).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latencies: a loopback ThreatQ answers in milliseconds, a loaded one in seconds; the client's
+# read timeout is 30 s by default, plugins are cut at enrichment.timeout.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+REJECT_REASONS = ("unauthorized", "invalid", "too_large", "unavailable")
+_NUMBER = re.compile(r"^\d+$")
+
+bp = Blueprint("metrics", __name__)
+
+
+class _Metrics:
+    """The metric objects; built again when the value store changes (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(PREFIX + "events_received", "POST /cases requests (webhook events) received",
+                                registry=r)
+        self.queued = Counter(PREFIX + "events_queued", "Events stored in the inbox for the first time", registry=r)
+        self.duplicate = Counter(PREFIX + "events_duplicate", "Events already in the inbox (same dedup key)",
+                                 registry=r)
+        self.ignored = Counter(PREFIX + "events_ignored", "Events answered 'ignored' (types that are not synced)",
+                               registry=r)
+        self.rejected = Counter(PREFIX + "events_rejected", "Webhook requests refused, by reason", ["reason"],
+                                registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        self.processed = Counter(PREFIX + "events_processed", "Inbox events handled by a sync worker, by outcome",
+                                 ["outcome"], registry=r)
+        self.threatq_seconds = Histogram(PREFIX + "threatq_request_duration_seconds",
+                                         "ThreatQ HTTP requests (each attempt), by method and endpoint template",
+                                         ["method", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.threatq_errors = Counter(PREFIX + "threatq_request_errors",
+                                      "ThreatQ requests answered >= 400 or not answered, by status",
+                                      ["method", "endpoint", "status"], registry=r)
+        self.cache_hits = Counter(PREFIX + "enrichment_cache_hits", "Enrichment answers taken from the cache",
+                                  ["plugin"], registry=r)
+        self.cache_misses = Counter(PREFIX + "enrichment_cache_misses",
+                                    "Enrichment lookups not in the cache (a plugin call follows)", ["plugin"],
+                                    registry=r)
+        self.plugin_seconds = Histogram(PREFIX + "enrichment_plugin_duration_seconds",
+                                        "Enrichment plugin lookups (calls, not cache hits), by plugin", ["plugin"],
+                                        buckets=LATENCY_BUCKETS, registry=r)
+
+
+_m = _Metrics()
+_directory: Optional[Path] = None
+
+
+# ------------------------------------------------------------------ recording (one line at each call site)
+
+
+def event_received() -> None:
+    _m.received.inc()
+
+
+def event_answered(outcome: str) -> None:
+    """``queued``, ``duplicate`` or ``ignored``: what ``POST /cases`` answered with a 200."""
+    {"queued": _m.queued, "duplicate": _m.duplicate, "ignored": _m.ignored}[outcome].inc()
+
+
+def event_rejected(reason: str) -> None:
+    """One of ``REJECT_REASONS``: a 401, 400, 413 or 503 answer to ``POST /cases``."""
+    _m.rejected.labels(reason).inc()
+
+
+def event_processed(outcome: str) -> None:
+    """The worker's outcome word for one attempt (synced, unchanged, stale, retry, dead…)."""
+    _m.processed.labels(outcome).inc()
+
+
+def endpoint_template(path: str) -> str:
+    """``/api/indicators/12/attributes/7`` → ``/api/indicators/{id}/attributes/{id}``: one series per call kind."""
+    return "/".join("{id}" if _NUMBER.match(part) else part for part in path.split("?", 1)[0].split("/"))
+
+
+def _no_answer(exc: BaseException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timeout"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection_error"
+    return "request_error"
+
+
+def threatq_request(method: str, path: str, seconds: float, status: Optional[int] = None,
+                    error: Optional[BaseException] = None) -> None:
+    """One HTTP attempt to ThreatQ: its duration, and an error when the answer is >= 400 or missing."""
+    endpoint = endpoint_template(path)
+    _m.threatq_seconds.labels(method, endpoint).observe(seconds)
+    if error is not None:
+        _m.threatq_errors.labels(method, endpoint, _no_answer(error)).inc()
+    elif status is not None and status >= 400:
+        _m.threatq_errors.labels(method, endpoint, str(status)).inc()
+
+
+def enrichment_cache(plugin: str, hit: bool) -> None:
+    (_m.cache_hits if hit else _m.cache_misses).labels(plugin).inc()
+
+
+def plugin_ran(run: Any) -> None:
+    """A ``runner.PluginRun``: its duration when the plugin was actually called."""
+    if run.status in ("fetched", "not_found", "error") and run.ms:
+        _m.plugin_seconds.labels(run.plugin).observe(run.ms / 1000)
+
+
+# ------------------------------------------------------------------ multiprocess mode
+
+
+def directory_for(state_db: Union[str, Path]) -> Path:
+    """Where the per-process metric files of the daemon using ``state_db`` live."""
+    return Path(state_db).parent / DIRECTORY_NAME
+
+
+def _process_stamp(pid: int) -> str:
+    """The pid and its start time: a new master with a reused pid (pid 1 in a container) is new."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            started = stat.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{pid}:{started}"
+
+
+def prepare_directory(directory: Path, master_pid: int, fresh: bool = False) -> None:
+    """Create ``directory`` (0700) and wipe it unless it already belongs to ``master_pid``'s run.
+
+    ``fresh``: wipe regardless (the embedded master, which is starting). A worker passes its
+    master's pid: the first worker of a plain ``gunicorn`` master wipes the files of the
+    previous run, every later or restarted worker keeps them. Serialised with ``flock``.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o077:
+        directory.chmod(0o700)
+    stamp = _process_stamp(master_pid)
+    owner = directory / _OWNER_FILE
+    with open(directory / _LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = owner.read_text(encoding="ascii", errors="replace") if owner.exists() else None
+        if fresh or current != stamp:
+            for stale in directory.glob("*.db"):
+                stale.unlink()
+            tmp = directory / f".{_OWNER_FILE}.{os.getpid()}"
+            tmp.write_text(stamp, encoding="ascii")
+            os.replace(tmp, owner)
+
+
+def enable_multiprocess(directory: Path, master_pid: int) -> bool:
+    """In a gunicorn worker, before anything is recorded: values go to ``directory``'s files.
+
+    False (and a warning) when the directory cannot be used: the worker then serves its own
+    counts only, which beats failing to boot over metrics.
+    """
+    global _m, _directory
+    if _directory == directory:
+        return True
+    try:
+        prepare_directory(directory, master_pid)
+    except OSError as exc:
+        log.warning("metrics directory %s cannot be used (%s): /metrics shows one worker's counts only",
+                    directory, exc)
+        return False
+    os.environ[ENV] = str(directory)
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+    _directory = directory
+    _m = _Metrics()
+    return True
+
+
+def master_prepare(directory: Path) -> None:
+    """In the embedded gunicorn master, before it forks: a clean directory for this run."""
+    try:
+        prepare_directory(directory, os.getpid(), fresh=True)
+    except OSError as exc:
+        log.warning("metrics directory %s cannot be prepared: %s", directory, exc)
+        return
+    os.environ[ENV] = str(directory)  # for process_gone() in this master
+
+
+def process_gone(pid: int) -> None:
+    """gunicorn's ``child_exit``: drop the dead worker's live-gauge files (its counters stay)."""
+    path = os.environ.get(ENV)
+    if path and os.path.isdir(path):
+        multiprocess.mark_process_dead(pid, path)
+
+
+# ------------------------------------------------------------------ exposition
+
+
+class InboxCollector:
+    """Inbox depth from the database at scrape time (the same numbers as ``/healthz``)."""
+
+    STATES = ("queued", "in_progress", "waiting_retry", "done", "dead")
+
+    def __init__(self, inbox: Any) -> None:
+        self.inbox = inbox
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.inbox.stats()
+        except sqlite3.Error as exc:  # a locked or broken database must not break the scrape
+            log.warning("metrics: inbox depth not read: %s", exc)
+            return
+        yield GaugeMetricFamily(PREFIX + "inbox_depth", "Inbox events not done or dead yet (pending)",
+                                value=stats["pending"])
+        by_state = GaugeMetricFamily(PREFIX + "inbox_events", "Inbox events by state", labels=["state"])
+        for state in self.STATES:
+            by_state.add_metric([state], stats[state])
+        yield by_state
+        yield GaugeMetricFamily(PREFIX + "inbox_oldest_pending_age_seconds",
+                                "Age of the oldest pending event (0 when none)",
+                                value=stats["oldest_pending_age_s"] or 0.0)
+
+
+class _Delegate:
+    """The in-process registry as one collector of the scrape registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        return self.registry.collect()
+
+
+def exposition(inbox: Any = None) -> bytes:
+    """The Prometheus text exposition: every process's values (multiprocess) or this one's."""
+    registry = CollectorRegistry()
+    if _directory is not None:
+        multiprocess.MultiProcessCollector(registry, path=str(_directory))
+    else:
+        registry.register(_Delegate(_m.registry))
+    if inbox is not None:
+        registry.register(InboxCollector(inbox))
+    return generate_latest(registry)
+
+
+@bp.route("/metrics", methods=["GET"])
+def scrape() -> Response:
+    """No authentication, like Prometheus exporters: it is on the webhook listener (see README)."""
+    from tq_mw_thehive.web import EXTENSION  # web imports this module
+
+    inbox = current_app.extensions[EXTENSION]["inbox"]
+    return Response(exposition(inbox), mimetype=None, content_type=CONTENT_TYPE)
