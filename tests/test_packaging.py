@@ -23,6 +23,8 @@ def test_plain_install_gives_console_script_module_and_plugins(tmp_path):
     run(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
         "--target", str(target), str(ROOT), cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(target)}
+    # server imports everything the daemon runs (web, status page, worker, enrichment): all installed.
+    run(sys.executable, "-c", "import tq_mw_thehive.server", cwd=tmp_path, env=env)
     where = run(sys.executable, "-c", "import tq_mw_thehive, tq_mw_thehive.plugins as p; "
                 "print(tq_mw_thehive.__file__); print(p.__file__)", cwd=tmp_path, env=env).split()
     assert all(Path(w).is_relative_to(target) for w in where), where

@@ -165,12 +165,19 @@ class EnrichmentConfig:
     plugins: Dict[str, Dict[str, Any]] = _opt(dict, None)
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    # Protects GET /status; while it is unset the status page is disabled (404).
+    admin_token: Optional[str] = _opt(str, secret=True, check=_non_empty)
+
+
 _SECTIONS = {
     "threatq": ThreatQConfig,
     "thehive": TheHiveConfig,
     "webhook": WebhookConfig,
     "sync": SyncConfig,
     "enrichment": EnrichmentConfig,
+    "web": WebConfig,
 }
 _REQUIRED_SECTIONS = ("threatq", "thehive")
 
@@ -182,6 +189,7 @@ class Config:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     enrichment: EnrichmentConfig = field(default_factory=EnrichmentConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     state_db: Path = Path(DEFAULT_STATE_DB)
     config_dir: Path = Path(".")
 

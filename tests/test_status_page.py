@@ -1,0 +1,331 @@
+"""The status page through Flask's test client: disabled, authentication, CSRF, figures, escaping."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import sqlite3
+from html import unescape
+
+import pytest
+
+from conftest import minimal_config, sample
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive import logs, startup, state
+from tq_mw_thehive.enrichment.cache import ResultCache
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.status_page import COOKIE, AdminAuth, age_text
+from tq_mw_thehive.sync_state import SyncState
+from tq_mw_thehive.thehive import events
+from tq_mw_thehive.web import create_app
+
+ADMIN_TOKEN = "admin-token-7c1f0e9b2d4a"
+HOSTILE = '<script>alert("x")</script>"><img src=x onerror=alert(1)>'
+BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def observable_event(i: int, object_id: str = None) -> dict:
+    event = copy.deepcopy(sample("th5-observable-create-ip.json"))
+    event["_id"] = f"~9{i:06d}"
+    event["objectId"] = object_id or f"~7{i:06d}"
+    event["rootId"] = f"~5{i:06d}"
+    event["_createdAt"] = event["_createdAt"] + i
+    return event
+
+
+@pytest.fixture
+def make(tmp_path):
+    def make(admin_token=ADMIN_TOKEN, clock=None):
+        raw = minimal_config(web={"admin_token": admin_token}) if admin_token else minimal_config()
+        cfg = config_mod.from_dict(raw, tmp_path)
+        state.open_state(cfg.state_db).close()
+        inbox = Inbox(cfg.state_db, clock=clock or Clock())
+        app = create_app(cfg, inbox=inbox)
+        return cfg, inbox, app.test_client()
+
+    return make
+
+
+def put(inbox: Inbox, payload: dict) -> int:
+    return inbox.put(events.parse(payload), json.dumps(payload)).id
+
+
+def finish(inbox: Inbox, outcome: str, reason: str = "") -> int:
+    item = inbox.claim("test-owner")
+    assert item is not None
+    if outcome == "done":
+        assert inbox.done(item.id, "test-owner")
+    else:
+        assert inbox.dead(item.id, "test-owner", reason)
+    return item.id
+
+
+def seeded(inbox: Inbox):
+    """Two done, one dead (hostile reason), one pending with a hostile object id."""
+    for i in range(3):
+        put(inbox, observable_event(i))
+    done = [finish(inbox, "done"), finish(inbox, "done")]
+    dead = finish(inbox, "dead", f"ThreatQPermanentError: 400 {HOSTILE}")
+    pending = put(inbox, observable_event(3, object_id=HOSTILE))
+    return done, dead, pending
+
+
+def figure(html: str, element_id: str) -> str:
+    match = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', html)
+    assert match, element_id
+    return unescape(match.group(1)).strip()
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([0-9a-f]+)"', html).group(1)
+
+
+def login(client) -> str:
+    response = client.post("/status/login", data={"token": ADMIN_TOKEN})
+    assert response.status_code == 303
+    return client.get("/status").get_data(as_text=True)
+
+
+# --- disabled ---------------------------------------------------------------------------------
+
+def test_disabled_without_admin_token(make):
+    _, inbox, client = make(admin_token=None)
+    put(inbox, observable_event(0))
+    finish(inbox, "dead", "x")
+    for response in (client.get("/status", headers=BEARER), client.post("/status/login", data={"token": "x"}),
+                     client.post("/status/replay/1", headers=BEARER)):
+        assert response.status_code == 404
+        assert response.mimetype == "text/html"
+        assert "disabled: set web.admin_token" in response.get_data(as_text=True)
+    assert inbox.get(1)["state"] == "dead"
+
+
+def test_empty_admin_token_is_a_config_error(tmp_path):
+    with pytest.raises(config_mod.ConfigError, match="web.admin_token: must not be empty"):
+        config_mod.from_dict(minimal_config(web={"admin_token": "  "}), tmp_path)
+
+
+def test_admin_token_from_env_is_a_secret_for_the_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQ_MW_ADMIN_TOKEN", ADMIN_TOKEN)
+    (tmp_path / "config.yaml").write_text(json.dumps(minimal_config(web={"admin_token": "${TQ_MW_ADMIN_TOKEN}"})))
+    cfg = startup.load_config(tmp_path)
+    assert cfg.web.admin_token == ADMIN_TOKEN
+    assert ADMIN_TOKEN in cfg.secrets()
+    assert ADMIN_TOKEN not in repr(cfg)
+    assert ADMIN_TOKEN not in logs.redact(f"token {ADMIN_TOKEN}")
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+def test_no_credentials_get_a_login_form_with_safe_headers(make):
+    _, _, client = make()
+    response = client.get("/status")
+    assert response.status_code == 401
+    body = response.get_data(as_text=True)
+    assert '<form method="post" action="/status/login">' in body and 'name="token"' in body
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    assert "script-src" not in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert "no-store" in response.headers["Cache-Control"]
+
+
+def test_wrong_token_is_refused_and_logged_without_it(make, caplog):
+    _, _, client = make()
+    wrong = "guessed-token-123456"
+    with caplog.at_level(logging.INFO):
+        assert client.get("/status", headers={"Authorization": f"Bearer {wrong}"}).status_code == 403
+        assert client.get("/status", headers={"Authorization": f"Basic {ADMIN_TOKEN}"}).status_code == 403
+        response = client.post("/status/login", data={"token": wrong})
+    assert response.status_code == 403
+    assert "Wrong admin token" in response.get_data(as_text=True)
+    assert COOKIE not in response.headers.get("Set-Cookie", "")
+    assert "reason='wrong admin token'" in caplog.text
+    assert wrong not in caplog.text and ADMIN_TOKEN not in caplog.text
+
+
+def test_bearer_token_shows_the_page(make):
+    _, _, client = make()
+    response = client.get("/status", headers=BEARER)
+    assert response.status_code == 200
+    assert "tq-mw-thehive status" in response.get_data(as_text=True)
+
+
+def test_login_sets_a_strict_http_only_signed_cookie(make):
+    _, _, client = make()
+    response = client.post("/status/login", data={"token": ADMIN_TOKEN})
+    assert response.status_code == 303 and response.headers["Location"].endswith("/status")
+    cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Path=/status" in cookie
+    assert client.get("/status").status_code == 200
+    # A tampered cookie, or one signed under another admin token, is refused.
+    value = cookie.split(";")[0].split("=", 1)[1]
+    fresh = client.application.test_client(use_cookies=False)  # each request says its own cookie
+    assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={value}"}).status_code == 200
+    tampered = value[:-1] + ("0" if value[-1] != "0" else "1")
+    assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={tampered}"}).status_code == 401
+    foreign = AdminAuth("another-token").new_session()
+    assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={foreign}"}).status_code == 401
+
+
+def test_session_expires():
+    clock = Clock()
+    auth = AdminAuth(ADMIN_TOKEN, clock=clock)
+    cookie = auth.new_session()
+    assert auth.session_id(cookie)
+    clock.now += 13 * 3600
+    assert auth.session_id(cookie) is None
+    for bad in ("", "x", "1.2", "1.2.3", "a.b.c", None):
+        assert auth.session_id(bad) is None
+
+
+def test_logout_needs_csrf_and_clears_the_cookie(make):
+    _, _, client = make()
+    html = login(client)
+    assert client.post("/status/logout").status_code == 403
+    response = client.post("/status/logout", data={"csrf_token": csrf_of(html)})
+    assert response.status_code == 303
+    assert client.get("/status").status_code == 401
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+def test_figures_match_the_database(make):
+    cfg, inbox, client = make()
+    done, dead, pending = seeded(inbox)
+    html = client.get("/status", headers=BEARER).get_data(as_text=True)
+    counts = dict(inbox.db.execute("SELECT state, COUNT(*) FROM inbox GROUP BY state").fetchall())
+    assert figure(html, "count-pending") == str(counts["pending"]) == "1"
+    assert figure(html, "count-done") == str(counts["done"]) == "2"
+    assert figure(html, "count-dead") == str(counts["dead"]) == "1"
+    inbox.clock.now += 195
+    html = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert figure(html, "oldest-pending") == "3 min 15 s"
+    assert figure(html, "events-24h") == "4"
+    assert html.count('data-count="4"') == 1  # the current hour's bar
+    rows = re.findall(r'<tr data-inbox-id="(\d+)" data-state="(\w+)">', html)
+    assert rows == [(str(pending), "pending"), (str(dead), "dead"), (str(done[1]), "done"), (str(done[0]), "done")]
+    assert f'id="replay-{dead}"' in html
+
+
+def test_links_to_threatq_objects(make):
+    cfg, inbox, client = make()
+    put(inbox, observable_event(0))
+    item_id = finish(inbox, "done")
+    row = inbox.get(item_id)
+    sync_state = SyncState(cfg.state_db)
+    sync_state.record(row["object_id"], "observable", "indicators", 31, case_id=row["case_key"][5:])
+    sync_state.record(row["case_key"][5:], "case", "events", 12)
+    html = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert 'href="http://127.0.0.1:9/indicators/31/details"' in html
+    assert 'href="http://127.0.0.1:9/events/12/details"' in html
+
+
+def test_cache_hit_rate_and_plugin_states(make):
+    cfg, _, client = make()
+    cache = ResultCache(cfg.state_db)
+    for hit in (True, True, False):
+        cache.count("geoip", hit=hit, miss=not hit)
+    cache.count("domain", hit=True)
+    html = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert figure(html, "cache-hit-rate") == "75%"
+    assert re.search(r'data-plugin="virustotal">.*?class="plugin-state">missing key: VIRUSTOTAL', html, re.S)
+    assert re.search(r'data-plugin="geoip">.*?class="plugin-state">enabled<', html, re.S)
+
+
+def test_hourly_counts_fill_empty_hours(tmp_path):
+    clock = Clock(1_800_000_000.0 - 1_800_000_000.0 % 3600 + 1800)  # half past an hour
+    inbox = Inbox.open(tmp_path / "db.sqlite", clock=clock)
+    put(inbox, observable_event(0))
+    clock.now -= 2 * 3600
+    put(inbox, observable_event(1))
+    put(inbox, observable_event(2))
+    clock.now -= 30 * 3600  # outside the window
+    put(inbox, observable_event(3))
+    clock.now += 32 * 3600
+    counts = inbox.hourly_counts(24)
+    assert len(counts) == 24 and counts[-1] == (clock.now - 1800, 1)
+    assert [n for _, n in counts][-3:] == [2, 0, 1] and sum(n for _, n in counts) == 3
+
+
+def test_age_text():
+    assert [age_text(s) for s in (None, 5, 65, 7260, 90000)] == \
+        ["none pending", "5 s", "1 min 05 s", "2 h 01 min", "1 d 01 h"]
+
+
+def test_hostile_text_is_escaped(make):
+    _, inbox, client = make()
+    seeded(inbox)
+    html = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert "<script" not in html and "<img" not in html
+    assert "&lt;script&gt;" in html and "onerror=alert(1)&gt;" in html
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+def test_replay_needs_the_session_csrf_token(make, tmp_path):
+    _, inbox, client = make()
+    _, dead, _ = seeded(inbox)
+    html = login(client)
+    assert client.post(f"/status/replay/{dead}").status_code == 403
+    assert client.post(f"/status/replay/{dead}", data={"csrf_token": "0" * 64}).status_code == 403
+    other = AdminAuth(ADMIN_TOKEN)  # a token of another session does not work in this one
+    assert client.post(f"/status/replay/{dead}", data={"csrf_token": other.csrf_token("other")}).status_code == 403
+    assert inbox.get(dead)["state"] == "dead"
+
+    response = client.post(f"/status/replay/{dead}", data={"csrf_token": csrf_of(html)})
+    assert response.status_code == 303
+    assert response.headers["Location"].endswith(f"/status?replayed={dead}#dead-letters")
+    row = inbox.get(dead)
+    assert (row["state"], row["attempts"]) == ("pending", 0)
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert f"Event {dead} is pending again." in page
+
+
+def test_replay_without_login_or_of_a_live_event(make):
+    _, inbox, client = make()
+    done, dead, pending = seeded(inbox)
+    assert client.post(f"/status/replay/{dead}").status_code == 401
+    csrf = csrf_of(client.get("/status", headers=BEARER).get_data(as_text=True))
+    assert client.post(f"/status/replay/{done[0]}", headers=BEARER, data={"csrf_token": csrf}).status_code == 409
+    assert client.post("/status/replay/999", headers=BEARER, data={"csrf_token": csrf}).status_code == 404
+    assert client.post(f"/status/replay/{2 ** 70}", headers=BEARER, data={"csrf_token": csrf}).status_code == 404
+    assert inbox.get(done[0])["state"] == "done"
+    woken = []
+    app = client.application
+    app.extensions["tq_mw_thehive.status_page"].on_replayed = lambda: woken.append(1)
+    assert client.post(f"/status/replay/{dead}", headers=BEARER, data={"csrf_token": csrf}).status_code == 303
+    assert woken == [1]
+
+
+def test_odd_query_and_cookie_values_are_no_500(make):
+    _, _, client = make()
+    for replayed in ("²", "1" * 40, "-1", "<b>"):
+        response = client.get("/status", query_string={"replayed": replayed}, headers=BEARER)
+        assert response.status_code == 200 and "pending again" not in response.get_data(as_text=True)
+    fresh = client.application.test_client(use_cookies=False)
+    for cookie in ("².a.b", "9" * 40 + ".a.b", "..", "\u00e9"):
+        assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={cookie}"}).status_code == 401
+    assert client.get("/status", headers={"Authorization": "Bearer \u00e9\u00e9"}).status_code == 403
+
+
+def test_a_database_error_is_a_503_page(make, monkeypatch):
+    _, inbox, client = make()
+
+    def locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(inbox, "stats", locked)
+    response = client.get("/status", headers=BEARER)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert "state database cannot be read" in response.get_data(as_text=True)
