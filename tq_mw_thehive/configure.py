@@ -16,7 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import click
 
@@ -191,28 +191,40 @@ def _hocon_string(value: str) -> str:
     return json.dumps(value)
 
 
-def thehive_instructions(cfg: Config, url: str) -> str:
-    """What to paste into TheHive 4 and 5 so that they call this daemon, filled in."""
+NOTIFICATION_PATH = "/api/config/organisation/notification"
+SECRET_MASK = "********"
+
+
+def notification_entry() -> dict:
+    """TheHive 4's organisation notification that sends every event (AnyEvent) to our endpoint."""
+    return {"delegate": False, "trigger": {"name": "AnyEvent"},
+            "notifier": {"name": "webhook", "endpoint": ENDPOINT_NAME}}
+
+
+def auth_blocks(cfg: Config, show_secrets: bool = True) -> Tuple[str, str]:
+    """(TheHive 4 HOCON ``auth`` block, TheHive 5 Authentication fields) for ``webhook.*``.
+
+    With ``show_secrets`` off the token or password reads ``SECRET_MASK`` (for a preview).
+    """
     hook = cfg.webhook
+    secret = (lambda value: value or "") if show_secrets else (lambda value: SECRET_MASK)
     if hook.auth == "basic":
         auth4 = (f'{{type: "basic", username: {_hocon_string(hook.username or "")}, '
-                 f'password: {_hocon_string(hook.password or "")}}}')
-        auth5 = f"Basic, username {hook.username}, password {hook.password}"
+                 f'password: {_hocon_string(secret(hook.password))}}}')
+        auth5 = f"Basic, username {hook.username}, password {secret(hook.password)}"
     elif hook.auth in ("bearer", "key"):
-        auth4 = f'{{type: "{hook.auth}", key: {_hocon_string(hook.token or "")}}}'
-        auth5 = f"{'Bearer' if hook.auth == 'bearer' else 'Key'}, key {hook.token}"
+        auth4 = f'{{type: "{hook.auth}", key: {_hocon_string(secret(hook.token))}}}'
+        auth5 = f"{'Bearer' if hook.auth == 'bearer' else 'Key'}, key {secret(hook.token)}"
     else:
         auth4 = '{type: "none"}'
         auth5 = "None"
-    activation = json.dumps({"value": [{"delegate": False, "trigger": {"name": "AnyEvent"},
-                                        "notifier": {"name": "webhook", "endpoint": ENDPOINT_NAME}}]},
-                            separators=(",", ":"))
-    thehive = cfg.thehive.url.rstrip("/")
-    org_header = (f" \\\n  -H {shlex.quote('X-Organisation: ' + cfg.thehive.organisation)}"
-                  if cfg.thehive.organisation else "")
-    return f"""\
-TheHive 4: add this endpoint to /etc/thehive/application.conf and restart TheHive:
+    return auth4, auth5
 
+
+def thehive4_endpoint(cfg: Config, url: str, show_secrets: bool = True) -> str:
+    """The ``notification.webhook.endpoints`` entry for TheHive 4's application.conf."""
+    auth4, _ = auth_blocks(cfg, show_secrets)
+    return f"""\
 notification.webhook.endpoints = [
   {{
     name: {ENDPOINT_NAME}
@@ -224,15 +236,13 @@ notification.webhook.endpoints = [
     auth: {auth4}
   }}
 ]
+"""
 
-Then enable the notification for your organisation (an org admin's API key; set
-TQ_MW_THEHIVE_API_KEY to it first):
 
-curl -XPUT -H "Authorization: Bearer $TQ_MW_THEHIVE_API_KEY" \\
-  -H 'Content-Type: application/json'{org_header} \\
-  {shlex.quote(thehive + '/api/config/organisation/notification')} \\
-  -d {shlex.quote(activation)}
-
+def thehive5_endpoint(cfg: Config, url: str, show_secrets: bool = True) -> str:
+    """TheHive 5's webhook endpoint form (Organization > Endpoints) and the notification to add."""
+    _, auth5 = auth_blocks(cfg, show_secrets)
+    return f"""\
 TheHive 5: Organization > Endpoints > + (Webhook):
   Name:            {ENDPOINT_NAME}
   URL:             {url}
@@ -240,6 +250,27 @@ TheHive 5: Organization > Endpoints > + (Webhook):
   Authentication:  {auth5}
 then Organization > Notifications > +: trigger AnyEvent, notifier Webhook, endpoint {ENDPOINT_NAME}.
 """
+
+
+def thehive_instructions(cfg: Config, url: str) -> str:
+    """What to paste into TheHive 4 and 5 so that they call this daemon, filled in."""
+    activation = json.dumps({"value": [notification_entry()]}, separators=(",", ":"))
+    thehive = cfg.thehive.url.rstrip("/")
+    org_header = (f" \\\n  -H {shlex.quote('X-Organisation: ' + cfg.thehive.organisation)}"
+                  if cfg.thehive.organisation else "")
+    return f"""\
+TheHive 4: add this endpoint to /etc/thehive/application.conf and restart TheHive:
+
+{thehive4_endpoint(cfg, url)}
+Then enable the notification for your organisation (an org admin's API key; set
+TQ_MW_THEHIVE_API_KEY to it first), or run `tq-mw-thehive thehive-setup --thehive-version 4`:
+
+curl -XPUT -H "Authorization: Bearer $TQ_MW_THEHIVE_API_KEY" \\
+  -H 'Content-Type: application/json'{org_header} \\
+  {shlex.quote(thehive + NOTIFICATION_PATH)} \\
+  -d {shlex.quote(activation)}
+
+{thehive5_endpoint(cfg, url)}"""
 
 
 def run(answers: Answers, config_dir: Path, *, listener_ip: str, port: int, disable_ssl: bool,

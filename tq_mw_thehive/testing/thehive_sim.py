@@ -50,6 +50,10 @@ class TheHiveSimulator:
         self._next_id = 4096
         self._next_number = 1
         self._last_ms = 0
+        # TheHive 4 organisation configuration (see _add_config_routes): organisation -> name -> value.
+        self.org_config: Dict[str, Dict[str, Any]] = {}
+        self.manage_config = True     # False: the key lacks manageConfig (403 on PUT)
+        self.config_readable = True   # False: GET of a configuration item answers 404
         self.app = self._build_app()
 
     # -- data helpers ---------------------------------------------------------------------------
@@ -231,7 +235,46 @@ class TheHiveSimulator:
                     return _error(404, "NotFoundError", f"Observable {observable_id} not found")
                 return jsonify(_served(observable))
 
+        self._add_config_routes(app)
         return app
+
+    # -- TheHive 4 organisation configuration (`tq-mw-thehive thehive-setup`) --------------------------
+
+    def notifications(self, organisation: str = "default") -> List[dict]:
+        """The ``notification`` list stored for an organisation (a copy)."""
+        with self._lock:
+            return copy.deepcopy(self.org_config.get(organisation, {}).get("notification", []))
+
+    def _add_config_routes(self, app: Flask) -> None:
+        """``PUT``/``GET /api/config/organisation/<name>``: reference §1 documents the PUT and its
+        body ``{"value": ...}``. [guess] The GET, its ``{path, defaultValue, value}`` answer (the shape
+        of TheHive 4's ConfigCtrl user items), the PUT answering the same and 403 without manageConfig."""
+
+        def organisation() -> str:
+            return request.headers.get("X-Organisation") or self.organisation or "default"
+
+        def item(name: str, value: Any):
+            return jsonify({"path": name, "defaultValue": [] if name == "notification" else None, "value": value})
+
+        @app.put("/api/config/organisation/<name>")
+        def put_org_config(name: str):
+            if not self.manage_config:
+                return _error(403, "AuthorizationError", "You need manageConfig permission to set configuration")
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict) or "value" not in body:
+                return _error(400, "BadRequest", "Invalid JSON body: expected {\"value\": ...}")
+            with self._lock:
+                self.org_config.setdefault(organisation(), {})[name] = copy.deepcopy(body["value"])
+            return item(name, body["value"])
+
+        @app.get("/api/config/organisation/<name>")
+        def get_org_config(name: str):
+            if not self.config_readable:
+                return _error(404, "NotFoundError", f"Configuration {name} not found")
+            with self._lock:
+                stored = self.org_config.get(organisation(), {})
+                value = copy.deepcopy(stored.get(name, [] if name == "notification" else None))
+            return item(name, value)
 
 
 def _served(obj: dict) -> dict:

@@ -132,6 +132,18 @@ class TheHiveClient:
         """
         return self._pages("list-observables", self._listing("listObservable", since_ms))
 
+    # -- organisation configuration (TheHive 4; `tq-mw-thehive thehive-setup`) ---------------------
+
+    def organisation_config(self, name: str) -> Any:
+        """``GET /api/config/organisation/{name}``: ``{path, defaultValue, value}`` [guess: the read side
+        and its shape are not in the reference; callers must cope with a 404 or another shape]."""
+        return self._request("GET", f"/api/config/organisation/{name}")
+
+    def set_organisation_config(self, name: str, value: Any) -> Any:
+        """``PUT /api/config/organisation/{name}`` with ``{"value": value}`` (an org admin's key,
+        permission ``manageConfig``); TheHive's answer body, or None for 204."""
+        return self._request("PUT", f"/api/config/organisation/{name}", json={"value": value})
+
     # -- query building and paging ------------------------------------------------------------
 
     @staticmethod
@@ -221,6 +233,8 @@ class TheHiveClient:
             raise TheHiveUnavailable(f"{where}: HTTP 429: rate limited{self._detail(response)}")
         if status >= 400:
             raise TheHiveError(f"{where}: HTTP {status}{self._detail(response)}")
+        if status == 204 or not response.content:
+            return None  # e.g. a configuration PUT answered "No Content"
         try:
             return response.json()
         except ValueError:

@@ -228,3 +228,22 @@ def parse(payload: Any) -> WebhookEvent:
         dedup_key=_dedup_key(payload, audit_id, action_key, timestamp_key),
         ignore_reason=ignore,
     )
+
+
+# --- the self-test of `tq-mw-thehive check` ----------------------------------------------------
+
+# No TheHive object type is spelled like this. The web app stores an event of this type already
+# finished (so no worker ever claims or syncs it) and `check` removes the row by its id: the
+# self-test proves authentication, decoding and a database write end to end, and leaves nothing.
+SELF_TEST_OBJECT_TYPE = "tq_mw_thehive_self_test"
+
+
+def self_test_payload(nonce: str, now_ms: int) -> Dict[str, Any]:
+    """A TheHive 5 version 1 shaped body whose ``objectType`` marks it as the self-test."""
+    return {"_id": f"self-test-{nonce}", "_type": "Audit", "_createdAt": now_ms, "action": "create",
+            "objectType": SELF_TEST_OBJECT_TYPE, "objectId": f"self-test-{nonce}",
+            "rootId": f"self-test-{nonce}", "details": {}, "object": {}}
+
+
+def is_self_test(event: WebhookEvent) -> bool:
+    return event.object_type == SELF_TEST_OBJECT_TYPE

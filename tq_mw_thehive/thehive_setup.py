@@ -1,0 +1,171 @@
+"""``tq-mw-thehive thehive-setup``: make TheHive call this daemon.
+
+TheHive 4 takes the endpoint from its application.conf (printed here, filled in) and the
+organisation's notification through ``PUT /api/config/organisation/notification`` (reference
+``thehive-webhooks.md`` §1), which this command sends after showing it and asking. That PUT
+replaces the organisation's whole notification list, so the current list is read first and our
+entry is added to it. TheHive 5 has no such API: the endpoint and notification are made in its
+UI, and this command prints the exact values to enter. The texts come from ``configure``, which
+prints the same instructions after a configuration run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+import click
+
+from tq_mw_thehive import configure, logs, startup
+from tq_mw_thehive.configure import ENDPOINT_NAME, NOTIFICATION_PATH, SECRET_MASK
+from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError, TheHiveNotFound, TheHiveUnavailable
+
+NOTIFICATION = NOTIFICATION_PATH.rsplit("/", 1)[1]  # the organisation configuration item's name
+CACHE_NOTE = "TheHive applies notification changes within 5 minutes (it caches them)."
+
+
+class SetupError(Exception):
+    """The registration cannot go on; the message says why (exit code 1)."""
+
+
+def is_ours(entry: Any) -> bool:
+    """Whether a notification entry already sends every event to our endpoint."""
+    if not isinstance(entry, dict):
+        return False
+    notifier, trigger = entry.get("notifier"), entry.get("trigger")
+    return (isinstance(notifier, dict) and notifier.get("name") == "webhook"
+            and notifier.get("endpoint") == ENDPOINT_NAME
+            and isinstance(trigger, dict) and trigger.get("name") == "AnyEvent")
+
+
+def read_notifications(client: TheHiveClient) -> Tuple[Optional[List[Any]], Optional[str]]:
+    """(the organisation's notification list, None) or (None, why it cannot be read).
+
+    A refused key or an outage raises ``SetupError``: the PUT would fail the same way.
+    """
+    try:
+        item = client.organisation_config(NOTIFICATION)
+    except TheHiveUnavailable as exc:
+        raise SetupError(str(exc)) from None
+    except TheHiveNotFound:
+        return None, "TheHive does not serve GET " + NOTIFICATION_PATH
+    except TheHiveError as exc:
+        return None, str(exc)
+    value = item.get("value") if isinstance(item, dict) else None
+    if isinstance(value, list):
+        return value, None
+    return None, "TheHive answered GET " + NOTIFICATION_PATH + " in an unexpected shape"
+
+
+def planned_value(current: Optional[List[Any]]) -> Optional[List[Any]]:
+    """What to PUT: the current list plus our entry; None when it is already there."""
+    if current is None:
+        return [configure.notification_entry()]
+    if any(is_ours(entry) for entry in current):
+        return None
+    return list(current) + [configure.notification_entry()]
+
+
+def preview(client: TheHiveClient, value: List[Any]) -> str:
+    """The request as it will be sent, the API key masked."""
+    lines = [f"PUT {client.url}{NOTIFICATION_PATH}", f"Authorization: Bearer {SECRET_MASK}"]
+    if client.organisation:
+        lines.append(f"X-Organisation: {client.organisation}")
+    lines += ["Content-Type: application/json", "", json.dumps({"value": value}, indent=2)]
+    return "\n".join(lines)
+
+
+def register(client: TheHiveClient, yes: bool, confirm=click.confirm, echo=click.echo) -> bool:
+    """Show, ask, PUT and read back the notification; True when TheHive has it (or already had it)."""
+    current, unreadable = read_notifications(client)
+    value = planned_value(current)
+    if value is None:
+        echo(f"The organisation already sends every event (AnyEvent) to endpoint {ENDPOINT_NAME}: nothing to send.")
+        return True
+    echo("This request enables the notification (AnyEvent -> webhook endpoint "
+         f"{ENDPOINT_NAME}) for the organisation of the API key:\n")
+    echo(preview(client, value))
+    echo("")
+    if unreadable:
+        echo(f"Warning: the current notification list could not be read ({unreadable}). This PUT "
+             "replaces the organisation's whole list: if it has other notifications, add them to the "
+             "body and send it yourself (the curl command of `tq-mw-thehive configure`).")
+    elif current:
+        echo(f"It keeps the organisation's {len(current)} other notification(s).")
+    if not yes and not confirm("Send it?", default=False):
+        echo("Nothing was sent.")
+        return False
+    try:
+        client.set_organisation_config(NOTIFICATION, value)
+    except TheHiveError as exc:
+        raise SetupError(f"{exc} (an org admin's API key, permission manageConfig, is needed: "
+                         "--api-key or TQ_MW_THEHIVE_ADMIN_API_KEY)") from None
+    echo(f"Sent: TheHive accepted PUT {NOTIFICATION_PATH}.")
+    after, unreadable = read_notifications(client)
+    if after is None:
+        echo(f"It cannot be read back ({unreadable}): check Organisation > Notifications in TheHive.")
+    elif not any(is_ours(entry) for entry in after):
+        raise SetupError("TheHive accepted the PUT but does not list the notification when read back")
+    else:
+        echo("Verified: TheHive lists the notification. " + CACHE_NOTE)
+    return True
+
+
+@click.command("thehive-setup")
+@click.option("--thehive-version", type=click.Choice(["4", "5"]), required=True,
+              help="4: print the endpoint and register the notification through the API; "
+                   "5: print what to enter in TheHive's UI (TheHive 5 has no API for it).")
+@click.option("--webhook-url", metavar="URL",
+              help="The URL TheHive posts to (default: from -li/-p, as `configure` prints it).")
+@click.option("--api-key", envvar="TQ_MW_THEHIVE_ADMIN_API_KEY", show_envvar=True,
+              help="TheHive 4: an org admin's API key for the PUT (default thehive.api_key; "
+                   "prefer the variable).")
+@click.option("-y", "--yes", is_flag=True, help="TheHive 4: send without asking.")
+@click.option("--mask-secrets", is_flag=True,
+              help=f"Print the webhook token/password as {SECRET_MASK} (e.g. on a shared screen).")
+@click.pass_obj
+def thehive_setup_command(obj: Any, thehive_version: str, webhook_url: Optional[str], api_key: Optional[str],
+                          yes: bool, mask_secrets: bool, **given: Any) -> None:
+    """Make TheHive call this daemon: the endpoint (filled in) and, for TheHive 4, the notification.
+
+    The endpoint block holds the webhook secret, filled in so that it can be pasted as is
+    (--mask-secrets hides it); it goes to this terminal only, never to a log.
+    """
+    opts = obj.merged(**given)
+    try:
+        startup.setup_logging(None, "1")
+        cfg = startup.load_config(opts.config_dir, disable_ssl=opts.disable_ssl)
+    except startup.StartupError as exc:
+        click.echo(f"tq-mw-thehive: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    listen = opts.listen()
+    url = webhook_url or configure.webhook_url(listen.ip, listen.port)
+    show = not mask_secrets
+    if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Note: TheHive must reach {url}; a loopback address works only when TheHive runs on "
+                   "this host (otherwise pass -li or --webhook-url).\n")
+    if thehive_version == "5":
+        click.echo(configure.thehive5_endpoint(cfg, url, show))
+        click.echo("TheHive 5 has no API for this: enter these values in its UI, then run "
+                   f"`tq-mw-thehive check -c {opts.config_dir}`.")
+        return
+    click.echo("1. Add this endpoint to /etc/thehive/application.conf (every TheHive node) and "
+               "restart TheHive:\n")
+    click.echo(configure.thehive4_endpoint(cfg, url, show))
+    click.echo("2. Enable the notification for the organisation.\n")
+    key = api_key or cfg.thehive.api_key
+    if not key:
+        click.echo("tq-mw-thehive: error: no TheHive API key: set thehive.api_key or pass an org admin's "
+                   "key with TQ_MW_THEHIVE_ADMIN_API_KEY", err=True)
+        sys.exit(2)
+    logs.add_secrets([key])
+    client = TheHiveClient(cfg.thehive.url, key, organisation=cfg.thehive.organisation,
+                           verify=cfg.thehive.verify_ssl, attempts=2, max_wait_s=1.0)
+    try:
+        registered = register(client, yes)
+    except SetupError as exc:
+        click.echo(f"tq-mw-thehive: error: {exc}", err=True)
+        sys.exit(1)
+    if not registered:
+        sys.exit(1)
