@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from tq_mw_thehive import state
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.progress import Progress
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 
@@ -157,6 +158,15 @@ class Backfill:
                 self.progress(result)
 
 
+def backfill_progress(shown) -> Callable[[BackfillResult], None]:
+    """A ``Backfill`` progress callback that reports to a ``tq_mw_thehive.progress.Progress``
+    (done: cases read; TheHive's listing gives no total)."""
+    def report(result: BackfillResult) -> None:
+        shown.update(result.cases, observables=result.observables, queued=result.queued,
+                     duplicates=result.duplicates)
+    return report
+
+
 def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[], None],
                            run_id: str) -> threading.Thread:
     """Run one catch-up in a thread, unless this daemon run (``run_id``: the gunicorn master)
@@ -183,9 +193,18 @@ def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[]
             log.warning("catch-up not started: %s", exc)
             return
         started = time.monotonic()
+        # Inside the daemon progress is always log lines, never a bar, whatever stderr is.
+        shown = Progress("catch-up", interactive=False, logger=log)
+        report = backfill_progress(shown)
+
+        def progress(result: BackfillResult) -> None:
+            report(result)
+            if result.queued:
+                on_queued()
+
         try:
             backfill = Backfill(inbox, TheHiveClient.from_config(cfg), marks, SyncState(cfg.state_db),
-                                progress=lambda r: on_queued() if r.queued else None)
+                                progress=progress)
             result = backfill.run()
             marks.record_done(run_id)
             log.info("catch-up done cases=%d observables=%d queued=%d duplicates=%d ms=%.0f", result.cases,
