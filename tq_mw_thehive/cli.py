@@ -254,27 +254,66 @@ def worker_command(obj: Options, **given: Any) -> None:
     worker.run_forever()
 
 
+REPLAY_BATCH = 500        # dead letters put back per transaction: short write locks, visible progress
+REPLAY_WAIT_POLL_S = 1.0  # how often `replay --wait` looks at the inbox
+
+
 @cli.command("replay")
 @_config_option
+@_logging_options
 @click.option("--id", "ids", type=int, multiple=True, metavar="N",
               help="Replay only dead letter N (repeatable). Default: all dead letters.")
+@click.option("--wait", is_flag=True,
+              help="Then follow the replayed events until none is pending (the daemon or "
+                   "`tq-mw-thehive worker` must be running); exit 1 if some are dead again.")
 @click.pass_obj
-def replay_command(obj: Options, ids: tuple, **given: Any) -> None:
+def replay_command(obj: Options, ids: tuple, wait: bool, **given: Any) -> None:
     """Put dead letters back into the inbox, once the cause is fixed; a running daemon picks them up."""
+    from tq_mw_thehive.progress import Progress
+
     opts = obj.merged(**given)
+    tty = sys.stderr.isatty()
     try:
+        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
         cfg = startup.load_config(opts.config_dir)
         inbox = Inbox.open(cfg.state_db)
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
     except state.StateError as exc:
         _fail(exc, 1)
-    missing = [i for i in ids if (row := inbox.get(i)) is None or row["state"] != "dead"]
-    count = inbox.replay(list(ids) if ids else None)
+    targets = inbox.dead_ids(ids or None)
+    dead = set(targets)
+    missing = [i for i in ids if i not in dead]
+    count = 0
+    with Progress("replay", total=len(targets), interactive=tty) as shown:
+        for start in range(0, len(targets), REPLAY_BATCH):
+            count += inbox.replay(targets[start:start + REPLAY_BATCH])
+            shown.update(count)
     click.echo(f"replayed {count} dead letter(s)")
     if missing:
         click.echo(f"not dead letters: {', '.join(map(str, missing))}", err=True)
+    dead_again = _follow_replayed(inbox, targets, tty) if wait and targets else 0
+    if missing or dead_again:
         sys.exit(1)
+
+
+def _follow_replayed(inbox: Inbox, ids: List[int], tty: bool) -> int:
+    """Show the replayed events leaving the inbox (pending going to zero); how many died again."""
+    from tq_mw_thehive.progress import Progress
+
+    with Progress("replay-wait", total=len(ids), interactive=tty) as shown:
+        while True:
+            counts = inbox.states_of(ids)
+            pending = counts.get("pending", 0)
+            shown.update(len(ids) - pending, pending=pending, synced=counts.get("done", 0),
+                         dead=counts.get("dead", 0))
+            if not pending:
+                break
+            time.sleep(REPLAY_WAIT_POLL_S)
+    click.echo(f"synced {counts.get('done', 0)}, dead again {counts.get('dead', 0)}")
+    if counts.get("dead"):
+        click.echo("some replayed events are dead again: `tq-mw-thehive status` and the log say why", err=True)
+    return counts.get("dead", 0)
 
 
 def _load(opts: Options):
@@ -362,6 +401,45 @@ def cache_clear_command(obj: Options, plugin: Optional[str], **given: Any) -> No
 
     removed = ResultCache(_load(obj.merged(**given)).state_db).clear(plugin)
     click.echo(f"removed {removed} cached result(s)")
+
+
+@cache_group.command("warm")
+@_config_option
+@_logging_options
+@click.option("--plugin", help="Only this plugin.")
+@click.pass_obj
+def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> None:
+    """Look up every known indicator value whose cached result is missing or expired.
+
+    Known values: the watch list and the observables already synced (as their latest event
+    in the inbox carries them). The TLP/PAP gate and the plugin states apply as in the daemon.
+    """
+    from tq_mw_thehive.enrichment.runner import Enricher
+    from tq_mw_thehive.enrichment.warmup import KnownValues, Warmer
+    from tq_mw_thehive.progress import Progress
+    from tq_mw_thehive.type_mapping import TypeMapping
+
+    opts = obj.merged(**given)
+    tty = sys.stderr.isatty()
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
+    cfg = _load(opts)
+    if not cfg.enrichment.enabled:
+        _fail("enrichment.enabled is false: nothing to warm", 2)
+    enricher = Enricher.from_config(cfg)
+    if plugin and plugin not in {p.name for p in enricher.registry.loaded()}:
+        enricher.close()
+        _fail(f"no loaded plugin {plugin!r} (see `tq-mw-thehive plugins`)", 2)
+    try:
+        values = KnownValues(cfg.state_db).collect(TypeMapping.from_config(cfg.sync), cfg.sync.indicator_status)
+        with Progress("cache-warm", total=len(values), interactive=tty) as shown:
+            counts = Warmer(enricher).run(values, only=plugin, progress=shown)
+    finally:
+        enricher.close()
+    click.echo(f"cache warm: {len(values)} value(s); {counts['fetched']} fetched, {counts['not_found']} not found, "
+               f"{counts['fresh']} already cached, {counts['skipped']} skipped, {counts['error']} error(s)")
 
 
 @cli.group("keys")
@@ -583,15 +661,18 @@ def backfill_command(obj: Options, since: Optional[str], everything: bool, **giv
     Reads cases and their observables from TheHive's API (paged, oldest change first) and
     puts them into the inbox like webhooks; re-running is harmless.
     """
-    from tq_mw_thehive.backfill import Backfill, Marks
+    from tq_mw_thehive.backfill import Backfill, Marks, backfill_progress
+    from tq_mw_thehive.progress import Progress
     from tq_mw_thehive.sync_state import SyncState
     from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError
 
     if since and everything:
         _fail("--since and --all exclude each other", 2)
     opts = obj.merged(**given)
+    tty = sys.stderr.isatty()
     try:
-        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir else "1"))
+        # Off a terminal, progress is log lines at info: they are shown unless -v 1 asks for quiet.
+        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
     cfg = _load(opts)
@@ -601,30 +682,25 @@ def backfill_command(obj: Options, since: Optional[str], everything: bool, **giv
     marks = Marks(cfg.state_db)
     if since_ms is None and not everything and marks.get() is None:
         _fail("no previous run to continue from: use --since ISO8601 or --all", 2)
-    tty = sys.stderr.isatty()
-    last = [0.0]
-    log = logging.getLogger("tq_mw_thehive.backfill")
-
-    def progress(result) -> None:
-        line = (f"cases {result.cases}, observables {result.observables}, queued {result.queued}, "
-                f"already queued {result.duplicates}")
-        if tty:
-            click.echo("\r" + line, nl=False, err=True)
-        elif time.monotonic() - last[0] >= 5:
-            last[0] = time.monotonic()
-            log.info("backfill progress %s", line)
-
+    # TheHive's listing gives no total: progress counts cases read, without an ETA.
+    shown = Progress("backfill", interactive=tty)
     try:
         result = Backfill(Inbox(cfg.state_db), TheHiveClient.from_config(cfg), marks, SyncState(cfg.state_db),
-                          progress=progress).run(since_ms, everything)
+                          progress=backfill_progress(shown)).run(since_ms, everything)
     except TheHiveError as exc:
-        if tty:
-            click.echo("", err=True)
+        shown.finish(stopped="yes")
         _fail(f"{exc} (what was queued stays queued; run backfill again to resume)", 1)
-    if tty:
-        click.echo("", err=True)
+    shown.finish()
     click.echo(f"backfill: {result.cases} case(s), {result.observables} observable(s); {result.queued} queued, "
                f"{result.duplicates} already queued")
+
+
+# Defined in their own modules; they take the same -c/-ll/-p/-li... options as the daemon.
+from tq_mw_thehive.check import check_command  # noqa: E402
+from tq_mw_thehive.thehive_setup import thehive_setup_command  # noqa: E402
+
+cli.add_command(_server_options(_logging_options(_config_option(check_command))))
+cli.add_command(_server_options(_config_option(thehive_setup_command)))
 
 
 def main() -> None:

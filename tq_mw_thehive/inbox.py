@@ -253,6 +253,25 @@ class Inbox(state.Store):
 
         return self.write(update)
 
+    def dead_ids(self, ids: Optional[Iterable[int]] = None) -> List[int]:
+        """The dead events (all, or those of ``ids``) as of now, oldest first: what a replay
+        works through in batches, so that it can show progress and never replays an event
+        that died again during the same replay."""
+        if ids is None:
+            return [r["id"] for r in self.db.execute("SELECT id FROM inbox WHERE state = 'dead' ORDER BY id")]
+        wanted = sorted(set(ids))
+        return [i for i in wanted if (row := self.get(i)) is not None and row["state"] == "dead"]
+
+    def states_of(self, ids: Sequence[int], chunk: int = 500) -> Dict[str, int]:
+        """How many of ``ids`` are in each state (``replay --wait`` follows them to done or dead)."""
+        counts: Dict[str, int] = {}
+        for start in range(0, len(ids), chunk):
+            part = list(ids[start:start + chunk])
+            for row in self.db.execute(f"SELECT state, COUNT(*) AS n FROM inbox WHERE id IN "
+                                       f"({','.join('?' * len(part))}) GROUP BY state", part):
+                counts[row["state"]] = counts.get(row["state"], 0) + row["n"]
+        return counts
+
     def get(self, item_id: int) -> Optional[sqlite3.Row]:
         return self.db.execute("SELECT * FROM inbox WHERE id = ?", (item_id,)).fetchone()
 
@@ -290,3 +309,59 @@ class Inbox(state.Store):
         """Raise ``sqlite3.Error`` unless a write commits now (what ``/healthz`` reports)."""
         self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
                                           "('healthz_at', ?)", (str(self.clock()),)))
+
+    # --- read-only views for the status page (status_page.py) ----------------------------------
+
+    _VIEW_COLUMNS = ("id, received_at, object_type, action, object_id, audit_id, case_key, state, "
+                     "attempts, next_attempt_at, lease_until, last_error, finished_at")
+
+    def recent(self, limit: int = 50) -> List[sqlite3.Row]:
+        """The newest ``limit`` events, newest first, without their bodies (a read, never waits)."""
+        return self.db.execute(f"SELECT {self._VIEW_COLUMNS} FROM inbox ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+
+    def dead_letters(self, limit: int = 100) -> List[sqlite3.Row]:
+        """Dead events, the most recently given up first, with the reason in ``last_error``."""
+        return self.db.execute(f"SELECT {self._VIEW_COLUMNS} FROM inbox WHERE state = 'dead' "
+                               "ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
+
+    def hourly_counts(self, hours: int = 24) -> List[Tuple[float, int]]:
+        """Events received per clock hour over the last ``hours`` hours, oldest first, empty hours as 0.
+
+        Each entry is (start of the hour as a Unix time, count); the last one is the current hour.
+        """
+        now = self.clock()
+        current = now - now % 3600
+        first = current - (hours - 1) * 3600
+        counts = {row["hour"]: row["n"] for row in self.db.execute(
+            "SELECT CAST(received_at / 3600 AS INTEGER) * 3600 AS hour, COUNT(*) AS n FROM inbox "
+            "WHERE received_at >= ? GROUP BY hour", (first,))}
+        return [(first + i * 3600, counts.get(int(first + i * 3600), 0)) for i in range(hours)]
+
+    # --- the self-test of `tq-mw-thehive check` (events.SELF_TEST_OBJECT_TYPE) -----------------
+
+    def put_self_test(self, event: WebhookEvent, body: str) -> int:
+        """Store a self-test event already ``done``, so that no worker ever claims it; its id.
+
+        It takes the same write path as a real event (one committed transaction), which is what
+        the self-test proves; ``remove_self_test`` deletes it again.
+        """
+        now = self.clock()
+
+        def insert(db: sqlite3.Connection) -> int:
+            db.execute(
+                "INSERT OR IGNORE INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, object_type, "
+                "action, object_id, case_key, body, next_attempt_at, state, finished_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'done', ?)",
+                (event.dedup_key, now, int(now * 1000), event.shape, event.audit_id, event.object_type,
+                 event.action, event.object_id, event.case_key, body, now, now))
+            return db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (event.dedup_key,)).fetchone()["id"]
+
+        return self.write(insert)
+
+    def remove_self_test(self, item_id: int) -> bool:
+        """Delete self-test row ``item_id``; never any other row. False if there was none."""
+        from tq_mw_thehive.thehive.events import SELF_TEST_OBJECT_TYPE
+
+        return self.write(lambda db: db.execute("DELETE FROM inbox WHERE id = ? AND object_type = ?",
+                                                (item_id, SELF_TEST_OBJECT_TYPE)).rowcount == 1)

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from tq_mw_thehive import metrics
 from tq_mw_thehive.config import Config, WebhookConfig
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
@@ -118,6 +119,7 @@ def _log_event(event: events.WebhookEvent, outcome: str, started: float, inbox_i
 @bp.route("/cases", methods=["POST"], strict_slashes=False)
 def receive_event():
     started = time.monotonic()
+    metrics.event_received()
     ext = current_app.extensions[EXTENSION]
     auth: WebhookAuth = ext["auth"]
     if not auth.check(request.headers.get("Authorization")):
@@ -125,6 +127,7 @@ def receive_event():
                     "missing Authorization header" if "Authorization" not in request.headers
                     else "wrong credentials")
         headers = {"WWW_Authenticate": auth.challenge} if auth.challenge else {}
+        metrics.event_rejected("unauthorized")
         return _error(401, "authentication required", **headers)
     body = request.get_data(cache=False)
     if len(body) >= current_app.config["MAX_CONTENT_LENGTH"] and request.content_length != len(body):
@@ -136,10 +139,19 @@ def receive_event():
         event = events.parse(payload)
     except events.PayloadError as exc:
         log.warning("rejected outcome=invalid remote=%s reason=%r", request.remote_addr, str(exc))
+        metrics.event_rejected("invalid")
         return _error(400, str(exc))
+    if events.is_self_test(event):  # `tq-mw-thehive check`: stored already done (never synced), then removed
+        try:
+            self_test_id = ext["inbox"].put_self_test(event, text)
+        except sqlite3.Error:
+            return _error(503, "state database unavailable; retry later", Retry_After=RETRY_AFTER_S)
+        _log_event(event, "self-test", started, inbox_id=self_test_id)
+        return jsonify({"status": "self-test", "id": self_test_id, "audit_id": event.audit_id})
 
     if event.ignore_reason:
         _log_event(event, "ignored", started, reason=event.ignore_reason)
+        metrics.event_answered("ignored")
         return jsonify({"status": "ignored", "reason": event.ignore_reason})
 
     inbox: Inbox = ext["inbox"]
@@ -149,9 +161,11 @@ def receive_event():
         log.error("event audit=%s type=%s action=%s object=%s outcome=unavailable error=%r",
                   event.audit_id or "-", event.raw_object_type, event.raw_action,
                   event.object_id or "-", str(exc))
+        metrics.event_rejected("unavailable")
         return _error(503, "state database unavailable; retry later", Retry_After=RETRY_AFTER_S)
     outcome = "queued" if result.created else "duplicate"
     _log_event(event, outcome, started, inbox_id=result.id)
+    metrics.event_answered(outcome)
     if result.created and ext["on_queued"] is not None:
         ext["on_queued"]()
     return jsonify({"status": outcome, "id": result.id, "audit_id": event.audit_id,
@@ -175,6 +189,7 @@ def _http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
         limit = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
         log.warning("rejected outcome=too_large remote=%s limit_mb=%g", request.remote_addr, limit)
+        metrics.event_rejected("too_large")
         return _error(413, f"body larger than webhook.max_body_mb ({limit:g} MB)")
     response = _error(exc.code or 500, exc.description or exc.name)
     for name, value in exc.get_headers():
@@ -208,6 +223,9 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
         "on_queued": on_queued,
     }
     app.register_blueprint(bp)
+    app.register_blueprint(metrics.bp)  # GET /metrics (metrics.py)
+    from tq_mw_thehive.status_page import register_status_page  # GET /status (status_page.py)
+    register_status_page(app, cfg, app.extensions[EXTENSION]["inbox"], on_replayed=on_queued)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
