@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import pytest
 import yaml
@@ -165,3 +165,26 @@ def make_world(tmp_path, servers):
 @pytest.fixture
 def world(make_world) -> World:
     return make_world()
+
+
+# --- Prometheus exposition, parsed for assertions (tests/test_metrics.py, tests/e2e) -----------
+
+MetricSamples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> MetricSamples:
+    """Every sample of an exposition, keyed by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: MetricSamples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric_value(samples: MetricSamples, name: str, **labels: str) -> float:
+    """One sample of ``tq_mw_thehive_<name>``; 0 when absent (a counter never incremented)."""
+    from tq_mw_thehive.metrics import PREFIX
+
+    return samples.get((PREFIX + name, tuple(sorted(labels.items()))), 0.0)

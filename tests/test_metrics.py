@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, Tuple
 
 import pytest
 import requests
@@ -18,6 +17,7 @@ import responses
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import WEBHOOK_TOKEN, minimal_config, sample, sample_text
+from conftest import MetricSamples as Samples, metric_value as value, parse_metrics as parse
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import metrics, state, web
 from tq_mw_thehive.enrichment.plugin import NotFound
@@ -30,19 +30,6 @@ from tq_mw_thehive.worker import Worker
 
 BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 P = metrics.PREFIX
-Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> Samples:
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((P + name, tuple(sorted(labels.items()))), 0.0)
 
 
 def current() -> Samples:

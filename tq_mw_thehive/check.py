@@ -176,20 +176,24 @@ def check_indicator_types(ctx: Context) -> Result:
     return _ok(name, f"ok (all {len(wanted)} types of the {which} mapping exist)")
 
 
-def check_indicator_status(ctx: Context) -> Result:
-    name = "indicator status"
-    if ctx.cfg is None or ctx.tq is None:
-        return _skip(name, "skipped: needs ThreatQ authentication")
-    status = ctx.cfg.sync.indicator_status
+def _name_exists(name: str, lookup: Callable[[str], int], wanted: str, fix: str, ctx: Context) -> Result:
+    """One ThreatQ name → id look-up: ok, or the fix listing the names the instance has."""
     try:
-        ctx.tq.indicator_status_id(status)
+        lookup(wanted)
     except ThreatQError as exc:
         if not _missing_name(exc):
             return _fail(name, str(exc), _threatq_fix(ctx, exc))
         known = _known_names(exc)
-        return _fail(name, f"{json.dumps(status)} not found in ThreatQ",
-                     "set sync.indicator_status to a status ThreatQ has" + (f": {known}" if known else ""))
-    return _ok(name, f"ok ({json.dumps(status)})")
+        return _fail(name, f"{json.dumps(wanted)} not found in ThreatQ", fix + (f": {known}" if known else ""))
+    return _ok(name, f"ok ({json.dumps(wanted)})")
+
+
+def check_indicator_status(ctx: Context) -> Result:
+    name = "indicator status"
+    if ctx.cfg is None or ctx.tq is None:
+        return _skip(name, "skipped: needs ThreatQ authentication")
+    return _name_exists(name, ctx.tq.indicator_status_id, ctx.cfg.sync.indicator_status,
+                        "set sync.indicator_status to a status ThreatQ has", ctx)
 
 
 def check_event_type(ctx: Context) -> Result:
@@ -198,17 +202,8 @@ def check_event_type(ctx: Context) -> Result:
         return _skip(name, "skipped: needs ThreatQ authentication")
     if ctx.cfg.sync.cases_as == "incident":
         return _skip(name, "not used: sync.cases_as is incident")
-    event_type = ctx.cfg.sync.event_type
-    try:
-        ctx.tq.event_type_id(event_type)
-    except ThreatQError as exc:
-        if not _missing_name(exc):
-            return _fail(name, str(exc), _threatq_fix(ctx, exc))
-        known = _known_names(exc)
-        return _fail(name, f"{json.dumps(event_type)} not found in ThreatQ",
-                     "create the event type in ThreatQ, or set sync.event_type to one it has"
-                     + (f": {known}" if known else ""))
-    return _ok(name, f"ok ({json.dumps(event_type)})")
+    return _name_exists(name, ctx.tq.event_type_id, ctx.cfg.sync.event_type,
+                        "create the event type in ThreatQ, or set sync.event_type to one it has", ctx)
 
 
 def check_incident_object(ctx: Context) -> Result:

@@ -272,9 +272,8 @@ def replay_command(obj: Options, ids: tuple, wait: bool, **given: Any) -> None:
     from tq_mw_thehive.progress import Progress
 
     opts = obj.merged(**given)
-    tty = sys.stderr.isatty()
     try:
-        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+        tty = _progress_logging(opts)
         cfg = startup.load_config(opts.config_dir)
         inbox = Inbox.open(cfg.state_db)
     except startup.StartupError as exc:
@@ -314,6 +313,16 @@ def _follow_replayed(inbox: Inbox, ids: List[int], tty: bool) -> int:
     if counts.get("dead"):
         click.echo("some replayed events are dead again: `tq-mw-thehive status` and the log say why", err=True)
     return counts.get("dead", 0)
+
+
+def _progress_logging(opts: Options) -> bool:
+    """Logging for a long job; True when stderr is a terminal (progress as a bar, not log lines).
+
+    Off a terminal, progress is log lines at info: shown unless ``-v 1`` asks for quiet.
+    """
+    tty = sys.stderr.isatty()
+    startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+    return tty
 
 
 def _load(opts: Options):
@@ -420,9 +429,8 @@ def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> Non
     from tq_mw_thehive.type_mapping import TypeMapping
 
     opts = obj.merged(**given)
-    tty = sys.stderr.isatty()
     try:
-        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+        tty = _progress_logging(opts)
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
     cfg = _load(opts)
@@ -669,10 +677,8 @@ def backfill_command(obj: Options, since: Optional[str], everything: bool, **giv
     if since and everything:
         _fail("--since and --all exclude each other", 2)
     opts = obj.merged(**given)
-    tty = sys.stderr.isatty()
     try:
-        # Off a terminal, progress is log lines at info: they are shown unless -v 1 asks for quiet.
-        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+        tty = _progress_logging(opts)
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
     cfg = _load(opts)

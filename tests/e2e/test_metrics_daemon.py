@@ -17,15 +17,15 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import pytest
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import WEBHOOK_TOKEN, sample, write_config
+from conftest import MetricSamples as Samples, metric_value as value, parse_metrics as parse
 from tq_mw_thehive import metrics
 from tq_mw_thehive.testing.daemon import Daemon, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
@@ -40,19 +40,6 @@ BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}", "Content-Type": "applicati
 P = metrics.PREFIX
 FAULTS = 5
 TERMINAL_EXCLUDED = ("retry", "lease_lost")  # attempts that leave the event pending
-Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> Samples:
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((P + name, tuple(sorted(labels.items()))), 0.0)
 
 
 def total(samples: Samples, name: str, **fixed: str) -> float:
