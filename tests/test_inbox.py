@@ -543,3 +543,16 @@ def test_locked_database_is_reported_and_recovers(db_path: Path, clock: FakeCloc
     assert result.created is True  # the failed put left nothing behind
     assert ib.db.execute("SELECT value FROM meta WHERE key = 'healthz_at'").fetchone()[0] == str(T0)
     ib.close()
+
+
+def test_put_many_stores_a_batch_in_one_transaction_with_put_s_results(inbox: Inbox, monkeypatch) -> None:
+    """What backfill uses: a case and its observables in one commit, duplicates answered as put does."""
+    put(inbox, "~m-1")
+    writes = []
+    real = inbox.write
+    monkeypatch.setattr(inbox, "write", lambda fn, **kw: writes.append(fn) or real(fn, **kw))
+    results = inbox.put_many([make_event(f"~m-{i}", CASE_A, 1_000 + i) for i in range(4)])
+    assert len(writes) == 1
+    assert [r.created for r in results] == [True, False, True, True]  # ~m-1 was already there
+    assert results[1].id == 1 and len({r.id for r in results}) == 4
+    assert inbox.put_many([]) == []

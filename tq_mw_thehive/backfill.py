@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from tq_mw_thehive import state
 from tq_mw_thehive.inbox import Inbox
@@ -109,12 +109,13 @@ class Backfill:
         self.sync_state = sync_state
         self.progress = progress
 
-    def _queue(self, payload: dict, result: BackfillResult) -> None:
-        put = self.inbox.put(events.parse(payload), json.dumps(payload))
-        if put.created:
-            result.queued += 1
-        else:
-            result.duplicates += 1
+    def _queue(self, payloads: List[dict], result: BackfillResult) -> None:
+        """Store ``payloads`` (a case and its observables) in one transaction."""
+        for put in self.inbox.put_many([(events.parse(p), json.dumps(p)) for p in payloads]):
+            if put.created:
+                result.queued += 1
+            else:
+                result.duplicates += 1
 
     def run(self, since_ms: Optional[int] = None, everything: bool = False) -> BackfillResult:
         """Queue cases and observables changed since ``since_ms`` (default: the mark; all with ``everything``)."""
@@ -125,13 +126,14 @@ class Backfill:
         queued_observables = set()
         for case in self.thehive.iter_cases(None if everything else since_ms):
             case_id = case["_id"]
-            self._queue(_event("Case", case, case_id), result)
-            result.cases += 1
+            payloads = [_event("Case", case, case_id)]
             for observable in self.thehive.iter_case_observables(case_id):
                 if everything or since_ms is None or _updated(observable) >= since_ms:
-                    self._queue(_event("Observable", dict(observable, case=case), case_id), result)
+                    payloads.append(_event("Observable", dict(observable, case=case), case_id))
                     queued_observables.add(observable["_id"])
-                    result.observables += 1
+            self._queue(payloads, result)
+            result.cases += 1
+            result.observables += len(payloads) - 1
             # The whole case is queued: the mark may pass it.
             result.mark_ms = max(result.mark_ms or 0, _updated(case))
             self.marks.advance(result.mark_ms)
@@ -152,7 +154,7 @@ class Backfill:
                 log.info("catch-up: observable %s changed but its case is unknown here; it is synced when its "
                          "case next changes", observable["_id"])
                 continue
-            self._queue(_event("Observable", observable, case_id), result)
+            self._queue([_event("Observable", observable, case_id)], result)
             result.observables += 1
             if self.progress:
                 self.progress(result)

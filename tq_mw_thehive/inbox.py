@@ -91,10 +91,7 @@ class Inbox(state.Store):
         busy handler, which sleeps up to 100 ms between tries. Every caller still returns only
         after its own event is committed, or raises the ``sqlite3.Error`` that stopped it.
         """
-        now = self.clock()
-        order_ts = event.timestamp_ms if event.timestamp_ms is not None else int(now * 1000)
-        mine = _Put((event.dedup_key, now, order_ts, event.shape, event.audit_id, event.object_type,
-                     event.action, event.object_id, event.case_key, body, now))
+        mine = _Put(self._row(event, body))
         group = self._group
         with group.changed:
             group.queue.append(mine)
@@ -114,6 +111,21 @@ class Inbox(state.Store):
                 group.committing = False
                 group.changed.notify_all()
         return mine.outcome()
+
+    def put_many(self, items: Sequence[Tuple[WebhookEvent, str]]) -> List[PutResult]:
+        """``put`` for several events at once (a backfilled case and its observables): one
+        transaction, committed on return; each result as ``put`` would give it."""
+        batch = [_Put(self._row(event, body)) for event, body in items]
+        if batch:
+            self._commit(batch)
+        return [put.outcome() for put in batch]
+
+    def _row(self, event: WebhookEvent, body: str) -> tuple:
+        """The inbox columns of a new event, in the order ``_commit`` inserts them."""
+        now = self.clock()
+        order_ts = event.timestamp_ms if event.timestamp_ms is not None else int(now * 1000)
+        return (event.dedup_key, now, order_ts, event.shape, event.audit_id, event.object_type, event.action,
+                event.object_id, event.case_key, body, now)
 
     def _commit(self, batch: List["_Put"]) -> None:
         """One transaction for ``batch``; if it fails, each put alone, so one error fails one."""
