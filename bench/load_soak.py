@@ -38,7 +38,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -59,6 +58,9 @@ from tq_mw_thehive.testing.daemon import Daemon, DaemonTimeout, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.threatq_sim import INDICATOR_TYPES, ThreatQSimulator
 from tq_mw_thehive.threatq import auth as tq_auth
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import children, rss_kb  # noqa: E402  (the /proc sampling every benchmark uses)
 
 EMAIL, PASSWORD = "load@example.org", "load-password-not-stored"
 WEBHOOK_TOKEN = "load-webhook-token-0123456789abcdef"
@@ -219,33 +221,6 @@ def generate(n_events: int, n_cases: int, seed: int = 42) -> Tuple[List[dict], E
 
 
 # --------------------------------------------------------------------------- process memory
-
-def rss_kb(pid: int) -> Optional[int]:
-    """VmRSS of ``pid`` in kB (None once it has exited)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return None
-
-
-def children(pid: int) -> List[int]:
-    found: List[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as fh:
-                found.extend(int(p) for p in fh.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return sorted(set(found))
-
 
 @dataclass
 class ProcMemory:
