@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import requests
 
-from tq_mw_thehive.enrichment.plugin import Lookup, PluginError, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.plugin import Lookup, PluginError, QuotaExceeded, Result, answer_json
 
 NAME = "abuseipdb"
 TITLE = "AbuseIPDB"
@@ -55,30 +55,12 @@ def lookup(request: Lookup) -> Result:
     key = request.keys.get(KEY_NAME)
     if not key:
         raise PluginError(f"{TITLE}: no API key configured ({KEY_NAME})")
-    response = _get(request, ip, key)
+    response = request.get(TITLE, CHECK_URL, params={"ipAddress": ip, "maxAgeInDays": str(MAX_AGE_DAYS)}, headers={"Key": key, "Accept": "application/json"})
     if response.status_code != 200:
         _raise_for_status(response, key)
-    return _parse(_json(response))
+    return _parse(answer_json(TITLE, response))
 
 
-def _get(request: Lookup, ip: str, key: str) -> requests.Response:
-    session = request.http()
-    try:
-        return session.get(CHECK_URL, params={"ipAddress": ip, "maxAgeInDays": str(MAX_AGE_DAYS)},
-                           headers={"Key": key, "Accept": "application/json"},
-                           timeout=request.timeout)
-    except requests.RequestException as exc:
-        raise PluginError(f"{TITLE} request failed: {type(exc).__name__}") from exc
-    finally:
-        if request.session is None:
-            session.close()
-
-
-def _json(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        raise PluginError(f"{TITLE}: the answer is not JSON (HTTP {response.status_code})") from None
 
 
 def _error_detail(response: requests.Response) -> Optional[str]:

@@ -23,9 +23,7 @@ import ipaddress
 from typing import Any, Dict, List
 from urllib.parse import quote
 
-import requests
-
-from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, answer_json
 
 NAME = "otx"
 TITLE = "OTX"
@@ -73,29 +71,12 @@ def lookup(request: Lookup) -> Result:
     key = request.keys.get(KEY_NAME)
     if not key:
         raise PluginError(f"{TITLE}: no API key configured ({KEY_NAME})")
-    response = _get(request, url, key)
+    response = request.get(TITLE, url, headers={"X-OTX-API-KEY": key, "Accept": "application/json"})
     if response.status_code != 200:
         _raise_for_status(response.status_code)
-    return _parse(_json(response))
+    return _parse(answer_json(TITLE, response))
 
 
-def _get(request: Lookup, url: str, key: str) -> requests.Response:
-    session = request.http()
-    try:
-        return session.get(url, headers={"X-OTX-API-KEY": key, "Accept": "application/json"},
-                           timeout=request.timeout)
-    except requests.RequestException as exc:
-        raise PluginError(f"{TITLE} request failed: {type(exc).__name__}") from exc
-    finally:
-        if request.session is None:
-            session.close()
-
-
-def _json(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        raise PluginError(f"{TITLE}: the answer is not JSON (HTTP {response.status_code})") from None
 
 
 def _raise_for_status(status: int) -> None:

@@ -61,6 +61,27 @@ class Lookup:
     def http(self) -> requests.Session:
         return self.session if self.session is not None else requests.Session()
 
+    def get(self, title: str, url: str, **kwargs: Any) -> requests.Response:
+        """GET ``url`` with this lookup's session and timeout. A transport failure becomes a
+        ``PluginError`` naming only the exception's type: requests' own texts carry URLs, and a
+        service's URL or headers may carry its key."""
+        session = self.http()
+        try:
+            return session.get(url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise PluginError(f"{title} request failed: {type(exc).__name__}") from exc
+        finally:
+            if self.session is None:
+                session.close()
+
+
+def answer_json(title: str, response: requests.Response) -> Any:
+    """The JSON body of a service's answer, or a ``PluginError`` saying it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        raise PluginError(f"{title}: the answer is not JSON (HTTP {response.status_code})") from None
+
 
 @dataclass(frozen=True)
 class Result:
