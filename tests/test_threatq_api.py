@@ -695,3 +695,50 @@ def test_a_consume_answer_without_one_id_per_item_is_not_trusted(rsps, client):
     rsps.post(CONSUME, json={"data": []}, status=201)
     with pytest.raises(ThreatQUnavailable, match="one record with an id"):
         client.consume_indicators([{"value": "1.2.3.4", "type_id": 10}])
+
+
+# ------------------------------------------------------------------------------------ connections
+
+def test_one_client_reuses_one_connection_for_all_its_calls(tmp_path):
+    """Connection reuse: against a server that keeps connections open (HTTP/1.1 with
+    Content-Length, as ThreatQ behind nginx), the client's calls share one TCP connection.
+    (The simulators run on Werkzeug's development server, which closes every connection.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    ports = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            ports.append(self.client_address[1])
+            body = json.dumps({"total": 0, "limit": 50, "offset": 0, "data": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        store_tokens(tmp_path)
+        client = ThreatQClient(f"http://127.0.0.1:{server.server_port}", "cid", config_dir=tmp_path)
+        for value in ("198.51.100.1", "198.51.100.2", "x.example"):
+            assert client.find_indicator(value, 10) is None
+        assert client.request("POST", "/api/indicators/query", json={"criteria": {}})["data"] == []  # a POST
+        client.attributes("indicators", 1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(ports) == 5 and len(set(ports)) == 1, ports
