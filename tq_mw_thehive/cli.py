@@ -272,8 +272,8 @@ def replay_command(obj: Options, ids: tuple, wait: bool, **given: Any) -> None:
     from tq_mw_thehive.progress import Progress
 
     opts = obj.merged(**given)
+    tty = _progress_logging(opts)
     try:
-        tty = _progress_logging(opts)
         cfg = startup.load_config(opts.config_dir)
         inbox = Inbox.open(cfg.state_db)
     except startup.StartupError as exc:
@@ -321,7 +321,10 @@ def _progress_logging(opts: Options) -> bool:
     Off a terminal, progress is log lines at info: shown unless ``-v 1`` asks for quiet.
     """
     tty = sys.stderr.isatty()
-    startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+    try:
+        startup.setup_logging(opts.log_dir, opts.verbosity or ("2" if opts.log_dir or not tty else "1"))
+    except startup.StartupError as exc:
+        _fail(exc, exc.exit_code)
     return tty
 
 
@@ -429,10 +432,7 @@ def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> Non
     from tq_mw_thehive.type_mapping import TypeMapping
 
     opts = obj.merged(**given)
-    try:
-        tty = _progress_logging(opts)
-    except startup.StartupError as exc:
-        _fail(exc, exc.exit_code)
+    tty = _progress_logging(opts)
     cfg = _load(opts)
     if not cfg.enrichment.enabled:
         _fail("enrichment.enabled is false: nothing to warm", 2)
@@ -677,10 +677,7 @@ def backfill_command(obj: Options, since: Optional[str], everything: bool, **giv
     if since and everything:
         _fail("--since and --all exclude each other", 2)
     opts = obj.merged(**given)
-    try:
-        tty = _progress_logging(opts)
-    except startup.StartupError as exc:
-        _fail(exc, exc.exit_code)
+    tty = _progress_logging(opts)
     cfg = _load(opts)
     if not cfg.thehive.api_key:
         _fail("thehive.api_key is not set: backfill reads TheHive's API", 2)
