@@ -460,3 +460,46 @@ def test_a_delete_queued_behind_stops_the_coalescing(world):
     (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
     assert world.tq.links_of("indicators", indicator["id"], "events") == [world.event()["id"]]
     assert ("DELETE", f"/api/indicators/{indicator['id']}/events") in world.tq.requests
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_changed_update_reads_what_it_checks_in_one_call_where_threatq_inlines_it(make_world, inline):
+    """Fewer look-ups: the look-up (observable) or the update (case) asks ThreatQ for the object's
+    attributes, sources and tags inline (`with=`); an instance that ignores it costs the reads."""
+    world = make_world(inline=inline)
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    once = {"/api/token", "/api/indicator/types", "/api/indicator/statuses", "/api/event/types"}
+
+    def calls_for(payload):
+        before = len(world.tq.requests)
+        world.deliver(payload)
+        world.drain()
+        return [(m, p) for m, p in world.tq.requests[before:] if p not in once]
+
+    observable_calls = calls_for(sample("th5-observable-update-ioc.json"))
+    case_calls = calls_for(sample("th5-case-update.json"))
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    event = world.event()
+    reads = {"/attributes", "/sources", "/tags"}
+    if inline:
+        assert observable_calls == [("GET", "/api/indicators"),
+                                    ("POST", f"/api/indicators/{indicator['id']}/attributes"),
+                                    ("GET", f"/api/indicators/{indicator['id']}/events")]
+        assert [m for m, p in case_calls] == ["PUT", "PUT", "PUT"]  # the event, Status, Severity
+    else:
+        assert {p[p.rindex("/"):] for m, p in observable_calls if m == "GET"} >= reads
+        assert {p[p.rindex("/"):] for m, p in case_calls if m == "GET"} == reads
+    assert world.states() == ["done"] * 4
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+    attributes = world.attributes("events", event["id"])
+    assert (attributes["Severity"], attributes["Status"]) == ("CRITICAL", "InProgress")
+    assert sorted(world.tq.tags_of("events", event["id"])) == ["finance", "phishing"]
+
+
+def test_inline_sub_resources_are_used_only_when_well_formed():
+    from tq_mw_thehive.sync import _inline
+
+    record = {"attributes": [{"name": "PAP"}], "sources": [{"name": "TheHive", "tlp_id": 2}], "tags": "t"}
+    assert _inline(record) == {"sources": [{"name": "TheHive", "tlp_id": 2}]}  # no attribute id, tags not a list
+    assert _inline(None) == {} and _inline({"id": 1}) == {}

@@ -742,3 +742,14 @@ def test_one_client_reuses_one_connection_for_all_its_calls(tmp_path):
         server.shutdown()
         server.server_close()
     assert len(ports) == 5 and len(set(ports)) == 1, ports
+
+
+def test_expand_asks_for_attributes_sources_and_tags_inline(rsps, client):
+    rsps.get(f"{BASE}/api/indicators", json={"total": 1, "data": [{"id": 4, "value": "x", "type_id": 8,
+                                                                     "tags": []}]})
+    rsps.put(f"{BASE}/api/events/3", json={"data": {"id": 3, "attributes": []}})
+    assert client.find_indicator("x", 8, expand=True)["tags"] == []
+    assert client.update_event(3, expand=True, title="t")["attributes"] == []
+    find, put = api_calls(rsps)
+    assert query(find)["with"] == query(put)["with"] == "attributes,sources,tags"
+    assert sent_json(put) == {"title": "t"}

@@ -520,3 +520,20 @@ def test_request_log_is_method_and_path_without_query_under_concurrency(api, sim
         thread.join()
     assert sim.requests == [("POST", "/api/indicators")] * 40
     assert len(sim.indicators) == 40 and sorted(sim.indicators) == list(range(1, 41))
+
+
+def test_with_puts_attributes_sources_and_tags_inline_on_list_get_and_put(api, sim):
+    indicator = api.indicator(sources=[{"name": "TheHive", "tlp_id": 2}])
+    path = f"/api/indicators/{indicator['id']}"
+    api.ok("POST", path + "/attributes", 201, json={"name": "PAP", "value": "AMBER"})
+    api.ok("POST", path + "/tags", 201, json=[{"name": "t"}])
+    plain = api.ok("GET", path)
+    assert not {"attributes", "sources", "tags"} & set(plain)
+    (listed,) = api.ok("GET", "/api/indicators", params={"value": indicator["value"],
+                                                         "with": "attributes,sources,tags,score"})
+    got = api.ok("GET", path, params={"with": "attributes,tags"})
+    put = api.ok("PUT", path, params={"with": "sources"}, json={"description": "d"})
+    assert listed["attributes"] == api.ok("GET", path + "/attributes")
+    assert listed["sources"] == api.ok("GET", path + "/sources") and listed["sources"][0]["pivot"]["id"]
+    assert listed["tags"] == got["tags"] == api.ok("GET", path + "/tags")
+    assert "sources" not in got and set(put) - set(plain) == {"sources"} and put["description"] == "d"

@@ -88,6 +88,20 @@ def _now_utc() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
 
+_INLINE_NEEDS = {"attributes": ("id", "name"), "sources": ("name",), "tags": ("id", "name")}
+
+
+def _inline(record: Optional[dict]) -> Dict[str, List[dict]]:
+    """The sub-resources ThreatQ put inline in ``record`` (``with=``), each only if well formed;
+    what is missing is read with its own call. [guess] inline items are shaped like the lists."""
+    known: Dict[str, List[dict]] = {}
+    for name, needs in _INLINE_NEEDS.items():
+        items = (record or {}).get(name)
+        if isinstance(items, list) and all(isinstance(i, dict) and all(k in i for k in needs) for i in items):
+            known[name] = items
+    return known
+
+
 class Sync:
     """Applies inbox events to ThreatQ; one per worker thread (the clients are not shared)."""
 
@@ -181,17 +195,20 @@ class Sync:
         if fresh:
             tq_id = self._create_case_object(obj)
         self.state.record(case.id, "case", obj.collection, tq_id)
+        known: Dict[str, List[dict]] = {}
         if not fresh:
+            # The update answers with the sub-resources inline: no separate reads of them.
             if obj.collection == "events":
                 fields = {"title": obj.title, "description": obj.description}
                 if obj.happened_at:
                     fields["happened_at"] = obj.happened_at
-                self.tq.update_event(tq_id, **fields)
+                known = _inline(self.tq.update_event(tq_id, expand=True, **fields))
             else:
-                self.tq.update_incident(tq_id, value=obj.title, description=obj.description)
-            self._sync_source(obj.collection, tq_id, obj.tlp_id)
-        self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh)
-        self._sync_tags(case.id, "case", [(obj.collection, tq_id, fresh)], obj.tags)
+                known = _inline(self.tq.update_incident(tq_id, expand=True, value=obj.title,
+                                                        description=obj.description))
+            self._sync_source(obj.collection, tq_id, obj.tlp_id, known)
+        self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh, known=known)
+        self._sync_tags(case.id, "case", [(obj.collection, tq_id, fresh)], obj.tags, known=known)
         self.state.release_case(case.id)
         self.state.set_digest(case.id, "case", digest)
         return obj.collection, tq_id
@@ -279,23 +296,28 @@ class Sync:
             # create, attributes and link must not interleave (ThreatQ does not de-duplicate).
             with _object_lock(self.cfg.state_db.parent, f"indicator:{indicator.type}:{indicator.value}"):
                 type_id = self.tq.indicator_type_id(indicator.type)
-                hit = self.tq.find_indicator(indicator.value, type_id)
+                hit = self.tq.find_indicator(indicator.value, type_id, expand=True)
+                known = _inline(hit)
                 fresh = hit is None
                 # A new one: one call carries it all, where the instance has the consume endpoint.
                 tq_id = self._consume(indicator, type_id, runs, (case_collection, case_tq_id),
                                       mapped.indicators[0].tags) if fresh else None
                 consumed = tq_id is not None
                 if not consumed:
-                    tq_id = self._upsert_indicator(indicator, type_id, hit)
+                    tq_id = self._upsert_indicator(indicator, type_id, hit, known)
                 self.state.record(obs_id, "observable", "indicators", tq_id, case_id)
                 if not consumed:
-                    self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh)
+                    self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh,
+                                          known=known)
                     self._link(case_collection, case_tq_id, tq_id, fresh)
+                    touched = set(INDICATOR_ATTRIBUTES)
                     for run in runs:
-                        if run.attributes:
-                            self.apply_enrichment("indicators", tq_id, run)
+                        if run.attributes:  # the snapshot only for names no earlier step changed
+                            unchanged = not touched & set(run.attributes)
+                            self.apply_enrichment("indicators", tq_id, run, known if unchanged else None)
+                            touched |= set(run.attributes)
                     self._sync_tags(obs_id, "observable", [("indicators", tq_id, fresh)],
-                                    mapped.indicators[0].tags, remember=False)
+                                    mapped.indicators[0].tags, remember=False, known=known)
             for run in runs:
                 enrichment[run.status] += 1
             refs.append(f"indicators/{tq_id}")
@@ -306,9 +328,10 @@ class Sync:
             ["enrichment " + ", ".join(f"{n} {s}" for s, n in sorted(enrichment.items()))] if enrichment else []))
         return Outcome("synced", number, refs, detail=detail)
 
-    def apply_enrichment(self, collection: str, tq_id: int, run) -> None:
+    def apply_enrichment(self, collection: str, tq_id: int, run, known: Optional[Dict[str, List[dict]]] = None
+                         ) -> None:
         attributes = [Attribute(name, value) for name, value in run.attributes.items()]
-        self._sync_attributes(collection, tq_id, attributes, set(run.attributes), source=run.plugin)
+        self._sync_attributes(collection, tq_id, attributes, set(run.attributes), source=run.plugin, known=known)
 
     def _consume(self, ind: IndicatorObject, type_id: int, runs, case_ref: Tuple[str, int],
                  tags: Sequence[str]) -> Optional[int]:
@@ -321,7 +344,8 @@ class Sync:
         records = self.tq.consume_indicators([item])
         return None if records is None else int(records[0]["id"])
 
-    def _upsert_indicator(self, ind: IndicatorObject, type_id: int, hit: Optional[dict]) -> int:
+    def _upsert_indicator(self, ind: IndicatorObject, type_id: int, hit: Optional[dict],
+                          known: Optional[Dict[str, List[dict]]] = None) -> int:
         if hit is None:
             status_id = self.tq.indicator_status_id(ind.status)
             return self.tq.create_indicator(ind.value, type_id, status_id, ind.description,
@@ -330,7 +354,7 @@ class Sync:
         # The status is set at creation only: an analyst's later choice in ThreatQ stands.
         if (hit.get("description") or "") != ind.description:
             self.tq.update_indicator(tq_id, description=ind.description)
-        self._sync_source("indicators", tq_id, ind.tlp_id)
+        self._sync_source("indicators", tq_id, ind.tlp_id, known)
         return tq_id
 
     def _link(self, case_collection: str, case_tq_id: int, indicator_id: int, fresh: bool = False) -> None:
@@ -371,9 +395,11 @@ class Sync:
             source["tlp_id"] = tlp_id
         return source
 
-    def _sync_source(self, collection: str, tq_id: int, tlp_id: Optional[int]) -> None:
+    def _sync_source(self, collection: str, tq_id: int, tlp_id: Optional[int],
+                     known: Optional[Dict[str, List[dict]]] = None) -> None:
         name = self.cfg.threatq.source
-        mine = next((s for s in self.tq.sources(collection, tq_id) if s.get("name") == name), None)
+        sources = known["sources"] if known and "sources" in known else self.tq.sources(collection, tq_id)
+        mine = next((s for s in sources if s.get("name") == name), None)
         if mine is None:
             self.tq.add_source(collection, tq_id, name, tlp_id)
         elif tlp_id is not None and mine.get("tlp_id") != tlp_id:
@@ -381,12 +407,19 @@ class Sync:
             self.tq.set_source_tlp(collection, tq_id, pivot, tlp_id)
 
     def _sync_attributes(self, collection: str, tq_id: int, desired: Iterable[Attribute],
-                         managed: Iterable[str], fresh: bool = False, source: Optional[str] = None) -> None:
-        """Exactly one value per synced attribute, changed in place; ours that went away are removed."""
+                         managed: Iterable[str], fresh: bool = False, source: Optional[str] = None,
+                         known: Optional[Dict[str, List[dict]]] = None) -> None:
+        """Exactly one value per synced attribute, changed in place; ours that went away are removed.
+
+        ``known``: the object's sub-resources as ThreatQ answered them inline, read before any
+        change of this event; valid for ``managed`` names no earlier step of the event changed.
+        """
         managed = set(managed)
         have: Dict[str, List[dict]] = defaultdict(list)
         if not fresh:
-            for attribute in self.tq.attributes(collection, tq_id):
+            existing = known["attributes"] if known and "attributes" in known else self.tq.attributes(collection,
+                                                                                                     tq_id)
+            for attribute in existing:
                 if attribute.get("name") in managed:
                     have[attribute["name"]].append(attribute)
         for attribute in desired:
@@ -410,11 +443,15 @@ class Sync:
                 self.tq.delete_attribute(collection, tq_id, attribute["id"])
 
     def _sync_tags(self, thehive_id: str, kind: str, targets: Sequence[Tuple[str, int, bool]],
-                   desired: Sequence[str], remember: bool = True) -> None:
-        """Add TheHive's tags; remove those we synced before and TheHive no longer has."""
+                   desired: Sequence[str], remember: bool = True,
+                   known: Optional[Dict[str, List[dict]]] = None) -> None:
+        """Add TheHive's tags; remove those we synced before and TheHive no longer has.
+        ``known`` (inline tags) is for a single target."""
         previous = set(self.state.synced_tags(thehive_id))
         for collection, tq_id, fresh in targets:
-            existing = {} if fresh else {t.get("name"): t.get("id") for t in self.tq.tags(collection, tq_id)}
+            tags = known["tags"] if known and "tags" in known and len(targets) == 1 else \
+                (None if fresh else self.tq.tags(collection, tq_id))
+            existing = {} if fresh else {t.get("name"): t.get("id") for t in tags}
             missing = [t for t in desired if t not in existing]
             if missing:
                 self.tq.add_tags(collection, tq_id, missing)

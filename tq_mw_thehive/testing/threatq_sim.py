@@ -225,7 +225,7 @@ class ThreatQSimulator:
 
     def __init__(self, users: Optional[Dict[str, str]] = None, client_id: str = "tq-client-id",
                  client_secrets: Optional[Dict[str, str]] = None, token_ttl: int = 3600,
-                 incident_object: bool = True, consume: bool = True) -> None:
+                 incident_object: bool = True, consume: bool = True, inline: bool = True) -> None:
         self.users = dict(users or {"analyst@example.org": "correct horse battery staple"})
         self.client_id = client_id
         self.client_secrets = dict(client_secrets or {})
@@ -233,6 +233,8 @@ class ThreatQSimulator:
         self.incident_object = incident_object
         #: False: an instance without ``POST /api/indicators/consume`` (it answers 404).
         self.consume = consume
+        #: False: an instance that ignores ``with=`` (the sub-resources are read with their own calls).
+        self.inline = inline
         # Fault knobs: tests set these directly while the server runs.
         self.delay_s: float = 0.0
         self.down: bool = False
@@ -405,7 +407,7 @@ class ThreatQSimulator:
             ("POST", "/api/indicators/consume", self._consume_indicators),
             ("GET", "/api/<collection>", self._list_objects),
             ("POST", "/api/<collection>", self._create_objects),
-            ("GET", obj, lambda **url: _data(self._record(**url))),
+            ("GET", obj, lambda **url: _data(self._expanded(url["collection"], self._record(**url)))),
             ("PUT", obj, self._update_object),
             ("GET", sub + "attributes", lambda **url: _page(self._attrs[self._key(**url)])),
             ("POST", sub + "attributes", self._add_attribute),
@@ -530,7 +532,7 @@ class ThreatQSimulator:
         records = list(self._objects[kind.collection].values())
         if kind.key in request.args:
             records = [r for r in records if r[kind.key] == request.args[kind.key]]
-        return _page(records)
+        return _page([self._expanded(kind.collection, r) for r in records])
 
     def _create_objects(self, collection: str) -> Any:
         kind = self._kind(collection)
@@ -551,7 +553,21 @@ class ThreatQSimulator:
     def _update_object(self, collection: str, oid: int) -> Any:
         kind, record = self._kind(collection), self._record(collection, oid)
         record.update(self._clean(kind, _json_body(), kind.updatable, ()), updated_at=self._now())
-        return _data(record)
+        return _data(self._expanded(kind.collection, record))
+
+    # The sub-resources `with=` puts inline (research §6: "with= to expand (attributes, sources,
+    # score, type, status, tags)", and §2 "append ?with=attributes,sources" to an update).
+    # [guess] inline items have the shape of the sub-resource lists (ids, pivots included).
+    _EXPANSIONS = ("attributes", "sources", "tags")
+
+    def _expanded(self, collection: str, record: dict) -> dict:
+        """``record`` with the sub-resources named in ``?with=`` inline (unknown names ignored)."""
+        wanted = [w.strip() for w in request.args.get("with", "").split(",") if w.strip() in self._EXPANSIONS]
+        if not wanted or not self.inline:
+            return record
+        key = (self._kind(collection).collection, record["id"])
+        stores = {"attributes": self._attrs, "sources": self._sources, "tags": self._tags}
+        return {**record, **{w: copy.deepcopy(stores[w][key]) for w in wanted}}
 
     def _search(self) -> Response:
         query = request.args.get("query") or ""
