@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import InboxItem
@@ -100,6 +100,11 @@ def _inline(record: Optional[dict]) -> Dict[str, List[dict]]:
         if isinstance(items, list) and all(isinstance(i, dict) and all(k in i for k in needs) for i in items):
             known[name] = items
     return known
+
+
+def _or_read(known: Optional[Dict[str, List[dict]]], name: str, read: Callable[[], List[dict]]) -> List[dict]:
+    """The sub-resource ``name`` as ThreatQ answered it inline, else read with its own call."""
+    return known[name] if known and name in known else read()
 
 
 class Sync:
@@ -208,7 +213,7 @@ class Sync:
                                                         description=obj.description))
             self._sync_source(obj.collection, tq_id, obj.tlp_id, known)
         self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh, known=known)
-        self._sync_tags(case.id, "case", [(obj.collection, tq_id, fresh)], obj.tags, known=known)
+        self._sync_tags(case.id, "case", obj.collection, tq_id, fresh, obj.tags, known=known)
         self.state.release_case(case.id)
         self.state.set_digest(case.id, "case", digest)
         return obj.collection, tq_id
@@ -316,8 +321,8 @@ class Sync:
                             unchanged = not touched & set(run.attributes)
                             self.apply_enrichment("indicators", tq_id, run, known if unchanged else None)
                             touched |= set(run.attributes)
-                    self._sync_tags(obs_id, "observable", [("indicators", tq_id, fresh)],
-                                    mapped.indicators[0].tags, remember=False, known=known)
+                    self._sync_tags(obs_id, "observable", "indicators", tq_id, fresh, mapped.indicators[0].tags,
+                                    remember=False, known=known)
             for run in runs:
                 enrichment[run.status] += 1
             refs.append(f"indicators/{tq_id}")
@@ -398,7 +403,7 @@ class Sync:
     def _sync_source(self, collection: str, tq_id: int, tlp_id: Optional[int],
                      known: Optional[Dict[str, List[dict]]] = None) -> None:
         name = self.cfg.threatq.source
-        sources = known["sources"] if known and "sources" in known else self.tq.sources(collection, tq_id)
+        sources = _or_read(known, "sources", lambda: self.tq.sources(collection, tq_id))
         mine = next((s for s in sources if s.get("name") == name), None)
         if mine is None:
             self.tq.add_source(collection, tq_id, name, tlp_id)
@@ -417,9 +422,7 @@ class Sync:
         managed = set(managed)
         have: Dict[str, List[dict]] = defaultdict(list)
         if not fresh:
-            existing = known["attributes"] if known and "attributes" in known else self.tq.attributes(collection,
-                                                                                                     tq_id)
-            for attribute in existing:
+            for attribute in _or_read(known, "attributes", lambda: self.tq.attributes(collection, tq_id)):
                 if attribute.get("name") in managed:
                     have[attribute["name"]].append(attribute)
         for attribute in desired:
@@ -442,21 +445,18 @@ class Sync:
             for attribute in leftovers:
                 self.tq.delete_attribute(collection, tq_id, attribute["id"])
 
-    def _sync_tags(self, thehive_id: str, kind: str, targets: Sequence[Tuple[str, int, bool]],
+    def _sync_tags(self, thehive_id: str, kind: str, collection: str, tq_id: int, fresh: bool,
                    desired: Sequence[str], remember: bool = True,
                    known: Optional[Dict[str, List[dict]]] = None) -> None:
-        """Add TheHive's tags; remove those we synced before and TheHive no longer has.
-        ``known`` (inline tags) is for a single target."""
+        """Add TheHive's tags; remove those we synced before and TheHive no longer has."""
         previous = set(self.state.synced_tags(thehive_id))
-        for collection, tq_id, fresh in targets:
-            tags = known["tags"] if known and "tags" in known and len(targets) == 1 else \
-                (None if fresh else self.tq.tags(collection, tq_id))
-            existing = {} if fresh else {t.get("name"): t.get("id") for t in tags}
-            missing = [t for t in desired if t not in existing]
-            if missing:
-                self.tq.add_tags(collection, tq_id, missing)
-            for name in sorted(previous - set(desired)):
-                if name in existing:
-                    self.tq.delete_tag(collection, tq_id, existing[name])
+        existing = {} if fresh else {t.get("name"): t.get("id")
+                                     for t in _or_read(known, "tags", lambda: self.tq.tags(collection, tq_id))}
+        missing = [t for t in desired if t not in existing]
+        if missing:
+            self.tq.add_tags(collection, tq_id, missing)
+        for name in sorted(previous - set(desired)):
+            if name in existing:
+                self.tq.delete_tag(collection, tq_id, existing[name])
         if remember:
             self.state.set_synced_tags(thehive_id, kind, desired)
