@@ -413,3 +413,15 @@ def test_consume_item_carries_attributes_enrichment_tags_source_and_links():
         "attributes": [{"name": "PAP", "value": "AMBER"},
                        {"name": "GeoIP Country", "value": "NL", "sources": [{"name": "geoip"}]}],
         "tags": ["phishing"], "events": [{"id": 12}]}
+
+
+def test_case_consume_item_is_the_create_with_attributes_and_tags():
+    case = mapping.CaseObject(collection="events", title="Hive Case # ~1 t", event_type="Incident", description="d",
+                              happened_at=None, tags=("a",), tlp_id=2,
+                              attributes=(mapping.Attribute("Status", "New"),))
+    assert mapping.case_consume_item(case, {"name": "TheHive", "tlp_id": 2}, 13, "2024-06-03 15:50:00") == {
+        "title": "Hive Case # ~1 t", "type_id": 13, "happened_at": "2024-06-03 15:50:00", "description": "d",
+        "sources": [{"name": "TheHive", "tlp_id": 2}], "attributes": [{"name": "Status", "value": "New"}],
+        "tags": ["a"]}
+    incident = mapping.case_consume_item(dataclasses.replace(case, collection="incident"), {"name": "TheHive"})
+    assert incident["value"] == "Hive Case # ~1 t" and "title" not in incident and "type_id" not in incident

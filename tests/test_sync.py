@@ -503,3 +503,31 @@ def test_inline_sub_resources_are_used_only_when_well_formed():
     record = {"attributes": [{"name": "PAP"}], "sources": [{"name": "TheHive", "tlp_id": 2}], "tags": "t"}
     assert _inline(record) == {"sources": [{"name": "TheHive", "tlp_id": 2}]}  # no attribute id, tags not a list
     assert _inline(None) == {} and _inline({"id": 1}) == {}
+
+
+def test_a_new_case_costs_three_calls_two_look_ups_and_consume(world):
+    before = len(world.tq.requests)
+    world.deliver(sample("th5-case-create.json"))
+    world.drain()
+    once = {"/api/token", "/api/event/types"}
+    calls = [(m, p) for m, p in world.tq.requests[before:] if p not in once]
+    assert calls == [("GET", "/api/events"), ("GET", "/api/search"), ("POST", "/api/events/consume")]
+    assert world.attributes("events", world.event()["id"])["Severity"] == "HIGH"  # the rest: first test
+
+
+def test_a_consume_call_that_threatq_refuses_falls_back_to_call_by_call(world, caplog):
+    from tq_mw_thehive.threatq.api import ThreatQPermanentError
+
+    def refuse(collection, items):
+        raise ThreatQPermanentError(f"POST /api/{collection}/consume: The tags field is invalid.", status=400)
+
+    world.worker.sync.tq.consume = refuse
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    event = world.event()
+    assert world.attributes("events", event["id"])["TheHive Id"] == CASE_ID
+    assert sorted(world.tq.tags_of("events", event["id"])) == ["finance", "phishing"]
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.tq.links_of("indicators", indicator["id"], "events") == [event["id"]]
+    assert caplog.text.count("creating it call by call") == 2

@@ -440,6 +440,21 @@ def test_consume_validates_every_item_before_storing_any(api, sim):
     assert sim.indicators == {}
 
 
+def test_events_and_incidents_consume_too_keyed_by_title_and_value(api, sim):
+    item = {"title": "Hive Case # ~1 t", "type": "Incident", "happened_at": HAPPENED, "description": "",
+            "sources": [{"name": "TheHive", "tlp_id": 3}], "attributes": [{"name": "Status", "value": "New"}],
+            "tags": ["x"]}
+    (event,) = api.ok("POST", "/api/events/consume", 201, json=[item])
+    (again,) = api.ok("POST", "/api/events/consume", 200, json=[dict(item, tags=["y"])])
+    assert again["id"] == event["id"] and len(sim.events) == 1
+    assert sim.tags_of("events", event["id"]) == ["x", "y"]
+    assert [a["value"] for a in sim.attributes_of("events", event["id"])] == ["New"]
+    (incident,) = api.ok("POST", "/api/incident/consume", 201, json=[{"value": "Hive Case # ~2 t"}])
+    assert sim.incidents[incident["id"]]["value"] == "Hive Case # ~2 t"
+    assert set(validation_errors(api("POST", "/api/events/consume", json=[{"title": "t"}]))) == {
+        "0.type_id", "0.happened_at"}
+
+
 def test_an_instance_without_consume_answers_404(front):
     sim = ThreatQSimulator(users={EMAIL: PASSWORD}, consume=False)
     front.app = sim.app

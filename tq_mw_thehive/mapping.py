@@ -206,3 +206,14 @@ def consume_item(indicator: IndicatorObject, type_id: int, status_id: int, sourc
     for collection, ids in (links or {}).items():
         item[collection] = [{"id": int(i)} for i in ids]
     return item
+
+
+def case_consume_item(case: CaseObject, source: Dict[str, Any], type_id: Optional[int] = None,
+                      happened_at: Optional[str] = None) -> Dict[str, Any]:
+    """A new case as one item of ``POST /api/events/consume`` (or ``/api/incident/consume``): the
+    create, its attributes and its tags in one request instead of nine."""
+    item: Dict[str, Any] = ({"title": case.title, "type_id": type_id, "happened_at": happened_at}
+                            if case.collection == "events" else {"value": case.title})
+    item.update(description=case.description, sources=[dict(source)],
+                attributes=[{"name": a.name, "value": a.value} for a in case.attributes], tags=list(case.tags))
+    return item

@@ -25,10 +25,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_title, case_title_prefix,
-                                   consume_item, map_case, map_observable)
+                                   case_consume_item, consume_item, map_case, map_observable)
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.thehive.model import Case, Observable
+from tq_mw_thehive.threatq.api import ThreatQPermanentError
 from tq_mw_thehive.type_mapping import TypeMapping
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,26 @@ class Sync:
                 return result["id"]
         return None
 
+    def _consume_case(self, obj: CaseObject) -> Optional[int]:
+        """Create a new case's event or incident with its attributes and tags in one consume call;
+        ``None`` when the instance has no consume endpoint for it or refused the call."""
+        type_id = self.tq.event_type_id(obj.event_type) if obj.collection == "events" else None
+        item = case_consume_item(obj, self._source(obj.tlp_id), type_id, obj.happened_at or _now_utc())
+        return self._consumed(obj.collection, item, obj.title)
+
+    def _consumed(self, collection: str, item: dict, what: str) -> Optional[int]:
+        """One consume call; ``None`` means "create it call by call": no such endpoint, or a 400
+        (its item shape is partly a guess: the call-by-call path may be accepted, and if ThreatQ
+        refuses that too, its error dead-letters the event)."""
+        try:
+            records = self.tq.consume(collection, [item])
+        except ThreatQPermanentError as exc:
+            if exc.status != 400:
+                raise
+            log.warning("ThreatQ refused to consume %s %r (%s); creating it call by call", collection, what, exc)
+            return None
+        return None if records is None else int(records[0]["id"])
+
     def _create_case_object(self, obj: CaseObject) -> int:
         sources = [self._source(obj.tlp_id)]
         if obj.collection == "events":
@@ -197,8 +218,12 @@ class Sync:
                                      "set sync.cases_as: event or enable the object")
         tq_id = existing[0][1] if existing else self._find_case_object(obj, case.id)
         fresh = tq_id is None
+        consumed = False
         if fresh:
-            tq_id = self._create_case_object(obj)
+            tq_id = self._consume_case(obj)
+            consumed = tq_id is not None
+            if not consumed:
+                tq_id = self._create_case_object(obj)
         self.state.record(case.id, "case", obj.collection, tq_id)
         known: Dict[str, List[dict]] = {}
         if not fresh:
@@ -212,8 +237,11 @@ class Sync:
                 known = _inline(self.tq.update_incident(tq_id, expand=True, value=obj.title,
                                                         description=obj.description))
             self._sync_source(obj.collection, tq_id, obj.tlp_id, known)
-        self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh, known=known)
-        self._sync_tags(case.id, "case", obj.collection, tq_id, fresh, obj.tags, known=known)
+        if consumed:
+            self.state.set_synced_tags(case.id, "case", obj.tags)
+        else:
+            self._sync_attributes(obj.collection, tq_id, obj.attributes, CASE_ATTRIBUTES, fresh, known=known)
+            self._sync_tags(case.id, "case", obj.collection, tq_id, fresh, obj.tags, known=known)
         self.state.release_case(case.id)
         self.state.set_digest(case.id, "case", digest)
         return obj.collection, tq_id
@@ -346,8 +374,7 @@ class Sync:
         item = consume_item(replace(ind, tags=tuple(tags)), type_id, status_id, self._source(ind.tlp_id),
                             [(run.plugin, run.attributes) for run in runs if run.attributes],
                             {case_ref[0]: [case_ref[1]]})
-        records = self.tq.consume_indicators([item])
-        return None if records is None else int(records[0]["id"])
+        return self._consumed("indicators", item, ind.value)
 
     def _upsert_indicator(self, ind: IndicatorObject, type_id: int, hit: Optional[dict],
                           known: Optional[Dict[str, List[dict]]] = None) -> int:

@@ -160,7 +160,7 @@ def test_totals_agree_across_workers_restarts_and_threatq_failures(daemon, threa
     wait_for(lambda: status(tmp_path)["pending"] == 0, 120, "the inbox to drain", 0.3)
     samples = assert_every_scrape(url, webhook)
     assert total(samples, "threatq_request_errors_total", status="500") == FAULTS
-    assert value(samples, "threatq_request_duration_seconds_count", method="POST", endpoint="/api/events") >= n
+    assert value(samples, "threatq_request_duration_seconds_count", method="POST", endpoint="/api/events/consume") >= n
     assert not any("/api/events/1" in str(labels) for (_, labels) in samples)  # templates, not raw ids
     processed = {labels[0][1]: v for (name, labels), v in samples.items() if name == P + "events_processed_total"}
     assert sum(v for o, v in processed.items() if o not in TERMINAL_EXCLUDED) == n, processed

@@ -314,8 +314,8 @@ def test_a_worker_killed_mid_event_is_redone_by_another_after_its_lease(start, s
     assert post(daemon, case.create, case.observables[0]) == ["queued", "queued"]
 
     # The simulator logs a request when it arrives, before its delay: the create is in flight.
-    wait_for(lambda: ("POST", "/api/events") in list(tq.requests), 10, "the event's create to reach ThreatQ",
-             0.01)
+    creates = {("POST", "/api/events"), ("POST", "/api/events/consume")}
+    wait_for(lambda: creates & set(tq.requests), 10, "the event's create to reach ThreatQ", 0.01)
     owner = row_of(daemon, case.create["_id"])["lease_owner"]
     assert owner, "the event in flight must be leased"
     victim = int(owner.rsplit(":", 1)[1])
@@ -341,7 +341,7 @@ def test_a_worker_killed_mid_event_is_redone_by_another_after_its_lease(start, s
     event_id = assert_case_once(tq, case, severity="HIGH", status="New")
     assert_indicator_once(tq, case.ips[0], event_id)
     assert len(tq.events) == 1 and len(tq.indicators) == 1
-    assert sum(1 for c in recorder.snapshot() if c.method == "POST" and c.path == "/api/events") == 1
+    assert sum(1 for c in recorder.snapshot() if (c.method, c.path) in creates) == 1
 
 
 @pytest.mark.skipif(not LEASE_CONFIGURABLE, reason=NO_LEASE_KEY)
@@ -424,11 +424,17 @@ def test_restart_after_sigkill_mid_event_redelivers_promptly(start, simulators):
 # ------------------------------------------------------------------------------ 3. outage, order
 
 
-def _written_values(recorder: Recorder, event_id: int, attribute_id: int, name: str) -> List[str]:
-    """Every value ThreatQ accepted for one attribute of one event, in the order it was written."""
-    values = []
+def _written_values(recorder: Recorder, event: dict, attribute_id: int, name: str) -> List[str]:
+    """Every value ThreatQ accepted for one attribute of one event, in the order it was written
+    (inline in the event's consume call, or through its attributes)."""
+    values, event_id = [], event["id"]
     for call in sorted(recorder.snapshot(), key=lambda c: c.at):
-        if call.status is None or not 200 <= call.status < 300 or not isinstance(call.body, dict):
+        if call.status is None or not 200 <= call.status < 300:
+            continue
+        if (call.method, call.path) == ("POST", "/api/events/consume") and isinstance(call.body, list):
+            values += [a["value"] for item in call.body if item.get("title") == event["title"]
+                       for a in item.get("attributes", []) if a.get("name") == name]
+        if not isinstance(call.body, dict):
             continue
         if call.method == "POST" and call.path == f"/api/events/{event_id}/attributes" \
                 and call.body.get("name") == name:
@@ -469,7 +475,7 @@ def test_threatq_outage_then_everything_lands_once_and_in_thehive_order(start, s
         (event,) = [e for e in tq.events.values() if e["title"].startswith(f"Hive Case # {case.id} ")]
         ids = {a["name"]: a["id"] for a in tq.attributes_of("events", event["id"])}
         for name, history in (("Status", ["New", "InProgress"]), ("Severity", ["HIGH", "CRITICAL"])):
-            written = _written_values(recorder, event["id"], ids[name], name)
+            written = _written_values(recorder, event, ids[name], name)
             assert written == history[-1:], (case.id, name, written)
     assert "outcome=stale" not in daemon.log_text()
     assert daemon.log_text().count("applied the state of inbox event") == 3
@@ -533,13 +539,13 @@ def test_slow_answers_beyond_the_read_timeout(start, simulators):
 
     daemon = start(threatq={"timeout": 1})
     tq.delay_s = 1.5
-    recorder.slow_once("POST", "/api/events", 1.3)
+    recorder.slow_once("POST", "/api/events/consume", 1.3)
     assert post(daemon, *case.session) == ["queued"] * 4
     wait_for(lambda: "failed: ReadTimeout" in daemon.log_text(), 10, "a read timeout")
     tq.delay_s = 0.0
     rows = drained(daemon, 4, timeout=30)
     assert_session_once(tq, [case])
-    posts = [c for c in recorder.snapshot() if c.method == "POST" and c.path == "/api/events"]
+    posts = [c for c in recorder.snapshot() if c.method == "POST" and c.path == "/api/events/consume"]
     assert len(posts) == 1, "a create that timed out must not be sent again"
     assert row_of(daemon, case.create["_id"])["attempts"] == 2
     assert [r["attempts"] for r in rows if r["audit_id"] != case.create["_id"]] == [1, 1, 1]

@@ -404,7 +404,7 @@ class ThreatQSimulator:
                 {"collection": k.collection, "display_name": k.display[0],
                  "display_name_plural": k.display[1]} for k in self._kinds()])),
             ("GET", "/api/search", self._search),
-            ("POST", "/api/indicators/consume", self._consume_indicators),
+            ("POST", "/api/<collection>/consume", self._consume),
             ("GET", "/api/<collection>", self._list_objects),
             ("POST", "/api/<collection>", self._create_objects),
             ("GET", obj, lambda **url: _data(self._expanded(url["collection"], self._record(**url)))),
@@ -578,32 +578,36 @@ class ThreatQSimulator:
                 if query.casefold() in r[k.key].casefold()]  # [guess] case-insensitive substring
         return _page(hits)
 
-    def _consume_indicators(self) -> Any:
-        """``POST /api/indicators/consume``: an array of indicators, each carrying its sources,
-        attributes, tags and relations (research §2: SDK2 ``bulk_object``, SDK1 ``bulkindicator``).
+    def _consume(self, collection: str) -> Any:
+        """``POST /api/{collection}/consume``: an array of objects, each carrying its sources,
+        attributes, tags and relations (research §2: SDK2 ``bulk_object``, SDK1 ``bulkindicator``;
+        the generic form serves every collection).
 
-        [guess] keyed on (value, type): an indicator that exists is merged into (sources,
-        attributes, tags and links added when missing; its status and a non-empty description
-        stay), a new one is created. Every item is validated before any is stored.
+        [guess] keyed like the plain look-ups (indicators: value and type; events: title;
+        incidents: value): an object that exists is merged into (sources, attributes, tags and
+        links added when missing; its status and a non-empty description stay), a new one is
+        created. Every item is validated before any is stored.
         """
+        kind = self._kind(collection)
         if not self.consume:
             raise _not_found()
-        kind, body = KINDS["indicators"], _json_body()
+        body = _json_body()
         if not isinstance(body, list) or not body:
-            raise FieldError("body", "A JSON array of indicators is required.")
+            raise FieldError("body", f"A JSON array of {kind.display[1].lower()} is required.")
         plans = [self._consume_item(kind, item, f"{i}.") for i, item in enumerate(body)]
         answer, created = [], False
         for fields, attributes, tags, targets in plans:
-            record = next((r for r in self._objects["indicators"].values()
-                           if r["value"] == fields["value"] and r["type_id"] == fields["type_id"]), None)
+            same = ("value", "type_id") if kind.collection == "indicators" else (kind.key,)
+            record = next((r for r in self._objects[kind.collection].values()
+                           if all(r[f] == fields[f] for f in same)), None)
             if record is None:
                 record, created = self._store(kind, fields), True
             else:
                 for source in fields.get("sources", []):
-                    self._attach_source(("indicators", record["id"]), source)
+                    self._attach_source((kind.collection, record["id"]), source)
                 if not record["description"] and fields.get("description"):
                     record["description"] = fields["description"]
-            key = ("indicators", record["id"])
+            key = (kind.collection, record["id"])
             for attribute in attributes:
                 if not any(a["name"] == attribute["name"] and a["value"] == attribute["value"]
                            for a in self._attrs[key]):
@@ -638,7 +642,7 @@ class ThreatQSimulator:
             tags.append(name)
         targets: List[Key] = []
         for other in self._kinds():
-            if other.collection == "indicators" or other.collection not in item:
+            if other.collection == kind.collection or other.collection not in item:
                 continue  # [sim choice] other keys are ignored, as unknown fields are elsewhere
             for i, ref in enumerate(item[other.collection] or []):
                 target = ref.get("id") if isinstance(ref, dict) else None

@@ -42,7 +42,6 @@ REFRESH_MARGIN_S = 60.0  # renew a token this close to its expiry before using i
 PAGE_SIZE = 50
 FIRST_WAIT_S = 0.2
 PERMANENT_STATUSES = (400, 403, 404, 409, 422)
-CONSUME_PATH = "/api/indicators/consume"
 # Sub-resources asked inline with `with=` (reference §6, §2): one read instead of three.
 EXPAND = "attributes,sources,tags"
 _RETRY_AFTER_STATUSES = (429, 503)
@@ -146,7 +145,7 @@ class ThreatQClient:
     Safe to share between threads; each gunicorn worker process makes its own.
     """
 
-    _consume_missing = False  # set once the instance answered 404/405 to the consume endpoint
+    _consume_missing: frozenset = frozenset()  # collections whose consume endpoint answered 404/405
 
     def __init__(self, base_url: str, client_id: str, *, client_secret: Optional[str] = None,
                  config_dir: Optional[Path] = None, verify: bool = True, proxy: Optional[str] = None,
@@ -486,33 +485,37 @@ class ThreatQClient:
                 "sources": sources}
         return self._one(self.request("POST", "/api/indicators", json=body), "POST /api/indicators")
 
-    def consume_indicators(self, items: List[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
-        """Create indicators with their sources, attributes, tags and relations in one call
-        (``POST /api/indicators/consume``, reference §2): the answer's records, in order.
+    def consume(self, collection: str, items: List[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
+        """Create objects with their sources, attributes, tags and relations in one call
+        (``POST /api/{collection}/consume``, reference §2): the answer's records, in order.
 
-        ``None`` when the instance has no such endpoint (404/405: older versions name it
-        ``/consume/new``, and the reference cannot say which version has which); the caller
-        then creates call by call, and this process does not ask again. [guess] consume
-        merges into an existing (value, type): only call it for values ``find_indicator``
-        did not find, as the plain create path does.
+        ``None`` when the instance has no such endpoint for the collection (404/405: older
+        versions name the indicators' one ``/consume/new``, and the reference cannot say which
+        version has which); the caller then creates call by call, and this process does not ask
+        again. [guess] consume merges into an existing object (indicators: value and type):
+        only call it for objects the look-up did not find, as the plain create path does.
         """
-        if self._consume_missing:
+        if collection in self._consume_missing:
             return None
-        label = f"POST {CONSUME_PATH}"
+        path = f"/api/{_collection(collection)}/consume"
+        label = f"POST {path}"
         try:
-            body = self.request("POST", CONSUME_PATH, json=items)
+            body = self.request("POST", path, json=items)
         except ThreatQPermanentError as exc:
             if exc.status not in (404, 405):
                 raise
-            self._consume_missing = True
-            log.warning("ThreatQ answered %s to %s: creating indicators call by call from now on "
-                        "(more API calls per observable)", exc.status, label)
+            self._consume_missing = self._consume_missing | {collection}
+            log.warning("ThreatQ answered %s to %s: creating %s call by call from now on "
+                        "(more API calls per object)", exc.status, label, collection)
             return None
         records = self._list(body, label)
         if len(records) != len(items) or not all(isinstance(r, dict) and "id" in r for r in records):
             raise ThreatQUnavailable(f"{label}: the answer does not carry one record with an id per "
-                                     "indicator sent")
+                                     "object sent")
         return records
+
+    def consume_indicators(self, items: List[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
+        return self.consume("indicators", items)
 
     def update_indicator(self, indicator_id: int, **fields: Any) -> Dict[str, Any]:
         path = f"/api/indicators/{int(indicator_id)}"
