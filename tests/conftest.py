@@ -20,6 +20,7 @@ from tq_mw_thehive.threatq import auth as tq_auth
 from tq_mw_thehive.worker import Worker
 
 SAMPLES = Path(__file__).parent / "samples"
+PLUGIN_FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.json"))
 WEBHOOK_TOKEN = "test-webhook-token-0123456789abcdef"
 THEHIVE_KEY = "thehive-api-key-fedcba9876543210"
@@ -188,3 +189,17 @@ def metric_value(samples: MetricSamples, name: str, **labels: str) -> float:
     from tq_mw_thehive.metrics import PREFIX
 
     return samples.get((PREFIX + name, tuple(sorted(labels.items()))), 0.0)
+
+
+# --- enrichment plugins' service answers (tests/test_plugin_*.py) ---------------------------------
+
+def plugin_fixture(name: str) -> Any:
+    """A recorded answer of an online service, ``tests/fixtures/plugins/<name>``."""
+    return json.loads((PLUGIN_FIXTURES / name).read_text(encoding="utf-8"))
+
+
+def full_text(exc: BaseException) -> str:
+    """The message and the traceback a logger would print, chained exceptions included."""
+    import traceback
+
+    return str(exc) + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

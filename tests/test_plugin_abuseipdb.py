@@ -9,23 +9,22 @@ Error bodies ({"errors": [{"detail", "status"}]}, 401 and 422 texts) as quoted i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import requests
 import responses
 from responses import matchers
 
+from conftest import plugin_fixture
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded
 from tq_mw_thehive.plugins import abuseipdb
 
-FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 KEY = "abuseipdb-test-key-0d9f8e7c6b5a49382716f5e4d3c2b1a0"
 CHECK = "https://api.abuseipdb.com/api/v2/check"
 
 
 def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / f"abuseipdb_{name}.json").read_text(encoding="utf-8"))
+    return plugin_fixture(f"abuseipdb_{name}.json")
 
 
 def ask(value: str = "203.0.113.66", data_type: str = "ip", **kwargs) -> Lookup:

@@ -9,8 +9,6 @@ data set." (the 429 body is not documented there, so the tests do not rely on it
 from __future__ import annotations
 
 import json
-import traceback
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -18,25 +16,17 @@ import requests
 import responses
 from responses import matchers
 
+from conftest import full_text, plugin_fixture as fixture
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded
 from tq_mw_thehive.plugins import greynoise
 
-FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 KEY = "greynoise-test-key-abcdef0123456789"
 BASE = "https://api.greynoise.io/v3/community/"
-
-
-def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 
 
 def ask(value: str, keys=None, timeout: float = 2.5, data_type: str = "ip"):
     keys = {"GREYNOISE": KEY} if keys is None else keys
     return greynoise.lookup(Lookup(data_type, value, keys=keys, session=requests.Session(), timeout=timeout))
-
-
-def full_text(exc: BaseException) -> str:
-    return str(exc) + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 @pytest.fixture

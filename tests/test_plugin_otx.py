@@ -10,23 +10,22 @@ could not read; request and answer shapes follow AlienVault's SDK and a vendor c
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import requests
 import responses
 
+from conftest import plugin_fixture
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded
 from tq_mw_thehive.plugins import otx
 
-FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 KEY = "otx-test-key-9a8b7c6d5e4f30211f2e3d4c5b6a7988"
 API = "https://otx.alienvault.com/api/v1/indicators"
 IP_URL = f"{API}/IPv4/203.0.113.66/general"
 
 
 def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / f"otx_{name}.json").read_text(encoding="utf-8"))
+    return plugin_fixture(f"otx_{name}.json")
 
 
 def ask(data_type: str = "ip", value: str = "203.0.113.66", **kwargs) -> Lookup:

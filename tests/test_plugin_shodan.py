@@ -8,8 +8,6 @@ vulns (a list of CVE identifiers at host level, a dict inside each banner).
 from __future__ import annotations
 
 import json
-import traceback
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -17,27 +15,18 @@ import requests
 import responses
 from responses import matchers
 
+from conftest import full_text, plugin_fixture as fixture
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded
 from tq_mw_thehive.plugins import shodan
 
-FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 KEY = "shodan-test-key-0123456789ABCDEF"
 IP = "203.0.113.10"
 URL = f"https://api.shodan.io/shodan/host/{IP}"
 
 
-def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
-
-
 def ask(value: str = IP, keys=None, timeout: float = 4.5, data_type: str = "ip"):
     keys = {"SHODAN": KEY} if keys is None else keys
     return shodan.lookup(Lookup(data_type, value, keys=keys, session=requests.Session(), timeout=timeout))
-
-
-def full_text(exc: BaseException) -> str:
-    """The message and the traceback a logger would print, chained exceptions included."""
-    return str(exc) + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 @pytest.fixture

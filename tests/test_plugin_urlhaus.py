@@ -9,8 +9,6 @@ md5_hash/sha256_hash/file_type/signature/url_count/urls[].
 from __future__ import annotations
 
 import json
-import traceback
-from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
@@ -18,10 +16,10 @@ import requests
 import responses
 from responses import matchers
 
+from conftest import full_text, plugin_fixture as fixture
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded
 from tq_mw_thehive.plugins import urlhaus
 
-FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 KEY = "urlhaus-auth-key-0123456789abcdef0123"
 BASE = "https://urlhaus-api.abuse.ch/v1/"
 MD5 = "12c8aec5766ac3e6f26f2505e2f4a8f2"
@@ -29,17 +27,9 @@ SHA256 = "01fa56184fcaa42b6ee1882787a34098c79898c182814774fd81dc18a6af0b00"
 BAD_URL = "http://malware.example.com/invoice/Outstanding-Invoices.doc"
 
 
-def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
-
-
 def ask(data_type: str, value: str, keys=None, timeout: float = 3.0):
     keys = {"URLHAUS": KEY} if keys is None else keys
     return urlhaus.lookup(Lookup(data_type, value, keys=keys, session=requests.Session(), timeout=timeout))
-
-
-def full_text(exc: BaseException) -> str:
-    return str(exc) + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 @pytest.fixture

@@ -9,23 +9,22 @@ Answer shapes follow the VirusTotal API v3 documentation:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import requests
 import responses
 
+from conftest import plugin_fixture
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, VERDICTS
 from tq_mw_thehive.plugins import virustotal
 
-FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 KEY = "vt-test-key-5f2c0e9a7b1d4c3e8a6f0b2d9c7e1a4f"
 API = "https://www.virustotal.com/api/v3"
 IP_URL = f"{API}/ip_addresses/203.0.113.66"
 
 
 def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / f"virustotal_{name}.json").read_text(encoding="utf-8"))
+    return plugin_fixture(f"virustotal_{name}.json")
 
 
 def ask(data_type: str = "ip", value: str = "203.0.113.66", **kwargs) -> Lookup:
