@@ -668,7 +668,7 @@ def test_consume_sends_the_array_and_returns_the_records_in_order(rsps, client):
              {"value": "x.example", "type_id": 8}]
     rsps.post(CONSUME, json={"data": [{"id": 7, "value": "1.2.3.4"}, {"id": 8, "value": "x.example"}]},
               status=201)
-    assert [r["id"] for r in client.consume_indicators(items)] == [7, 8]
+    assert [r["id"] for r in client.consume("indicators", items)] == [7, 8]
     (call,) = api_calls(rsps)
     assert sent_json(call) == items
 
@@ -677,8 +677,8 @@ def test_consume_sends_the_array_and_returns_the_records_in_order(rsps, client):
 def test_an_instance_without_consume_is_asked_once_then_the_caller_goes_call_by_call(rsps, client, caplog,
                                                                                     status):
     rsps.post(CONSUME, json={"errors": ["Not found"]}, status=status)
-    assert client.consume_indicators([{"value": "1.2.3.4", "type_id": 10}]) is None
-    assert client.consume_indicators([{"value": "5.6.7.8", "type_id": 10}]) is None
+    assert client.consume("indicators", [{"value": "1.2.3.4", "type_id": 10}]) is None
+    assert client.consume("indicators", [{"value": "5.6.7.8", "type_id": 10}]) is None
     assert len(api_calls(rsps)) == 1
     assert f"ThreatQ answered {status} to POST /api/indicators/consume" in caplog.text
 
@@ -687,14 +687,14 @@ def test_consume_refused_for_its_content_is_a_permanent_error(rsps, client):
     rsps.post(CONSUME, json={"data": {"errors": {"0.type_id": ["The selected type id is invalid."]}}},
               status=400)
     with pytest.raises(ThreatQPermanentError, match="type id"):
-        client.consume_indicators([{"value": "1.2.3.4", "type_id": 999}])
+        client.consume("indicators", [{"value": "1.2.3.4", "type_id": 999}])
     assert not client._consume_missing  # a refusal of the content says nothing about the endpoint
 
 
 def test_a_consume_answer_without_one_id_per_item_is_not_trusted(rsps, client):
     rsps.post(CONSUME, json={"data": []}, status=201)
     with pytest.raises(ThreatQUnavailable, match="one record with an id"):
-        client.consume_indicators([{"value": "1.2.3.4", "type_id": 10}])
+        client.consume("indicators", [{"value": "1.2.3.4", "type_id": 10}])
 
 
 # ------------------------------------------------------------------------------------ connections

@@ -514,9 +514,6 @@ class ThreatQClient:
                                      "object sent")
         return records
 
-    def consume_indicators(self, items: List[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
-        return self.consume("indicators", items)
-
     def update_indicator(self, indicator_id: int, **fields: Any) -> Dict[str, Any]:
         path = f"/api/indicators/{int(indicator_id)}"
         return self._one(self.request("PUT", path, json=fields), f"PUT {path}")
