@@ -1,8 +1,8 @@
 """README's Troubleshooting table stays honest: every warning or error the code can log has a row.
 
 The code is read with ``ast``: each ``log.warning/error/exception/critical(...)`` call (and
-``log.log(level, ...)``, whose level is chosen at run time) in ``tq_mw_thehive/`` and
-``plugins/`` gives its format string. A row matches when its first cell (the line as it
+``log.log(level, ...)``, whose level is chosen at run time) in ``tq_mw_thehive/`` (bundled
+plugins included) gives its format string. A row matches when its first cell (the line as it
 appears) contains, in order, the format's first literal pieces (each cut to 4 words) and, for
 lines of the ``outcome=<word>`` kind, that outcome. Values in the row are examples, so a format
 may change its placeholders freely; a new message, or a reworded start, needs its row.
@@ -29,7 +29,7 @@ KEY_INFO_LINES = ["starting listen=", "ready listening=", "worker ready pid=", "
 
 def log_calls() -> Iterator[Tuple[str, int, str, str]]:
     """(path, line, level, format) of each logging call with a literal format string."""
-    for base in ("tq_mw_thehive", "plugins"):
+    for base in ("tq_mw_thehive",):
         for path in sorted((ROOT / base).rglob("*.py")):
             if "testing" in path.relative_to(ROOT).parts:  # the simulators are not the product
                 continue

@@ -1,7 +1,7 @@
 """Find and load enrichment plugins; say what state each is in.
 
 Three places, in this order (a name already taken is reported, not loaded twice):
-the bundled plugins (``tq_mw_thehive.plugins``, the repository's ``plugins/``), the
+the bundled plugins (``tq_mw_thehive.plugins``), the
 directories in ``enrichment.plugin_dirs`` (one ``.py`` file per plugin), and installed
 packages through the entry-point group ``tq_mw_thehive.plugins``. A plugin that fails
 to import or declares itself wrongly is logged and skipped; the rest still load.

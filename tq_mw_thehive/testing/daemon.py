@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import requests
 
+import tq_mw_thehive
+
 READY = re.compile(r"ready listening=127\.0\.0\.1:(\d+)")
 LOG_NAME = "tq_mw_thehive.log"
 
@@ -40,8 +42,8 @@ class Daemon:
 
     def __init__(self, config_dir: Path, log_dir: Path, args: Sequence[str] = (),
                  env: Optional[Dict[str, str]] = None, verbosity: str = "3", workers: int = 2) -> None:
-        self.config_dir = Path(config_dir)
-        self.log_dir = Path(log_dir)
+        self.config_dir = Path(config_dir).absolute()  # the daemon runs in it: relative paths would move
+        self.log_dir = Path(log_dir).absolute()
         self.args = list(args)
         self.env = env
         self.verbosity = verbosity
@@ -65,11 +67,25 @@ class Daemon:
         return [sys.executable, "-m", "tq_mw_thehive", "-c", str(self.config_dir), "-ll", str(self.log_dir),
                 "-v", self.verbosity, "-p", "0", "-li", "127.0.0.1", "-w", str(self.workers), *self.args]
 
+    def environment(self) -> Dict[str, str]:
+        """The caller's environment, with the package that started us first on the import path.
+
+        ``python -m`` puts the working directory first on ``sys.path``: started from a source
+        checkout, the daemon would import that tree instead of what the caller runs (and a
+        checkout is not an installed package). So the daemon runs in its config directory and
+        imports the very ``tq_mw_thehive`` its caller imported, wherever that came from.
+        """
+        env = dict(os.environ if self.env is None else self.env)
+        here = str(Path(tq_mw_thehive.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        return env
+
     def spawn(self) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         console = open(self.console, "ab")
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=console,
-                                     stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=self.environment(),
+                                     cwd=self.config_dir)
         console.close()
         return self.proc
 

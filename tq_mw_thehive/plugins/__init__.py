@@ -1,0 +1,1 @@
+"""Bundled IOC-enrichment plugins, one small module each (the registry loads them by name)."""
