@@ -14,7 +14,7 @@ from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.sync import Outcome, PermanentSyncError
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq.api import ThreatQPermanentError, ThreatQUnavailable
-from tq_mw_thehive.worker import BACKOFF_CAP_S, UNEXPECTED_ATTEMPTS, Worker, backoff_s
+from tq_mw_thehive.worker import BACKOFF_CAP_S, Worker, backoff_s
 
 
 class ScriptedSync:
@@ -104,12 +104,62 @@ def test_a_permanent_error_is_dead_at_once_with_its_text(tmp_path, error, caplog
     assert "outcome=dead" in caplog.records[-1].getMessage()
 
 
-def test_an_unexpected_error_is_retried_a_few_times_then_dead(tmp_path):
+def test_an_unexpected_error_is_retried_five_times_by_default_then_dead(tmp_path):
     worker, inbox, scripted = make(tmp_path, KeyError("bug"))
-    for _ in range(UNEXPECTED_ATTEMPTS + 5):
+    assert worker.cfg.sync.max_unexpected_attempts == 5
+    for _ in range(10):
         worker.run_once()
-    assert scripted.calls == UNEXPECTED_ATTEMPTS
+    assert scripted.calls == 5
     assert row(inbox)["state"] == "dead" and "KeyError" in row(inbox)["last_error"]
+    assert "gave up: 5 attempts" in row(inbox)["last_error"]
+
+
+def test_max_unexpected_attempts_is_configurable_and_does_not_cut_outages_short(tmp_path):
+    worker, inbox, scripted = make(tmp_path, KeyError("bug"), max_unexpected_attempts=2)
+    for _ in range(5):
+        worker.run_once()
+    assert scripted.calls == 2 and row(inbox)["state"] == "dead"
+    (tmp_path / "outage").mkdir()
+    worker, inbox, scripted = make(tmp_path / "outage", ThreatQUnavailable("down"), max_unexpected_attempts=2)
+    for _ in range(6):
+        worker.run_once()
+    assert scripted.calls == 6 and row(inbox)["state"] == "pending"  # an outage keeps max_attempts
+
+
+def test_a_sync_that_cannot_be_built_dead_letters_soon(tmp_path):
+    """The broken install the Quick start once met: every event failed importing the plugins."""
+    worker, inbox, _ = make(tmp_path, Outcome("synced"))
+
+    def broken(_cfg):
+        raise ModuleNotFoundError("No module named 'tq_mw_thehive.plugins'")
+
+    worker.sync_factory = broken
+    for _ in range(10):
+        worker.run_once()
+    found = row(inbox)
+    assert found["state"] == "dead" and found["attempts"] == 5
+    assert "ModuleNotFoundError: No module named 'tq_mw_thehive.plugins'" in found["last_error"]
+    assert inbox.replay() == 1  # a dead letter stays replayable: nothing is lost
+
+
+def test_an_unexpected_errors_traceback_is_logged_once_per_process(tmp_path, caplog):
+    worker, inbox, scripted = make(tmp_path, KeyError("bug"))
+    payload = sample("th5-observable-create-ip.json")
+    inbox.put(events.parse(payload), json.dumps(payload))
+    with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):
+        for _ in range(10):
+            worker.run_once()
+    assert scripted.calls == 10  # both events, five attempts each
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "unexpected error on inbox event" in tracebacks[0].getMessage()
+    retries = [r.getMessage() for r in caplog.records if "outcome=retry" in r.getMessage()]
+    assert len(retries) == 8 and all("KeyError: 'bug'" in line for line in retries)
+    worker.sync_factory = lambda _: ScriptedSync(ValueError("another bug"))
+    worker._sync = None
+    inbox.replay()
+    with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):
+        worker.run_once()
+    assert len([r for r in caplog.records if r.exc_info]) == 2  # a different error: its own traceback
 
 
 def test_a_dead_letter_replayed_is_processed_again(tmp_path):

@@ -138,6 +138,9 @@ class SyncConfig:
     # first) ride out a ThreatQ outage of a day or more before an event goes dead.
     max_attempts: int = _opt(int, 2000, check=_positive)
     max_age: float = _opt(Duration, 48 * 3600.0, check=_positive)
+    # An unexpected error (a bug, an import error, a payload the mapping cannot handle) is not
+    # an outage: no amount of waiting fixes it, so it goes to the dead letters after this many.
+    max_unexpected_attempts: int = _opt(int, 5, check=_positive)
     # How long a worker holds an event before another may take it over (a killed worker's
     # event waits this long); longer than the slowest event, including enrichment.
     lease: float = _opt(Duration, 300.0, check=_positive)

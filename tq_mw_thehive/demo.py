@@ -157,11 +157,31 @@ def summary(sim: ThreatQSimulator, counts: Dict[str, object], host: str) -> str:
     return "\n".join(lines)
 
 
+def first_error(log_file: Path) -> Optional[str]:
+    """The daemon log's first ERROR or CRITICAL line: the cause, where later lines repeat it."""
+    try:
+        with open(log_file, encoding="utf-8", errors="replace") as lines:
+            return next((line.rstrip() for line in lines if " ERROR " in line or " CRITICAL " in line), None)
+    except OSError:
+        return None
+
+
+def _failure(what: str, work: Path, daemon: Daemon) -> DemoError:
+    """A failed demo keeps its directory: the message names it and the daemon's first error."""
+    cause = first_error(daemon.log_file)
+    return DemoError(f"{what}\n  first error in the daemon's log: {cause or '(none)'}\n"
+                     f"  kept for you: {work} (the daemon's log: {daemon.log_file})")
+
+
 def run(out: TextIO = sys.stdout, keep: bool = False, timeout: float = 120.0) -> int:
-    """Run the demo; 0 when every event reached ThreatQ (or was deliberately skipped)."""
+    """Run the demo; 0 when every event reached ThreatQ (or was deliberately skipped).
+
+    Raises DemoError when it did not, after keeping the working directory for a look.
+    """
     sim = ThreatQSimulator(users={EMAIL: PASSWORD})
     work = Path(tempfile.mkdtemp(prefix="tq-mw-demo-"))
     daemon = Daemon(work, work / "logs", verbosity="2")
+    succeeded = False
     try:
         with LoopbackServer(sim.app) as threatq:
             print(f"ThreatQ simulator on {threatq.url}; working directory {work}", file=out)
@@ -185,13 +205,16 @@ def run(out: TextIO = sys.stdout, keep: bool = False, timeout: float = 120.0) ->
             counts = inbox.stats()
             inbox.close()
             print(summary(sim, counts, threatq.url), file=out)
+            if counts["dead"]:
+                raise DemoError(f"{counts['dead']} event(s) became dead letters")
             if keep:
                 print(f"Daemon log: {daemon.log_file}", file=out)
-            return 0 if counts["dead"] == 0 else 1
-    except DaemonTimeout as exc:
-        raise DemoError(f"{exc} (see {daemon.log_file})") from None
+            succeeded = True
+            return 0
+    except (DaemonTimeout, requests.RequestException, DemoError) as exc:
+        raise _failure(str(exc), work, daemon) from None
     finally:
         daemon.stop()
-        if not keep:
+        if succeeded and not keep:
             shutil.rmtree(work, ignore_errors=True)
 

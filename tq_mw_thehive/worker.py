@@ -5,7 +5,8 @@ worker`` runs one in the foreground). It claims an event under a lease, applies
 it, and records the outcome: done; retry later with backoff when ThreatQ or
 TheHive is unreachable (capped near a minute, so a short outage costs seconds);
 dead when retrying cannot help (ThreatQ refused the data) or after
-``sync.max_attempts`` / ``sync.max_age``. A killed process's event is claimed
+``sync.max_attempts`` / ``sync.max_age``; an unexpected error (a bug, an import
+error) is no outage, so it is dead after ``sync.max_unexpected_attempts``. A killed process's event is claimed
 again when its lease runs out. One log line per event says what happened.
 """
 from __future__ import annotations
@@ -18,8 +19,9 @@ import socket
 import sqlite3
 import threading
 import time
+import traceback
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Set, Tuple
 
 from tq_mw_thehive import metrics
 from tq_mw_thehive.config import Config
@@ -38,10 +40,6 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 1.0
 BACKOFF_FIRST_S = 2.0
 BACKOFF_CAP_S = 60.0
-# A bug of ours (an unexpected exception) is retried a few times, then dead-lettered with its
-# text, rather than retried for days like an outage.
-UNEXPECTED_ATTEMPTS = 5
-
 RETRYABLE = (ThreatQUnavailable, TheHiveUnavailable, sqlite3.OperationalError)
 PERMANENT = (ThreatQPermanentError, TheHiveError, PermanentSyncError, ModelError)
 
@@ -83,6 +81,8 @@ class Worker:
         self.stopping = threading.Event()
         self._sync: Optional[Sync] = None
         self._thread: Optional[threading.Thread] = None
+        self._seen_errors: Set[Tuple[str, str, int]] = set()
+        self._seen_lock = threading.Lock()
 
     @property
     def sync(self) -> Sync:
@@ -128,7 +128,7 @@ class Worker:
         except PERMANENT as exc:
             self._dead(item, f"{type(exc).__name__}: {exc}", started)
         except Exception as exc:  # a bug: keep the event, say what happened, stop after a few tries
-            log.exception("unexpected error on inbox event %s", item.id)
+            self._traceback_once(item, exc)
             self._retry_or_dead(item, f"{type(exc).__name__}: {exc}", started, unexpected=True)
         if outcome is not None:
             if self.inbox.done(item.id, self.owner):
@@ -147,8 +147,24 @@ class Worker:
         outcome.detail = f"{outcome.detail}; {note}" if outcome.detail else note
         return outcome
 
+    def _traceback_once(self, item: InboxItem, exc: Exception) -> None:
+        """Log an unexpected error's traceback the first time this process meets it.
+
+        The same bug fails every event and every retry the same way: its traceback once is
+        what an operator needs; the per-event line then carries the one-line reason.
+        """
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = (frames[-1].filename, frames[-1].lineno) if frames else ("", 0)
+        signature = (type(exc).__name__, *where)
+        with self._seen_lock:
+            if signature in self._seen_errors:
+                return
+            self._seen_errors.add(signature)
+        log.error("unexpected error on inbox event %s (traceback shown once per process; later events "
+                  "failing at the same place log only their reason)", item.id, exc_info=exc)
+
     def _retry_or_dead(self, item: InboxItem, error: str, started: float, unexpected: bool) -> None:
-        limit = UNEXPECTED_ATTEMPTS if unexpected else self.cfg.sync.max_attempts
+        limit = self.cfg.sync.max_unexpected_attempts if unexpected else self.cfg.sync.max_attempts
         too_old = time.time() - item.received_at > self.cfg.sync.max_age
         if item.attempts >= limit or too_old:
             why = "too old" if too_old else f"{item.attempts} attempts"

@@ -173,6 +173,40 @@ def test_demo_runs_and_shows_what_threatq_holds(tmp_path):
                    [line.split("working directory ")[1] for line in out.splitlines() if "working directory" in line])
 
 
+def test_a_failed_demo_keeps_its_directory_and_names_the_first_error(monkeypatch):
+    from tq_mw_thehive import demo
+
+    made = []
+
+    class RefusingThreatQ(ThreatQSimulator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    configure_run = demo.configure.run
+
+    def configure_then_refuse(*args, **kwargs):
+        cfg = configure_run(*args, **kwargs)
+        made[0].fail_next(10 ** 6, 403)  # every API call from now on: the daemon's events die
+        return cfg
+
+    monkeypatch.setattr(demo, "ThreatQSimulator", RefusingThreatQ)
+    monkeypatch.setattr(demo.configure, "run", configure_then_refuse)
+    with pytest.raises(demo.DemoError) as failed:
+        demo.run(out=open(os.devnull, "w"), timeout=60)
+    message = str(failed.value)
+    assert "event(s) became dead letters" in message
+    first = message.split("first error in the daemon's log: ", 1)[1].splitlines()[0]
+    assert " ERROR " in first and "outcome=dead" in first
+    kept = Path(message.split("kept for you: ", 1)[1].split(" ", 1)[0])
+    try:
+        assert kept.is_dir() and (kept / "logs" / "tq_mw_thehive.log").is_file()
+        assert first in (kept / "logs" / "tq_mw_thehive.log").read_text()
+    finally:
+        import shutil
+        shutil.rmtree(kept, ignore_errors=True)
+
+
 FAKE_INTEL_PLUGIN = '''
 """A third-party reputation service, stood in by a loopback server the test runs."""
 from tq_mw_thehive.enrichment.plugin import PluginError, Result
