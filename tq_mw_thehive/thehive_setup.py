@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import click
 
 from tq_mw_thehive import configure, logs, startup
-from tq_mw_thehive.configure import ENDPOINT_NAME, NOTIFICATION_PATH, SECRET_MASK
+from tq_mw_thehive.configure import ADMIN_KEY_VARIABLE, ENDPOINT_NAME, NOTIFICATION_PATH, SECRET_MASK
 from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError, TheHiveNotFound, TheHiveUnavailable
 
 NOTIFICATION = NOTIFICATION_PATH.rsplit("/", 1)[1]  # the organisation configuration item's name
@@ -100,7 +100,7 @@ def register(client: TheHiveClient, yes: bool, confirm=click.confirm, echo=click
         client.set_organisation_config(NOTIFICATION, value)
     except TheHiveError as exc:
         raise SetupError(f"{exc} (an org admin's API key, permission manageConfig, is needed: "
-                         "--api-key or TQ_MW_THEHIVE_ADMIN_API_KEY)") from None
+                         f"--api-key or {ADMIN_KEY_VARIABLE})") from None
     echo(f"Sent: TheHive accepted PUT {NOTIFICATION_PATH}.")
     after, unreadable = read_notifications(client)
     if after is None:
@@ -118,7 +118,7 @@ def register(client: TheHiveClient, yes: bool, confirm=click.confirm, echo=click
                    "5: print what to enter in TheHive's UI (TheHive 5 has no API for it).")
 @click.option("--webhook-url", metavar="URL",
               help="The URL TheHive posts to (default: from -li/-p, as `configure` prints it).")
-@click.option("--api-key", envvar="TQ_MW_THEHIVE_ADMIN_API_KEY", show_envvar=True,
+@click.option("--api-key", envvar=ADMIN_KEY_VARIABLE, show_envvar=True,
               help="TheHive 4: an org admin's API key for the PUT (default thehive.api_key; "
                    "prefer the variable).")
 @click.option("-y", "--yes", is_flag=True, help="TheHive 4: send without asking.")
@@ -157,7 +157,7 @@ def thehive_setup_command(obj: Any, thehive_version: str, webhook_url: Optional[
     key = api_key or cfg.thehive.api_key
     if not key:
         click.echo("tq-mw-thehive: error: no TheHive API key: set thehive.api_key or pass an org admin's "
-                   "key with TQ_MW_THEHIVE_ADMIN_API_KEY", err=True)
+                   f"key with {ADMIN_KEY_VARIABLE}", err=True)
         sys.exit(2)
     logs.add_secrets([key])
     client = TheHiveClient(cfg.thehive.url, key, organisation=cfg.thehive.organisation,
