@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import sample, write_config
-from tq_mw_thehive import __version__, server
+from tq_mw_thehive import __version__, server, state
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive.cli import Options, cli
 from tq_mw_thehive.inbox import Inbox
@@ -100,6 +100,12 @@ def fill_inbox(db_path: Path) -> Dict[str, int]:
     return {"pending": 3, "queued": 1, "in_progress": 1, "waiting_retry": 1, "done": 1, "dead": 1}
 
 
+def started(config_dir: Path) -> Path:
+    """``config_dir`` as after the daemon's first start: its state database exists (empty)."""
+    state.open_state(config_mod.load(config_dir).state_db).close()
+    return config_dir
+
+
 def counts_of(report: dict) -> Dict[str, int]:
     for key in COUNT_KEYS:
         assert type(report[key]) is int, (key, report[key])
@@ -108,18 +114,20 @@ def counts_of(report: dict) -> Dict[str, int]:
 
 # --- status -------------------------------------------------------------------------------
 
-def test_status_json_in_an_empty_dir_is_all_zero_and_creates_no_database(tmp_path):
-    report = status_json(["status", "-c", str(tmp_path), "--json"])
+def test_status_json_of_a_started_daemon_with_nothing_received_is_all_zero(config_dir):
+    started(config_dir)
+    before = sorted(os.listdir(config_dir))
+    report = status_json(["status", "-c", str(config_dir), "--json"])
     assert counts_of(report) == dict.fromkeys(COUNT_KEYS, 0)
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(config_dir)) == before
 
 
-def test_status_json_real_process_prints_one_object(tmp_path):
-    result = run_process(["status", "--json", "-c", str(tmp_path)], cwd=tmp_path)
+def test_status_json_real_process_prints_one_object(config_dir):
+    started(config_dir)
+    result = run_process(["status", "--json", "-c", str(config_dir)], cwd=config_dir)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1
     assert counts_of(json.loads(result.stdout)) == dict.fromkeys(COUNT_KEYS, 0)
-    assert os.listdir(tmp_path) == []
 
 
 def test_status_json_counts_each_state(config_dir):
@@ -156,6 +164,7 @@ def test_config_flag_after_the_subcommand_wins(tmp_path, first, second):
     for d in dirs.values():
         d.mkdir()
         write_config(d)
+        started(d)
     full = fill_inbox(config_mod.load(dirs["full"]).state_db)
     wanted = full if second == "full" else dict.fromkeys(COUNT_KEYS, 0)
     report = status_json(["-c", str(dirs[first]), "status", "-c", str(dirs[second]), "--json"])
@@ -192,6 +201,60 @@ def test_status_with_a_broken_config_exits_2_naming_the_key(tmp_path, sections, 
     assert result.exit_code == 2
     assert key in result.stderr
     assert result.stdout == ""
+
+
+# --- no silent zeros: the commands on the daemon's state need its database -----------------------
+
+STATE_COMMANDS = [
+    pytest.param(["status"], id="status"),
+    pytest.param(["status", "--json"], id="status-json"),
+    pytest.param(["replay"], id="replay"),
+    pytest.param(["cache", "stats"], id="cache-stats"),
+    pytest.param(["cache", "clear"], id="cache-clear"),
+    pytest.param(["cache", "warm"], id="cache-warm"),
+    pytest.param(["keys", "set", "VIRUSTOTAL"], id="keys-set"),
+    pytest.param(["keys", "list"], id="keys-list"),
+    pytest.param(["keys", "delete", "VIRUSTOTAL"], id="keys-delete"),
+    pytest.param(["watch", "add", "example.org"], id="watch-add"),
+    pytest.param(["watch", "list"], id="watch-list"),
+    pytest.param(["watch", "rm", "example.org"], id="watch-rm"),
+    pytest.param(["monitor", "--once"], id="monitor"),
+]
+
+
+def one_error(result) -> str:
+    """The single ``tq-mw-thehive: error:`` line of a refused command (exit 2, nothing on stdout)."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tq-mw-thehive: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", STATE_COMMANDS)
+def test_a_state_command_on_a_missing_config_dir_says_to_configure(tmp_path, args):
+    missing = tmp_path / "no-such-dir"
+    error = one_error(invoke(args + ["-c", str(missing)]))
+    assert f"configuration directory {missing} does not exist" in error
+    assert f"tq-mw-thehive configure -c {missing}" in error
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("args", STATE_COMMANDS)
+def test_a_state_command_without_the_state_database_says_so_and_creates_none(tmp_path, args):
+    write_config(tmp_path, state_db="data/inbox.db")
+    (tmp_path / "data").mkdir()
+    error = one_error(invoke(args + ["-c", str(tmp_path)]))
+    assert f"state database {tmp_path / 'data' / 'inbox.db'} does not exist" in error
+    assert "the daemon creates it at its first start" in error
+    assert os.listdir(tmp_path / "data") == []
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "data"]
+
+
+def test_status_in_a_directory_without_config_says_to_configure(tmp_path):
+    error = one_error(invoke(["status", "-c", str(tmp_path), "--json"]))
+    assert "no configuration file" in error and f"tq-mw-thehive configure -c {tmp_path}" in error
+    assert os.listdir(tmp_path) == []
 
 
 # --- the run without a subcommand stops before serving --------------------------------------
@@ -287,8 +350,8 @@ def test_help_lists_the_guide_flags_and_subcommands(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["1", "2", "3", "stdout"])
-def test_verbosity_accepts_the_guide_values(tmp_path, value):
-    result = invoke(["-v", value, "status", "-c", str(tmp_path), "--json"])
+def test_verbosity_accepts_the_guide_values(config_dir, value):
+    result = invoke(["-v", value, "status", "-c", str(started(config_dir)), "--json"])
     assert result.exit_code == 0, result.output
 
 

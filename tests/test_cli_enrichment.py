@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 from conftest import write_config
 from tq_mw_thehive import config as config_mod
+from tq_mw_thehive import state
 from tq_mw_thehive.cli import cli
 
 OFFLINE = ("ip_scope", "geoip", "domain", "warninglists")
@@ -140,6 +141,19 @@ def no_key_variables(monkeypatch):
             monkeypatch.delenv(name)
 
 
+def started(config_dir: Path) -> Path:
+    """``config_dir`` as after the daemon's first start: its state database exists (empty)."""
+    state.open_state(config_mod.load(config_dir).state_db).close()
+    return config_dir
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    """A configuration directory after the daemon's first start (the commands need its database)."""
+    write_config(tmp_path)
+    return started(tmp_path)
+
+
 @pytest.fixture
 def plugin_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "my_plugins"
@@ -154,7 +168,7 @@ def conf(tmp_path: Path, plugin_dir: Path) -> Path:
     directory = tmp_path / "conf"
     directory.mkdir()
     write_config(directory, enrichment={"plugin_dirs": [str(plugin_dir)]})
-    return directory
+    return started(directory)
 
 
 def run(*args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None):
@@ -186,13 +200,17 @@ def state_db(config_dir: Path) -> Path:
     return config_mod.load(config_dir).state_db
 
 
-def make_due(config_dir: Path, value: str) -> None:
+def set_next_due(config_dir: Path, value: str, when: float) -> None:
     db = sqlite3.connect(str(state_db(config_dir)))
     try:
-        assert db.execute("UPDATE watches SET next_due = ? WHERE value = ?", (time.time() - 60, value)).rowcount == 1
+        assert db.execute("UPDATE watches SET next_due = ? WHERE value = ?", (when, value)).rowcount == 1
         db.commit()
     finally:
         db.close()
+
+
+def make_due(config_dir: Path, value: str) -> None:
+    set_next_due(config_dir, value, time.time() - 60)
 
 
 def next_due(config_dir: Path, value: str) -> float:
@@ -322,6 +340,31 @@ def test_keys_delete_refuses_a_bad_name(config_dir):
     assert result.exit_code == 2
 
 
+def test_keys_set_refuses_a_name_no_plugin_uses_before_reading_the_value(config_dir):
+    result = run("keys", "set", "VIRUS_TOTAL", "-c", str(config_dir), input="")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "no loaded plugin uses a key named VIRUS_TOTAL" in result.stderr
+    for key in ONLINE.values():                      # the names it would take, from the plugins
+        assert key in result.stderr
+    assert "cannot be empty" not in result.stderr     # refused on the name: stdin was not read
+    assert ok("keys", "list", "-c", str(config_dir)).output.strip() == "no keys"
+
+
+def test_keys_set_takes_a_key_declared_by_a_plugin_from_plugin_dirs(tmp_path):
+    plugins = tmp_path / "keyed_plugins"
+    plugins.mkdir()
+    (plugins / "keyed.py").write_text(KEYED, encoding="utf-8")
+    write_config(tmp_path, enrichment={"plugin_dirs": [str(plugins)]})
+    c = str(started(tmp_path))
+    assert "stored STANDIN_KEY" in ok("keys", "set", "standin-key", "-c", c, input=SECRET + "\n").output
+    assert table_row(ok("keys", "list", "-c", c).output, "STANDIN_KEY")
+    other = tmp_path / "without_the_plugin"
+    other.mkdir()
+    write_config(other)
+    unknown = run("keys", "set", "STANDIN_KEY", "-c", str(started(other)), input=SECRET + "\n")
+    assert unknown.exit_code == 2 and "no loaded plugin uses a key named STANDIN_KEY" in unknown.stderr
+
+
 def test_a_key_never_appears_in_output_config_or_logs(tmp_path):
     plugins = tmp_path / "keyed_plugins"
     plugins.mkdir()
@@ -329,6 +372,7 @@ def test_a_key_never_appears_in_output_config_or_logs(tmp_path):
     conf, log_dir = tmp_path / "conf", tmp_path / "logs"
     conf.mkdir()
     write_config(conf, enrichment={"plugin_dirs": [str(plugins)], "disabled": ["warninglists"]})
+    started(conf)
     c = str(conf)
     outputs = [
         ok("keys", "set", "STANDIN_KEY", "-c", c, input=SECRET + "\n").output,
@@ -364,6 +408,7 @@ def test_a_key_quoted_in_a_plugin_error_is_not_printed(tmp_path):
     plugins.mkdir()
     (plugins / "leaky.py").write_text(LEAKY, encoding="utf-8")
     write_config(tmp_path, enrichment={"plugin_dirs": [str(plugins)]})
+    started(tmp_path)
     ok("keys", "set", "LEAKY_KEY", "-c", str(tmp_path), input=SECRET + "\n")
     result = ok("enrich", "example.org", "-c", str(tmp_path), "--plugin", "leaky")
     assert "PluginError" in table_row(result.output, "leaky")
@@ -508,7 +553,7 @@ def test_watch_add_list_update_remove(config_dir):
     assert row.split()[1:4] == ["domain", "2", "h"]
     (watch,) = as_json("watch", "list", "-c", c)
     assert watch["value"] == "example.org" and watch["data_type"] == "domain" and watch["interval_s"] == 7200
-    assert watch["next_due"] == pytest.approx(time.time() + 7200, abs=60)
+    assert watch["next_due"] == pytest.approx(time.time(), abs=60)   # a new watch is due at once
 
     assert "updated watch of example.org" in ok("watch", "add", "example.org", "-c", c, "--interval", "3h").output
     (watch,) = as_json("watch", "list", "-c", c)
@@ -559,11 +604,97 @@ def test_updating_a_watch_keeps_its_tlp_unless_given(config_dir):
     assert (watch["tlp"], watch["pap"]) == ("RED", "RED")
 
 
+@pytest.mark.parametrize("value, extra, expected", [
+    ("1.2.3", ("--type", "ip"), "not a valid ip value"),
+    ("999.1.1.1", (), "not a valid domain value"),               # guessed: a domain, and not one
+    ("not a host name", (), "not a valid domain value"),
+    ("exa_mple..org", ("--type", "fqdn"), "not a valid fqdn value"),
+    ("bad-.example", ("--type", "hostname"), "not a valid hostname value"),
+    ("example.org/path", ("--type", "url"), "not a valid url value"),
+    ("https://", (), "not a valid url value"),
+    ("d41d8cd98f00b204e9800998ecf8427", ("--type", "hash"), "not a valid hash value"),   # 31 digits
+    ("z41d8cd98f00b204e9800998ecf8427e", ("--type", "hash"), "not a valid hash value"),
+    ("@example.org", (), "not a valid mail value"),
+    ("soc@", ("--type", "mail"), "not a valid mail value"),
+    ("bad\x07value", ("--type", "other"), "control characters"),
+    ("   ", ("--type", "other"), "the value is empty"),
+])
+def test_watch_add_refuses_a_value_not_of_its_type(config_dir, value, extra, expected):
+    result = run("watch", "add", value, "-c", str(config_dir), *extra)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.startswith("tq-mw-thehive: error: ") and expected in result.stderr
+    assert ("give --type" in result.stderr) == (not extra)
+    assert as_json("watch", "list", "-c", str(config_dir)) == []
+
+
+@pytest.mark.parametrize("value, extra, data_type", [
+    ("8.8.8.8", (), "ip"),
+    ("2001:db8::1", (), "ip"),
+    ("Example.ORG.", (), "domain"),
+    ("_dmarc.example.org", ("--type", "fqdn"), "fqdn"),
+    ("mail-gw", ("--type", "hostname"), "hostname"),
+    ("https://x.example/a?b=1", (), "url"),
+    ("d41d8cd98f00b204e9800998ecf8427e", (), "hash"),
+    ("da39a3ee5e6b4b0d3255bfef95601890afd80709", (), "hash"),
+    ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", (), "hash"),
+    ("cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce47d0d13c5d85f2b0ff8318d2877eec2f63b931bd"
+     "47417a81a538327af927da3e", (), "hash"),
+    ("soc@example.org", (), "mail"),
+    ("free text, any length", ("--type", "other"), "other"),
+    ("HKLM\\Software\\Run", ("--type", "registry"), "registry"),
+])
+def test_watch_add_takes_a_value_of_its_type(config_dir, value, extra, data_type):
+    assert f"({data_type})" in ok("watch", "add", value, "-c", str(config_dir), *extra).output
+    (watch,) = as_json("watch", "list", "-c", str(config_dir))
+    assert watch["data_type"] == data_type
+
+
+def test_watch_add_refuses_an_unknown_type_and_takes_a_plugins_own(config_dir, tmp_path):
+    result = run("watch", "add", "example.org", "-c", str(config_dir), "--type", "domian")
+    assert result.exit_code == 2 and "unknown data type 'domian'" in result.stderr
+    assert "domain" in result.stderr.split("known:", 1)[1]
+    assert as_json("watch", "list", "-c", str(config_dir)) == []
+
+    plugins = tmp_path / "wallet_plugins"
+    plugins.mkdir()
+    (plugins / "wallet.py").write_text(STAND_IN.replace('NAME = "standin"', 'NAME = "wallet"').replace(
+        'DATA_TYPES = ("ip", "domain", "fqdn", "url")', 'DATA_TYPES = ("btc-address",)'), encoding="utf-8")
+    conf = tmp_path / "wallet_conf"
+    conf.mkdir()
+    write_config(conf, enrichment={"plugin_dirs": [str(plugins)]})
+    ok("watch", "add", "1BoatSLRHtKNngkdXEeobR76b53LETtpyT", "-c", str(started(conf)), "--type", "btc-address")
+
+
+# --- -c anywhere ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group, command, nothing", [
+    ("watch", "list", "nothing watched"), ("cache", "stats", "the cache is empty"), ("keys", "list", "no keys"),
+])
+def test_config_option_after_a_group_name(tmp_path, group, command, nothing):
+    filled, empty = tmp_path / "filled", tmp_path / "empty"
+    for d in (filled, empty):
+        d.mkdir()
+        write_config(d)
+        started(d)
+    f, e = str(filled), str(empty)
+    ok("watch", "add", "example.org", "-c", f)
+    ok("keys", "set", "VIRUSTOTAL", "-c", f, input=SECRET + "\n")
+    ok("enrich", "8.8.8.8", "-c", f, "--plugin", "ip_scope")
+    expected = ok("-c", f, group, command).output
+    assert nothing not in expected
+    assert ok(group, "-c", f, command).output == expected
+    assert ok(group, command, "-c", f).output == expected
+    # The innermost one given wins.
+    assert ok("-c", e, group, "-c", f, command).output == expected
+    assert ok(group, "-c", e, command, "-c", f).output == expected
+    assert ok("-c", f, group, "-c", e, command).output.strip() == nothing
+
+
 # --- monitor ------------------------------------------------------------------------------------
 
 @pytest.fixture
 def watched(tmp_path: Path, plugin_dir: Path) -> Path:
-    """example.org enriched at TLP:GREEN (the stand-in's answer "10" cached) and watched, not yet due.
+    """example.org enriched at TLP:GREEN (the stand-in's answer "10" cached) and watched, due in a day.
 
     The slow offline plugins are disabled so that each monitor process starts fast; domain stays.
     """
@@ -573,6 +704,7 @@ def watched(tmp_path: Path, plugin_dir: Path) -> Path:
     results = by_plugin(as_json("enrich", "example.org", "-c", str(conf), "--tlp", "GREEN"))
     assert results["standin"]["status"] == "fetched" and results["domain"]["status"] == "fetched"
     ok("watch", "add", "example.org", "-c", str(conf), "--tlp", "GREEN")
+    set_next_due(conf, "example.org", time.time() + 86400)   # as after its first check
     assert len(calls(plugin_dir)) == 1
     return conf
 
@@ -629,3 +761,17 @@ def test_monitor_refuses_when_enrichment_is_disabled(tmp_path):
     write_config(tmp_path, enrichment={"enabled": False})
     result = run("monitor", "--once", "-c", str(tmp_path))
     assert result.exit_code == 2 and "enrichment.enabled is false" in result.output
+
+
+def test_a_new_watch_is_checked_by_the_next_monitor_pass(tmp_path, plugin_dir):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    write_config(conf, enrichment={"plugin_dirs": [str(plugin_dir)], "disabled": ["warninglists"]})
+    started(conf)
+    ok("watch", "add", "example.org", "-c", str(conf), "--tlp", "GREEN", "--interval", "6h")
+    result = run_process(["monitor", "--once", "-c", str(conf)])
+    assert result.returncode == 0, result.stderr
+    assert calls(plugin_dir) == ["domain example.org"]              # enriched in this first pass
+    assert "monitor pass checked=1 " in result.stderr
+    assert "changed example.org standin Standin Score: - -> 10" in result.stderr
+    assert next_due(conf, "example.org") == pytest.approx(time.time() + 6 * 3600, abs=120)

@@ -11,7 +11,7 @@ import pytest
 from conftest import minimal_config
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, state
-from tq_mw_thehive.enrichment import gate
+from tq_mw_thehive.enrichment import gate, runner
 from tq_mw_thehive.enrichment.cache import ResultCache, normalise
 from tq_mw_thehive.enrichment.keys import KeyStore, mask
 from tq_mw_thehive.enrichment.monitor import Monitor, WatchList, guess_type
@@ -215,6 +215,41 @@ def test_a_plugin_with_a_missing_key_is_reported_and_skipped(tmp_path):
     assert plugin.calls[0].keys == {"KEYED": "k-123456"}
 
 
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """What this process has said about plugins, forgotten: as in a newly started worker."""
+    monkeypatch.setattr(runner, "_said", set())
+
+
+def test_a_missing_key_is_said_once_per_process_not_once_per_observable(tmp_path, caplog, fresh_process):
+    keyed = stand_in("keyed", keys={"KEYED": "https://example.org/signup"})
+    off = stand_in("off")
+    values = ["8.8.4.4", "1.1.1.1", "9.9.9.9", "208.67.222.222", "example.org"]
+    with caplog.at_level(logging.DEBUG, logger="tq_mw_thehive.enrichment.runner"):
+        enricher = make(tmp_path, keyed, off, disabled=["off"])
+        for value in values:
+            enricher.run("domain" if "org" in value else "ip", value, tlp="GREEN")
+        make(tmp_path, keyed, off, disabled=["off"]).run("ip", "8.8.8.8", tlp="GREEN")  # another Enricher
+    said = [r for r in caplog.records if r.levelno >= logging.INFO and "missing key: KEYED" in r.getMessage()]
+    assert [r.getMessage() for r in said] == \
+        ["enrichment keyed skipped for every value until this changes: missing key: KEYED"]
+    assert sum("off skipped for every value" in r.getMessage() and "disabled by config" in r.getMessage()
+               for r in caplog.records if r.levelno >= logging.INFO) == 1
+    # Per observable only at debug, for -v 3.
+    per_value = [r for r in caplog.records if "enrichment keyed ip value=" in r.getMessage()]
+    assert len(per_value) == 4 and {r.levelno for r in per_value} == {logging.DEBUG}
+    assert keyed.calls == [] and off.calls == []
+
+
+def test_a_refusal_for_the_value_is_still_said_for_each_value(tmp_path, caplog, fresh_process):
+    plugin = stand_in()
+    with caplog.at_level(logging.INFO, logger="tq_mw_thehive.enrichment.runner"):
+        enricher = make(tmp_path, plugin)
+        for value in ("8.8.4.4", "1.1.1.1"):
+            enricher.run("ip", value, tlp="RED")
+    assert sum("outcome=skipped" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records) == 2
+
+
 # --- registry ----------------------------------------------------------------------------------------
 
 def test_the_registry_loads_bundled_dirs_and_reports_broken_plugins(tmp_path):
@@ -263,14 +298,15 @@ def test_monitor_rechecks_due_watches_bypassing_the_cache_and_logs_changes(tmp_p
     assert watches.add("example.org", "domain", interval_s=3600, origin="ioc") is False
     enricher.run("domain", "example.org")
     monitor = Monitor(enricher, watches, clock=lambda: clock[0], sleep=lambda s: None)
-    assert monitor.run_once()["checked"] == 0  # not due yet
+    assert monitor.run_once() == {"checked": 1, "changed": 0, "errors": 0}  # added by hand: due at once
+    assert monitor.run_once()["checked"] == 0  # not due again yet
     clock[0] += 3601
     score["value"] = "90"
     with caplog.at_level(logging.INFO, logger="tq_mw_thehive.enrichment.monitor"):
         counts = monitor.run_once()
     assert counts == {"checked": 1, "changed": 1, "errors": 0}
     assert "changed example.org intel Intel Score: 10 -> 90" in caplog.text
-    assert len(plugin.calls) == 2  # the cached answer was bypassed
+    assert len(plugin.calls) == 3  # the cached answer was bypassed each time
     clock[0] += 3601
     assert monitor.run_once() == {"checked": 1, "changed": 0, "errors": 0}
     assert watches.remove("example.org") == 1 and watches.listing() == []

@@ -162,6 +162,7 @@ def test_replay_wait_follows_the_events_until_none_is_pending(config_dir, monkey
 
 
 def test_replay_wait_with_nothing_to_replay_returns_at_once(config_dir):
+    dead_letters(config_dir, 0)  # the daemon has started once: its database exists
     result = CliRunner().invoke(cli, ["replay", "-c", str(config_dir), "--wait"])
     assert result.exit_code == 0 and "replayed 0 dead letter(s)" in result.stdout
     assert "synced" not in result.stdout

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NoReturn, Optional, Union
 
 import click
 
@@ -95,7 +95,7 @@ def _server_options(fn: Callable) -> Callable:
     return fn
 
 
-def _fail(exc: Exception, exit_code: int) -> None:
+def _fail(exc: Union[Exception, str], exit_code: int) -> NoReturn:
     click.echo(f"tq-mw-thehive: error: {exc}", err=True)
     sys.exit(exit_code)
 
@@ -150,46 +150,42 @@ def _answer_options(fn: Callable) -> Callable:
 @_server_options
 @_answer_options
 @click.option("--serve/--no-serve", default=False, help="Start serving when done.")
+@click.option("--show-secrets", is_flag=True,
+              help="Print the webhook secret in the TheHive setup even when stdout is not a terminal.")
 @click.pass_obj
-def configure_command(obj: Options, serve: bool, **given: Any) -> None:
+def configure_command(obj: Options, serve: bool, show_secrets: bool, **given: Any) -> None:
     """(Re-)run the configuration: ThreatQ credentials, TheHive, webhook secret.
 
     Answers not given as flags or TQ_MW_* variables are prompted for. The ThreatQ
-    password is exchanged once for tokens and never stored.
+    credentials are checked right after they are given (three tries on a terminal);
+    the password is exchanged once for tokens and never stored. The webhook secret is
+    printed only to a terminal, unless --show-secrets.
     """
     opts = obj.merged(**given)
     answers = configure.Answers(**{name: given[name] for name, *_ in configure.QUESTIONS})
-    if serve:
-        _start(opts, answers)
-        return
     try:
         startup.setup_logging(opts.log_dir, opts.verbosity)
         listen = opts.listen()
         configure.run(answers, opts.config_dir, listener_ip=listen.ip, port=listen.port,
-                      disable_ssl=opts.disable_ssl, use_proxy=opts.external_proxy)
+                      disable_ssl=opts.disable_ssl, use_proxy=opts.external_proxy,
+                      show_secrets=show_secrets or None)
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
     except configure.ConfigureError as exc:
         _fail(exc, 2)
+    if serve:
+        _start(opts, None)  # config.yaml exists now: _start loads it and serves
 
 
-def _status_counts(config_dir: Path) -> dict:
-    db_path = config_dir / config_mod.DEFAULT_STATE_DB
-    if config_mod.config_path(config_dir).exists():
-        try:
-            db_path = config_mod.load(config_dir).state_db
-        except config_mod.ConfigError as exc:
-            _fail(exc, 2)
-    if not db_path.exists():
-        counts = Inbox.empty_stats()
-    else:
-        try:
-            inbox = Inbox.open(db_path)
-            counts = inbox.stats()
-            inbox.close()
-        except (state.StateError, sqlite3.Error) as exc:
-            _fail(exc, 1)
-    return {**counts, "state_db": str(db_path)}
+def _status_counts(opts: Options) -> dict:
+    cfg = _load(opts)
+    try:
+        inbox = Inbox(cfg.state_db)
+        counts = inbox.stats()
+        inbox.close()
+    except sqlite3.Error as exc:
+        _fail(f"state database {cfg.state_db}: {exc}", 1)
+    return {**counts, "state_db": str(cfg.state_db)}
 
 
 @cli.command("status")
@@ -198,7 +194,7 @@ def _status_counts(config_dir: Path) -> dict:
 @click.pass_obj
 def status_command(obj: Options, as_json: bool, **given: Any) -> None:
     """Show the inbox: pending (queued, in progress, waiting to retry), done, dead."""
-    counts = _status_counts(obj.merged(**given).config_dir)
+    counts = _status_counts(obj.merged(**given))
     if as_json:
         click.echo(json.dumps(counts))
         return
@@ -273,13 +269,7 @@ def replay_command(obj: Options, ids: tuple, wait: bool, **given: Any) -> None:
 
     opts = obj.merged(**given)
     tty = _progress_logging(opts)
-    try:
-        cfg = startup.load_config(opts.config_dir)
-        inbox = Inbox.open(cfg.state_db)
-    except startup.StartupError as exc:
-        _fail(exc, exc.exit_code)
-    except state.StateError as exc:
-        _fail(exc, 1)
+    inbox = Inbox(_load(opts).state_db)
     targets = inbox.dead_ids(ids or None)
     dead = set(targets)
     missing = [i for i in ids if i not in dead]
@@ -328,16 +318,38 @@ def _progress_logging(opts: Options) -> bool:
     return tty
 
 
-def _load(opts: Options):
-    """Config and an opened (migrated) state database for the maintenance commands."""
+def _config(opts: Options) -> config_mod.Config:
+    """The validated configuration of ``-c``, or exit 2 saying what to do."""
+    if not opts.config_dir.is_dir():
+        _fail(f"configuration directory {opts.config_dir} does not exist: run "
+              f"`tq-mw-thehive configure -c {opts.config_dir}` first", 2)
     try:
-        cfg = startup.load_config(opts.config_dir)
-        state.open_state(cfg.state_db).close()
-        return cfg
+        return startup.load_config(opts.config_dir)
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
+
+
+def _open_state(cfg: config_mod.Config, *, create: bool = False) -> config_mod.Config:
+    """``cfg`` once its state database is open and migrated.
+
+    Commands that show or change what the daemon keeps (status, replay, cache, keys, watch,
+    monitor) need the daemon's own database: a missing file means a wrong ``-c`` or a daemon
+    never started, and an empty database made here would answer with zeros that look like
+    facts. So they exit 2 naming the path; only ``create`` (plugins, enrich, backfill) makes one.
+    """
+    if not create and not cfg.state_db.exists():
+        _fail(f"state database {cfg.state_db} does not exist: the daemon creates it at its first start "
+              f"(`tq-mw-thehive -c {cfg.config_dir}`); check that -c names its configuration directory", 2)
+    try:
+        state.open_state(cfg.state_db).close()
     except state.StateError as exc:
         _fail(exc, 1)
+    return cfg
+
+
+def _load(opts: Options, *, create_state: bool = False) -> config_mod.Config:
+    """Config and an opened (migrated) state database for the maintenance commands."""
+    return _open_state(_config(opts), create=create_state)
 
 
 def _age(seconds: Optional[float]) -> str:
@@ -361,7 +373,7 @@ def plugins_command(obj: Options, as_json: bool, **given: Any) -> None:
     from tq_mw_thehive.enrichment.keys import KeyStore
     from tq_mw_thehive.enrichment.registry import Registry, plugin_state
 
-    cfg = _load(obj.merged(**given))
+    cfg = _load(obj.merged(**given), create_state=True)
     registry, keys = Registry.discover(cfg.enrichment.plugin_dirs), KeyStore(cfg.state_db)
     listing = [{"name": p.name, "state": plugin_state(p, cfg.enrichment, keys), "version": p.version,
                 "data_types": list(p.data_types), "external": p.external, "active": p.active,
@@ -378,9 +390,18 @@ def plugins_command(obj: Options, as_json: bool, **given: Any) -> None:
     _table(rows)
 
 
+def _group_options(ctx: click.Context, given: dict) -> None:
+    """Options given after a group's name (`watch -c DIR list`) go into the Options its
+    subcommands merge, so they work wherever they are written; the innermost one given wins."""
+    ctx.obj = (ctx.obj or Options()).merged(**given)
+
+
 @cli.group("cache")
-def cache_group() -> None:
+@_config_option
+@click.pass_context
+def cache_group(ctx: click.Context, **given: Any) -> None:
     """The enrichment result cache."""
+    _group_options(ctx, given)
 
 
 @cache_group.command("stats")
@@ -433,9 +454,10 @@ def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> Non
 
     opts = obj.merged(**given)
     tty = _progress_logging(opts)
-    cfg = _load(opts)
+    cfg = _config(opts)
     if not cfg.enrichment.enabled:
         _fail("enrichment.enabled is false: nothing to warm", 2)
+    _open_state(cfg)
     enricher = Enricher.from_config(cfg)
     if plugin and plugin not in {p.name for p in enricher.registry.loaded()}:
         enricher.close()
@@ -451,8 +473,11 @@ def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> Non
 
 
 @cli.group("keys")
-def keys_group() -> None:
+@_config_option
+@click.pass_context
+def keys_group(ctx: click.Context, **given: Any) -> None:
     """The team's API keys for the plugins (kept in the state database, mode 0600)."""
+    _group_options(ctx, given)
 
 
 @keys_group.command("set")
@@ -460,17 +485,22 @@ def keys_group() -> None:
 @_config_option
 @click.pass_obj
 def keys_set_command(obj: Options, name: str, **given: Any) -> None:
-    """Store key NAME: typed at a hidden prompt, or read from standard input."""
-    from tq_mw_thehive.enrichment.keys import KeyStore
+    """Store key NAME (one a loaded plugin uses): typed at a hidden prompt, or read from standard input."""
+    from tq_mw_thehive.enrichment.keys import KeyStore, check_declared
+    from tq_mw_thehive.enrichment.registry import Registry
 
     cfg = _load(obj.merged(**given))
+    try:
+        name = check_declared(name, Registry.discover(cfg.enrichment.plugin_dirs).loaded())
+    except ValueError as exc:
+        _fail(exc, 2)
     value = (click.prompt(f"{name}", hide_input=True) if sys.stdin.isatty()
              else sys.stdin.readline()).strip()
     try:
         KeyStore(cfg.state_db).set(name, value)
     except ValueError as exc:
         _fail(exc, 2)
-    click.echo(f"stored {name.strip().upper()}")
+    click.echo(f"stored {name}")
 
 
 @keys_group.command("list")
@@ -529,7 +559,7 @@ def enrich_command(obj: Options, value: str, data_type: Optional[str], plugin: O
         startup.setup_logging(None, "1")  # warnings only, redacted, on stderr
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
-    cfg = _load(opts)
+    cfg = _load(opts, create_state=True)
     data_type = data_type or guess_type(value)
     enricher = Enricher.from_config(cfg)
     if plugin and not enricher.plugins_for(data_type, plugin):
@@ -550,8 +580,11 @@ def enrich_command(obj: Options, value: str, data_type: Optional[str], plugin: O
 
 
 @cli.group("watch")
-def watch_group() -> None:
+@_config_option
+@click.pass_context
+def watch_group(ctx: click.Context, **given: Any) -> None:
     """IOCs that `tq-mw-thehive monitor` re-checks on a schedule."""
+    _group_options(ctx, given)
 
 
 @watch_group.command("add")
@@ -564,15 +597,27 @@ def watch_group() -> None:
 @click.pass_obj
 def watch_add_command(obj: Options, value: str, data_type: Optional[str], interval: Optional[str], tlp: str,
                       pap: str, **given: Any) -> None:
-    """Watch VALUE."""
+    """Watch VALUE (checked against its data type); the next `monitor` pass checks it."""
     from tq_mw_thehive.config import Duration
-    from tq_mw_thehive.enrichment.monitor import WatchList, guess_type
+    from tq_mw_thehive.enrichment.monitor import WatchList, check_value, guess_type, watchable_types
+    from tq_mw_thehive.enrichment.registry import Registry
+    from tq_mw_thehive.type_mapping import TypeMapping
 
     cfg = _load(obj.merged(**given))
     seconds = Duration.parse(interval) if interval else None
     if interval and not seconds:
         _fail(f"--interval: not a duration: {interval!r} (e.g. 90m, 6h, 1d)", 2)
+    if data_type:
+        known = watchable_types(TypeMapping.from_config(cfg.sync),
+                                Registry.discover(cfg.enrichment.plugin_dirs).loaded())
+        if data_type not in known:
+            _fail(f"--type: unknown data type {data_type!r} (known: {', '.join(sorted(known))})", 2)
+    guessed = data_type is None
     data_type = data_type or guess_type(value)
+    try:
+        check_value(data_type, value)
+    except ValueError as exc:
+        _fail(f"{exc}" + (" (guessed from the value; give --type if it is another type)" if guessed else ""), 2)
     new = WatchList(cfg.state_db).add(value, data_type, interval_s=seconds, tlp=tlp.upper() if tlp else None,
                                       pap=pap.upper() if pap else None,
                                       default_interval_s=cfg.enrichment.monitor_interval)
@@ -629,10 +674,10 @@ def monitor_command(obj: Options, once: bool, **given: Any) -> None:
         startup.setup_logging(opts.log_dir, opts.verbosity)
     except startup.StartupError as exc:
         _fail(exc, exc.exit_code)
-    cfg = _load(opts)
-    sync = build_sync(cfg)
-    if sync.enricher is None:
+    cfg = _config(opts)
+    if not cfg.enrichment.enabled:
         _fail("enrichment.enabled is false: nothing to monitor", 2)
+    sync = build_sync(_open_state(cfg))
     monitor = Monitor(sync.enricher, WatchList(cfg.state_db), sync)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -678,7 +723,7 @@ def backfill_command(obj: Options, since: Optional[str], everything: bool, **giv
         _fail("--since and --all exclude each other", 2)
     opts = obj.merged(**given)
     tty = _progress_logging(opts)
-    cfg = _load(opts)
+    cfg = _load(opts, create_state=True)
     if not cfg.thehive.api_key:
         _fail("thehive.api_key is not set: backfill reads TheHive's API", 2)
     since_ms = _parse_since(since) if since else None

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional
 
 from tq_mw_thehive import logs, state
+
+if TYPE_CHECKING:
+    from tq_mw_thehive.enrichment.registry import PluginInfo
 
 ENV_PREFIX = "TQ_MW_KEY_"
 
@@ -26,6 +29,32 @@ def normalise(name: str) -> str:
     name = name.strip().upper().replace("-", "_")
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"a key name is letters, digits and underscores (got {name!r})")
+    return name
+
+
+def declared(plugins: Iterable["PluginInfo"]) -> Dict[str, List[str]]:
+    """Each key name the plugins declare in ``API_KEYS`` → the names of the plugins that use it."""
+    users: Dict[str, List[str]] = {}
+    for plugin in plugins:
+        for name in plugin.api_keys:
+            try:
+                users.setdefault(normalise(name), []).append(plugin.name)
+            except ValueError:  # a name no key can have: nothing to store under it
+                continue
+    return users
+
+
+def check_declared(name: str, plugins: Iterable["PluginInfo"]) -> str:
+    """``name`` normalised, if a plugin uses it; else ``ValueError`` listing the names they use.
+
+    A key that no plugin reads (a typo, ``VIRUS_TOTAL``) would be stored and listed while
+    the plugin it was meant for still says ``missing key``.
+    """
+    name, users = normalise(name), declared(plugins)
+    if name not in users:
+        known = ", ".join(sorted(users)) or "none"
+        raise ValueError(f"no loaded plugin uses a key named {name} (the keys they use: {known}; "
+                         "see `tq-mw-thehive plugins`)")
     return name
 
 

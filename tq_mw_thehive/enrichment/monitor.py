@@ -11,15 +11,23 @@ import ipaddress
 import logging
 import re
 import time
-from typing import Callable, Dict, List, Optional
+import unicodedata
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Set
+from urllib.parse import urlsplit
 
 from tq_mw_thehive import state
 from tq_mw_thehive.enrichment.cache import normalise
 from tq_mw_thehive.enrichment.runner import Enricher
 from tq_mw_thehive.threatq.api import ThreatQError
+from tq_mw_thehive.type_mapping import DEFAULT_RULES, HASH_TYPES, TypeMapping
+
+if TYPE_CHECKING:
+    from tq_mw_thehive.enrichment.registry import PluginInfo
 
 log = logging.getLogger(__name__)
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+THEHIVE_TYPES = frozenset(DEFAULT_RULES) | {"other", "regexp"}   # TheHive's default dataTypes
 
 
 def guess_type(value: str) -> str:
@@ -32,11 +40,76 @@ def guess_type(value: str) -> str:
         pass
     if "://" in value:
         return "url"
-    if len(value) in (32, 40, 64, 96, 128) and _HEX.match(value):
+    if len(value) in HASH_TYPES and _HEX.match(value):
         return "hash"
     if "@" in value:
         return "mail"
     return "domain"
+
+
+def watchable_types(mapping: TypeMapping, plugins: Iterable["PluginInfo"]) -> Set[str]:
+    """The data types ``watch add --type`` takes: TheHive's, the type mapping's and the plugins'."""
+    return set(THEHIVE_TYPES) | set(mapping.rules) | {t for p in plugins for t in p.data_types}
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_hostname(value: str) -> bool:
+    """RFC 1123 labels (underscores allowed, as in ``_dmarc``; IDN through its ASCII form),
+    and a last label that is not a number, so that an IP address is not taken for a domain."""
+    try:
+        name = value[:-1] if value.endswith(".") else value
+        labels = name.encode("idna").decode("ascii").split(".")
+    except UnicodeError:
+        return False
+    return len(name) <= 253 and all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def _is_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        return bool(parts.scheme and parts.hostname) and not any(c.isspace() for c in value)
+    except ValueError:  # e.g. an unclosed [IPv6] host
+        return False
+
+
+def _is_mail(value: str) -> bool:
+    local, at, domain = value.rpartition("@")
+    return bool(at and local.strip()) and not any(c.isspace() for c in local) and _is_hostname(domain)
+
+
+_VALID = {
+    "ip": (_is_ip, "an IPv4 or IPv6 address"),
+    "domain": (_is_hostname, "a host name such as example.org"),
+    "fqdn": (_is_hostname, "a host name such as www.example.org"),
+    "hostname": (_is_hostname, "a host name such as www.example.org"),
+    "url": (_is_url, "a URL with a scheme and a host, such as https://example.org/path"),
+    "hash": (lambda v: bool(_HEX.match(v)) and len(v) in HASH_TYPES,
+             "hexadecimal with " + ", ".join(f"{n} ({t})" for n, t in HASH_TYPES.items()) + " digits"),
+    "mail": (_is_mail, "an address with a local part and a domain, such as soc@example.org"),
+}
+
+
+def check_value(data_type: str, value: str) -> None:
+    """``ValueError`` saying why ``value`` cannot be a ``data_type`` value.
+
+    A watch is looked up, perhaps at a cost, every interval for as long as it stays: a typo
+    or a value of another type would be checked forever without ever meaning anything.
+    """
+    value = value.strip()
+    if not value:
+        raise ValueError("the value is empty")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError(f"{value!r} contains control characters")
+    valid, expected = _VALID.get(data_type, (None, ""))
+    if valid is not None and not valid(value):
+        raise ValueError(f"{value!r} is not a valid {data_type} value: expected {expected}")
 
 
 class WatchList(state.Store):
@@ -50,7 +123,11 @@ class WatchList(state.Store):
     def add(self, value: str, data_type: str, *, interval_s: Optional[float] = None, origin: str = "manual",
             tlp: Optional[str] = None, pap: Optional[str] = None, default_interval_s: float = 86400.0) -> bool:
         """Watch ``value``; True if it was not watched. A manual add updates an existing watch:
-        what it does not give (interval, TLP, PAP) stays; a new watch without TLP/PAP is AMBER."""
+        what it does not give (interval, TLP, PAP) stays; a new watch without TLP/PAP is AMBER.
+
+        A new manual watch is due at once, so the next ``monitor`` pass checks it (whoever adds
+        one wants an answer now, not after a day); one added by the sync (``origin="ioc"``) was
+        just enriched, so its first re-check waits an interval."""
         now = self.clock()
         value = normalise(data_type, value)
 
@@ -66,8 +143,9 @@ class WatchList(state.Store):
                            (interval, now + interval, tlp, pap, value, data_type))
                 return False
             interval = interval_s or default_interval_s
+            first_due = now if origin == "manual" else now + interval
             db.execute("INSERT INTO watches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (value, data_type, interval, now + interval, now, origin, tlp or "AMBER", pap or "AMBER"))
+                       (value, data_type, interval, first_due, now, origin, tlp or "AMBER", pap or "AMBER"))
             return True
 
         return self.write(upsert)
