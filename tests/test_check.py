@@ -105,6 +105,55 @@ def test_wrong_threatq_credentials(make_world, mode):
     assert "not-a-token" not in json.dumps(results) and "wrong-secret" not in json.dumps(results)
 
 
+class TokenGrantAnswers:
+    """The simulator behind a front that answers ``status`` to every token grant (the simulator's
+    own ``down`` knob answers 503 to everything; a 500 to the grant alone needs this front)."""
+
+    def __init__(self, sim, status: int) -> None:
+        self.sim, self.status = sim, status
+
+    def app(self, environ, start_response):
+        if environ["PATH_INFO"] != "/api/token":
+            return self.sim.app(environ, start_response)
+        start_response(f"{self.status} Internal Server Error", [("Content-Type", "application/json")])
+        return [json.dumps({"errors": ["Server Error"]}).encode()]
+
+
+@pytest.mark.parametrize("status", [500, 503])
+@pytest.mark.parametrize("mode", ["token file", "client secret"])
+def test_threatq_5xx_to_the_token_grant_is_unavailable_not_an_authentication_failure(make_world, servers,
+                                                                                       mode, status):
+    world = make_world()
+    config_dir = world.cfg.config_dir
+    if mode == "token file":  # an expired access token: the refresh grant is the first call
+        tq_auth.save_tokens(config_dir, dataclasses.replace(tq_auth.load_tokens(config_dir), expires_at=0.0))
+        write(world)
+    else:
+        world.tq.client_secrets[world.tq.client_id] = "the-right-secret"
+        write(world, threatq={"client_secret": "the-right-secret"})
+    if status == 503:
+        world.tq.down = True  # the simulator's fault injection: every call, the grant first, answers 503
+    else:
+        servers[2]["sim"] = TokenGrantAnswers(world.tq, status)
+    code, results, _ = run_check(config_dir)
+    assert code == 1
+    failed = assert_only_failure(results, "threatq auth", ["retry later", "ThreatQ's health"])
+    assert failed["detail"].startswith(f"ThreatQ unavailable (HTTP {status}), not a credentials problem: ")
+    assert "POST /api/token" in failed["detail"]
+    for wrong_lead in ("configure", "client_secret", "sign in", "refused", "rejected"):
+        assert wrong_lead not in failed["fix"], failed
+    if status == 503:
+        assert world.tq.requests[-1] == ("POST", "/api/token")
+
+
+def test_threatq_unreachable_still_says_to_check_the_address(make_world):
+    world = make_world()
+    write(world, threatq={"host": f"http://127.0.0.1:{free_port()}"})
+    code, results, _ = run_check(world.cfg.config_dir)
+    failed = assert_only_failure(results, "threatq auth", ["check that ThreatQ answers at", "threatq.host"])
+    assert not failed["detail"].startswith("ThreatQ unavailable (HTTP")
+
+
 def test_missing_threatq_tokens(make_world):
     world = make_world()
     tq_auth.token_path(world.cfg.config_dir).unlink()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,42 @@ def test_file_follows_logrotate(tmp_path: Path, log) -> None:
     current = log_text(tmp_path)
     assert "before-rotation" in rotated and "after-rotation" not in rotated
     assert "after-rotation" in current and "before-rotation" not in current
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask-022", "umask-000"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_log_file_is_created_0600_whatever_the_umask(tmp_path: Path, log, umask) -> None:
+    """Log lines carry case titles, observable values and addresses: not for other local users."""
+    logs.setup(tmp_path, "2")
+    log.info("first line")
+    assert file_mode(tmp_path / logs.LOG_FILE) == 0o600
+
+
+def test_the_file_reopened_after_logrotate_is_0600_too(tmp_path: Path, log, umask) -> None:
+    logs.setup(tmp_path, "2")
+    log.info("before-rotation")
+    os.rename(tmp_path / logs.LOG_FILE, tmp_path / (logs.LOG_FILE + ".1"))
+    log.info("after-rotation")
+    assert "after-rotation" in log_text(tmp_path)
+    assert file_mode(tmp_path / logs.LOG_FILE) == 0o600
+
+
+def test_an_existing_log_file_keeps_the_mode_it_has(tmp_path: Path, log) -> None:
+    """logrotate's ``create 0640 user group`` (or the operator) chose that mode: left alone."""
+    (tmp_path / logs.LOG_FILE).write_text("")
+    (tmp_path / logs.LOG_FILE).chmod(0o640)
+    logs.setup(tmp_path, "2")
+    log.info("appended")
+    assert file_mode(tmp_path / logs.LOG_FILE) == 0o640 and "appended" in log_text(tmp_path)
 
 
 def test_unusable_log_dir_is_a_setup_error_naming_it(tmp_path: Path, log) -> None:

@@ -98,11 +98,24 @@ def check_config(ctx: Context) -> Result:
     return _ok(name, f"ok ({path})")
 
 
+def _answered_unavailable(exc: ThreatQError) -> Optional[int]:
+    """The HTTP status when ThreatQ answered but could not serve (5xx, 429), else None.
+
+    Such an answer says nothing about the credentials: calling it an authentication failure
+    would send the operator to re-run ``configure`` while ThreatQ itself is what is down.
+    """
+    status = getattr(exc, "status", None)
+    return status if status is not None and (status >= 500 or status == 429) else None
+
+
 def _threatq_fix(ctx: Context, exc: ThreatQError) -> str:
     cfg = ctx.cfg
     assert cfg is not None
     status = getattr(exc, "status", None)
-    if (status is None and "unavailable after" in str(exc)) or (status is not None and status >= 500):
+    if _answered_unavailable(exc) is not None:
+        return (f"retry later: ThreatQ at {cfg.threatq.base_url} answers, but with HTTP {status}; "
+                "if it lasts, check ThreatQ's health (its services, database, disk and its own logs)")
+    if status is None and "unavailable after" in str(exc):
         return (f"check that ThreatQ answers at {cfg.threatq.base_url} from this host (threatq.host; "
                 "-ep to go through threatq.proxy; -ds for a self-signed certificate)")
     if status == 403:
@@ -110,6 +123,13 @@ def _threatq_fix(ctx: Context, exc: ThreatQError) -> str:
     if cfg.threatq.client_secret:
         return "check threatq.client_id and threatq.client_secret (an OAuth client with the client-credentials grant)"
     return f"sign in again: {_configure_hint(ctx)} (the stored tokens are missing, expired or refused)"
+
+
+def _threatq_failed(name: str, ctx: Context, exc: ThreatQError) -> Result:
+    """A failed ThreatQ call: "ThreatQ unavailable (HTTP 503)" first when that is what it was."""
+    status = _answered_unavailable(exc)
+    detail = f"ThreatQ unavailable (HTTP {status}), not a credentials problem: {exc}" if status else str(exc)
+    return _fail(name, detail, _threatq_fix(ctx, exc))
 
 
 def check_threatq_auth(ctx: Context) -> Result:
@@ -130,7 +150,7 @@ def check_threatq_auth(ctx: Context) -> Result:
     try:
         client.request("GET", "/api/indicator/statuses", params={"limit": 1})
     except ThreatQError as exc:
-        return _fail(name, str(exc), _threatq_fix(ctx, exc))
+        return _threatq_failed(name, ctx, exc)
     ctx.tq = client
     if cfg.threatq.client_secret:
         return _ok(name, "ok (client credentials accepted)")
@@ -164,7 +184,7 @@ def check_indicator_types(ctx: Context) -> Result:
             ctx.tq.indicator_type_id(type_name)
         except ThreatQError as exc:
             if not _missing_name(exc):
-                return _fail(name, str(exc), _threatq_fix(ctx, exc))
+                return _threatq_failed(name, ctx, exc)
             missing.append(type_name)
     which = "custom (sync.type_mapping)" if sync.custom_mapping else "default"
     if missing:
@@ -182,7 +202,7 @@ def _name_exists(name: str, lookup: Callable[[str], int], wanted: str, fix: str,
         lookup(wanted)
     except ThreatQError as exc:
         if not _missing_name(exc):
-            return _fail(name, str(exc), _threatq_fix(ctx, exc))
+            return _threatq_failed(name, ctx, exc)
         known = _known_names(exc)
         return _fail(name, f"{json.dumps(wanted)} not found in ThreatQ", fix + (f": {known}" if known else ""))
     return _ok(name, f"ok ({json.dumps(wanted)})")
@@ -215,7 +235,7 @@ def check_incident_object(ctx: Context) -> Result:
     try:
         present = ctx.tq.has_collection("incident")
     except ThreatQError as exc:
-        return _fail(name, str(exc), _threatq_fix(ctx, exc))
+        return _threatq_failed(name, ctx, exc)
     if not present:
         return _fail(name, "ThreatQ has no incident object (GET /api/objects does not list it)",
                      "enable the Incident custom object in ThreatQ, or set sync.cases_as: event")

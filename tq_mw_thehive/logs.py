@@ -3,12 +3,14 @@
 Every line passes through ``RedactingFormatter``, which replaces each registered
 secret (webhook token, API keys, ThreatQ tokens) and any ``Bearer``/``Basic``
 credential with ``***``, so a secret that slips into a message or an exception
-text still never reaches a log file.
+text still never reaches a log file. The file itself is created 0600: its lines carry case
+titles, observable values and addresses, which other local users have no business reading.
 """
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import sys
 import threading
@@ -60,6 +62,24 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """A ``WatchedFileHandler`` whose file, when it creates one, is 0600 whatever the umask.
+
+    The handler creates the file at start and again after logrotate moved it away (without
+    ``create``); both go through ``_open``. A file that exists is opened as it is: a mode that
+    logrotate's ``create`` or the operator chose is theirs.
+    """
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
 def level_for(verbosity: str) -> int:
     return _LEVELS[verbosity]
 
@@ -69,7 +89,7 @@ def setup(log_dir: Optional[Path], verbosity: Optional[str]) -> None:
 
     ``-v stdout`` logs to the console (at info), as does any run without ``-ll``;
     a file is written only with ``-ll``. The file handler reopens the file when
-    logrotate moves it away, so no ``copytruncate`` is needed.
+    logrotate moves it away, so no ``copytruncate`` is needed; a file it creates is 0600.
     """
     verbosity = verbosity or ("2" if log_dir else "stdout")
     formatter = RedactingFormatter(FORMAT)
@@ -78,7 +98,7 @@ def setup(log_dir: Optional[Path], verbosity: Optional[str]) -> None:
         log_dir = Path(log_dir)
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.handlers.WatchedFileHandler(str(log_dir / LOG_FILE), encoding="utf-8"))
+            handlers.append(PrivateWatchedFileHandler(str(log_dir / LOG_FILE), encoding="utf-8"))
         except OSError as exc:
             raise LogSetupError(f"log directory {log_dir}: {exc.strerror or exc}") from exc
     if log_dir is None or verbosity == "stdout":

@@ -3,8 +3,9 @@
 Flask's development server is never used: gunicorn gives several worker
 processes (each with threads), graceful restarts and signal handling that
 systemd expects. Everything that can fail at start (config, state database,
-log directory) is checked in the master before gunicorn forks, so a bad start
-ends with one clear message and a non-zero exit instead of a worker crash loop.
+log directory, the listening address) is checked in the master before gunicorn forks, so a
+bad start ends with one clear message and a non-zero exit instead of a worker crash loop (or,
+for a port in use, gunicorn's five "Connection in use" retries).
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import json
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from gunicorn import config as gunicorn_config
 from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
@@ -27,6 +30,7 @@ from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.worker import Worker
 
 log = logging.getLogger(__name__)
+WORKER_CLASS = "gthread"  # threads per worker: a slow ThreatQ call never blocks the whole process
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,35 @@ class RootLogger(glogging.Logger):
 
     def access(self, resp, req, environ, request_time) -> None:
         """One line per event is logged by the app itself; gunicorn's access line would repeat it."""
+
+    def debug(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """gunicorn's "Current configuration" is one 4 KB record of ~100 settings, which our
+        one-record-one-line formatter makes one unreadable line: say the settings we changed
+        instead, one per line."""
+        if isinstance(msg, str) and msg.startswith("Current configuration:"):
+            for name, value in changed_settings(self.cfg):
+                self.error_log.debug("gunicorn setting %s=%s", name, value)
+            return
+        super().debug(msg, *args, **kwargs)
+
+
+_SHOWN_MAX = 120
+
+
+def _shown(value: Any) -> str:
+    """A setting's value for a log line: hooks by name, anything long cut short."""
+    if callable(value):
+        text = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    else:
+        text = repr(value)
+    return text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX - 3] + "..."
+
+
+def changed_settings(cfg: Any) -> List[Tuple[str, str]]:
+    """(name, value) of each gunicorn setting that differs from gunicorn's default, by name."""
+    defaults = gunicorn_config.Config().settings
+    return [(name, _shown(setting.value)) for name, setting in sorted(cfg.settings.items())
+            if name not in defaults or defaults[name].value != setting.value]
 
 
 # The sync worker of this gunicorn worker process (set in load(), which runs after the fork).
@@ -131,7 +164,7 @@ class DaemonApplication(BaseApplication):
         settings: Dict[str, Any] = {
             "bind": [self.listen.bind],
             "workers": self.listen.workers,
-            "worker_class": "gthread",
+            "worker_class": WORKER_CLASS,
             "threads": self.listen.threads,
             "timeout": self.listen.timeout_s,
             "graceful_timeout": self.listen.graceful_timeout_s,
@@ -154,9 +187,46 @@ class DaemonApplication(BaseApplication):
         return start_app(self.app_config, self.app_name)
 
 
+def bind_problem(listen: Listen) -> Optional[str]:
+    """Why gunicorn could not listen on ``listen`` ("address already in use"…), or None.
+
+    Binds and closes a socket the way gunicorn will (``SO_REUSEADDR``: a port in TIME_WAIT is
+    free, one another process listens on is not). Port 0 picks a free port: nothing to check.
+    Nor is there when gunicorn is handed its sockets (a USR2 re-exec, systemd socket activation):
+    the port is then in use by design, by the very socket it will serve on.
+    """
+    if listen.port == 0 or "GUNICORN_FD" in os.environ or "LISTEN_FDS" in os.environ:
+        return None
+    family = socket.AF_INET6 if ":" in listen.ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((listen.ip, listen.port))
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
+
+
+def _console_logged() -> bool:
+    """Whether log lines already reach stderr (no ``-ll``, or ``-v stdout``)."""
+    return any(type(h) is logging.StreamHandler and getattr(h, "stream", None) is sys.stderr
+               for h in logging.getLogger().handlers)
+
+
 def serve(cfg: Config, listen: Listen) -> None:
-    """Run until gunicorn stops (SIGTERM: finish requests in flight, then exit)."""
-    log.info("starting listen=%s auth=%s state_db=%s workers=%d threads=%d", listen.bind,
-             cfg.webhook.auth, cfg.state_db, listen.workers, listen.threads)
+    """Run until gunicorn stops (SIGTERM: finish requests in flight, then exit).
+
+    A listening address that cannot be bound ends the start here, with one line (in the log,
+    and on stderr when the log is a file) and exit code 2: -p/-li is what to change.
+    """
+    problem = bind_problem(listen)
+    if problem:
+        log.error("cannot listen on %s: %s", listen.bind, problem)
+        if not _console_logged():
+            print(f"tq-mw-thehive: error: cannot listen on {listen.bind}: {problem}", file=sys.stderr)
+        sys.exit(2)
+    log.info("starting listen=%s auth=%s state_db=%s workers=%d threads=%d worker_class=%s "
+             "timeout=%ds", listen.bind, cfg.webhook.auth, cfg.state_db, listen.workers, listen.threads,
+             WORKER_CLASS, listen.timeout_s)
     metrics.master_prepare(metrics.directory_for(cfg.state_db))  # before the fork: a clean run
     DaemonApplication(cfg, listen).run()

@@ -266,21 +266,51 @@ def test_tq_driver_with_a_bad_config_stops_gunicorn_with_the_message(tmp_path):
     assert "webhook.auth: must be one of bearer, basic, key, none" in result.stdout + result.stderr
 
 
-def test_port_in_use_is_a_clear_startup_error(config_dir):
+@pytest.mark.parametrize("log_to", ["file", "console"])
+def test_port_in_use_is_one_line_and_exit_code_2(config_dir, log_to):
+    """Not gunicorn's five "Connection in use" retries and "Can't connect" with exit code 1."""
+    log_dir = config_dir / "logs"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        d = Daemon(config_dir, config_dir / "logs")
-        d.command = lambda: [sys.executable, "-m", "tq_mw_thehive", "-c", str(config_dir), "-ll",
-                             str(d.log_dir), "-p", str(port)]
-        proc = d.spawn()
-        try:
-            code = proc.wait(timeout=60)
-        finally:
-            d.close()
-    assert code != 0
-    assert f"Connection in use: ('127.0.0.1', {port})" in d.log_text()
+        command = [sys.executable, "-m", "tq_mw_thehive", "-c", str(config_dir), "-p", str(port),
+                   "-li", "127.0.0.1", *(["-ll", str(log_dir)] if log_to == "file" else [])]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    expected = f"cannot listen on 127.0.0.1:{port}: address already in use"
+    assert result.returncode == 2, result.stderr
+    said = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(said) == 1 and expected in said[0], result.stderr
+    if log_to == "file":
+        assert said == [f"tq-mw-thehive: error: {expected}"]
+        errors = [line for line in (log_dir / "tq_mw_thehive.log").read_text().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and f"tq_mw_thehive.server: {expected}" in errors[0], errors
+    everything = result.stdout + result.stderr + \
+        ((log_dir / "tq_mw_thehive.log").read_text() if log_to == "file" else "")
+    assert "Traceback" not in everything and "Connection in use" not in everything
+    assert "starting listen=" not in everything  # nothing started
+
+
+def test_gunicorn_settings_are_short_lines_at_debug(config_dir):
+    """gunicorn's "Current configuration" was one line of 4 KB at -v 3; now one line per setting."""
+    tq_auth.save_tokens(config_dir, tq_auth.Tokens(ACCESS_TOKEN, REFRESH_TOKEN, expires_at=0.0))
+    d = Daemon(config_dir, config_dir / "logs", verbosity="3")
+    try:
+        d.start()
+    finally:
+        d.stop()
+    lines = d.log_text().splitlines()
+    assert any(" DEBUG " in line for line in lines)
+    assert [line for line in lines if len(line) > 300] == []
+    assert "Current configuration" not in d.log_text()
+    starting = next(line for line in lines if "tq_mw_thehive.server: starting listen=" in line)
+    for setting in ("listen=127.0.0.1:0", "workers=2", "threads=4", "worker_class=gthread", "timeout=60s"):
+        assert setting in starting, starting
+    settings = dict(re.findall(r"gunicorn setting (\w+)=(.*)$", "\n".join(lines), re.M))
+    assert settings["bind"] == "['127.0.0.1:0']" and settings["workers"] == "2"
+    assert settings["worker_class"] == "'gthread'" and settings["threads"] == "4"
+    assert settings["timeout"] == "60" and settings["when_ready"] == "tq_mw_thehive.server._when_ready"
+    assert "backlog" not in settings  # gunicorn's defaults are not repeated
 
 
 def test_first_run_configures_from_the_environment_then_serves(tmp_path):

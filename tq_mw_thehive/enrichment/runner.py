@@ -3,14 +3,18 @@
 A failing or slow plugin never fails the event: each lookup runs under
 ``enrichment.timeout`` in a small thread pool, and whatever it raises becomes an
 ``error`` record in the log, never an exception here. Cached answers make no call.
+
+A plugin skipped for what it is (no API key, disabled by config) rather than for the value is
+said once per process: the same line for every observable would bury the lines that matter.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import requests
 
@@ -23,6 +27,19 @@ from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, QuotaExceeded, Res
 from tq_mw_thehive.enrichment.registry import PluginInfo, Registry, plugin_state, ttl_s
 
 log = logging.getLogger(__name__)
+
+# (plugin, state) pairs this process has logged already: each is said once, not per observable.
+_said: Set[Tuple[str, str]] = set()
+_said_lock = threading.Lock()
+
+
+def _first_time(plugin: str, state: str) -> bool:
+    """Whether this process has not yet said that ``plugin`` is skipped for ``state``."""
+    with _said_lock:
+        if (plugin, state) in _said:
+            return False
+        _said.add((plugin, state))
+        return True
 
 
 def address_scope(value: str) -> Optional[str]:
@@ -47,6 +64,7 @@ class PluginRun:
     age_s: Optional[float] = None    # for cached answers
     reason: str = ""
     ms: float = 0.0
+    for_plugin: bool = False         # skipped for what the plugin is (no key, disabled), not for the value
 
     def describe(self) -> str:
         if self.status == "cached":
@@ -87,8 +105,11 @@ class Enricher:
         for info in self.plugins_for(data_type, only):
             run = self._one(info, data_type, value, tlp, pap, scope, bypass_cache)
             metrics.plugin_ran(run)
-            if run.status in ("skipped", "error"):
-                level = logging.WARNING if run.status == "error" else logging.INFO
+            if run.for_plugin and _first_time(info.name, run.reason):
+                log.info("enrichment %s skipped for every value until this changes: %s", info.name, run.reason)
+            elif run.status in ("skipped", "error"):
+                level = (logging.WARNING if run.status == "error" else
+                         logging.DEBUG if run.for_plugin else logging.INFO)
                 log.log(level, "enrichment %s %s value=%r outcome=%s reason=%r", info.name, data_type,
                         value[:80], run.status, run.reason)
             runs.append(run)
@@ -99,7 +120,7 @@ class Enricher:
         run = PluginRun(info.name, info.title, "skipped")
         state = plugin_state(info, self.settings, self.keys)
         if state != "enabled":
-            run.reason = state
+            run.reason, run.for_plugin = state, True
             return run
         refusal = gate.refusal(info.module, tlp, pap, self.settings.max_tlp_external, self.settings.max_pap_active)
         if refusal:
