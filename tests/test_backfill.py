@@ -76,6 +76,39 @@ def test_an_observable_changed_without_its_case_is_found_too(world):
     assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
 
 
+def test_alert_observables_are_neither_fetched_nor_skipped(world, caplog):
+    (case,) = fill(world.hive, cases=1, observables=1)
+    backfill(world).run(everything=True)
+    world.drain()
+    mark = Marks(world.cfg.state_db).get()
+    world.hive.cases[case["_id"]].update(_createdAt=1_000, _updatedAt=2_000)  # the case did not move
+    (observable_id,) = list(world.hive.observables)
+    alert = world.hive.add_alert(title="Reported phishing")
+    alert_observable = world.hive.add_alert_observable(alert["_id"], dataType="domain", data="lure.example")
+    for changed in (observable_id, alert_observable["_id"]):
+        world.hive.update_observable(changed, ioc=True)
+        world.hive.observables[changed]["_updatedAt"] = mark + OVERLAP_MS + 10_000
+    caplog.set_level("INFO", logger="tq_mw_thehive.backfill")
+    result = backfill(world).run()
+    assert (result.cases, result.observables, result.queued) == (0, 1, 1)
+    assert "its case is unknown" not in caplog.text  # never read, so never skipped
+    db = sqlite3.connect(str(world.cfg.state_db))
+    assert db.execute("SELECT COUNT(*) FROM inbox WHERE object_id = ?", (alert_observable["_id"],)).fetchone()[0] == 0
+    db.close()
+
+
+@pytest.mark.parametrize("send_total, queries", [(True, 3), (False, 6)])
+def test_paging_stops_at_thehives_total(world, send_total, queries):
+    fill(world.hive, cases=2, observables=2)  # page_size=2: each listing is exactly one full page
+    world.hive.send_total = send_total
+    world.hive.requests.clear()
+    result = backfill(world).run(everything=True)
+    assert (result.cases, result.observables) == (2, 4)
+    # X-Total: one query for the cases, one per case's observables; without it each listing
+    # needs a last, empty page.
+    assert len(world.hive.requests) == queries
+
+
 def test_a_failing_thehive_stops_the_run_and_the_next_one_resumes(world):
     cases = fill(world.hive, cases=3, observables=1)
     world.hive.fail_next(1, 502)  # retried inside the client

@@ -75,6 +75,7 @@ def test_case_observables_page_until_a_short_page():
     got = [o["_id"] for o in make_client(page_size=2).iter_case_observables("~77")]
     assert got == ["~1", "~2", "~3", "~4", "~5"]
     assert [(page_op(c)["from"], page_op(c)["to"]) for c in responses.calls] == [(0, 2), (2, 4), (4, 6)]
+    assert all(page_op(c)["extraData"] == ["total"] for c in responses.calls)
     assert sent(responses.calls[0])["query"][:-1] == [
         {"_name": "getCase", "idOrName": "~77"}, {"_name": "observables"},
         {"_name": "sort", "_fields": [{"_createdAt": "asc"}]}]
@@ -88,6 +89,33 @@ def test_exact_multiple_last_page_ends_on_an_empty_page():
     responses.post(QUERY, json=[])
     assert len(list(make_client(page_size=2).iter_case_observables("~77"))) == 4
     assert len(responses.calls) == 3  # no extra get_case: the case had observables
+
+
+@responses.activate
+def test_x_total_ends_paging_without_the_empty_page():
+    responses.post(QUERY, json=[{"_id": "~1"}, {"_id": "~2"}], headers={"X-Total": "4"})
+    responses.post(QUERY, json=[{"_id": "~3"}, {"_id": "~4"}], headers={"X-Total": "4"})
+    responses.post(QUERY, json=[])  # what a client ignoring X-Total would need
+    assert len(list(make_client(page_size=2).iter_cases())) == 4
+    assert len(responses.calls) == 2
+
+
+@responses.activate
+def test_x_total_beyond_the_page_keeps_paging_and_a_short_page_still_ends_it():
+    # The set shrank while it was read: the short page ends the listing whatever X-Total said.
+    responses.post(QUERY, json=[{"_id": "~1"}, {"_id": "~2"}], headers={"X-Total": "5"})
+    responses.post(QUERY, json=[{"_id": "~3"}], headers={"X-Total": "5"})
+    assert [c["_id"] for c in make_client(page_size=2).iter_cases()] == ["~1", "~2", "~3"]
+    assert len(responses.calls) == 2
+
+
+@pytest.mark.parametrize("header", ["", "many", "-1", "2.0"])
+@responses.activate
+def test_an_x_total_that_is_not_a_count_is_ignored(header):
+    responses.post(QUERY, json=[{"_id": "~1"}, {"_id": "~2"}], headers={"X-Total": header})
+    responses.post(QUERY, json=[])
+    assert len(list(make_client(page_size=2).iter_cases())) == 2
+    assert len(responses.calls) == 2  # the old end condition: an empty page
 
 
 @responses.activate
@@ -121,15 +149,23 @@ def test_iter_cases_since_filters_on_updated_or_created_and_sorts_by_updated():
         {"_name": "filter", "_or": [{"_gte": {"_field": "_updatedAt", "_value": 1717430400000}},
                                     {"_gte": {"_field": "_createdAt", "_value": 1717430400000}}]},
         {"_name": "sort", "_fields": [{"_updatedAt": "asc"}]},
-        {"_name": "page", "from": 0, "to": 100}]}
+        {"_name": "page", "from": 0, "to": 100, "extraData": ["total"]}]}
 
 
 @responses.activate
-def test_iter_observables_without_since_has_no_filter():
+def test_iter_observables_goes_through_the_cases_never_list_observable():
     responses.post(QUERY, json=[{"_id": "~9"}])
     assert [o["_id"] for o in make_client().iter_observables()] == ["~9"]
     ops = sent(responses.calls[0])["query"]
-    assert [op["_name"] for op in ops] == ["listObservable", "sort", "page"]
+    assert [op["_name"] for op in ops] == ["listCase", "observables", "sort", "page"]
+
+    responses.calls.reset()
+    list(make_client().iter_observables(since_ms=1717430400000))
+    ops = sent(responses.calls[0])["query"]
+    assert ops[:3] == [{"_name": "listCase"}, {"_name": "observables"},
+                       {"_name": "filter", "_or": [{"_gte": {"_field": "_updatedAt", "_value": 1717430400000}},
+                                                   {"_gte": {"_field": "_createdAt", "_value": 1717430400000}}]}]
+    assert responses.calls[0].request.params == {"name": "list-observables"}
 
 
 @responses.activate
@@ -260,11 +296,55 @@ def test_sim_case_observables_over_several_pages(sim, served):
     case, other = sim.add_case(), sim.add_case()
     added = [sim.add_observable(case["_id"], dataType="ip", data=f"203.0.113.{i}") for i in range(7)]
     sim.add_observable(other["_id"], data="not mine")
+    sim.add_alert_observable(sim.add_alert()["_id"], data="an alert's")
     sim.requests.clear()
     got = list(sim_client(served, page_size=3).iter_case_observables(case["_id"]))
     assert [o["data"] for o in got] == [o["data"] for o in added]
-    assert all("_case" not in o for o in got)
+    assert all("_case" not in o and "_alert" not in o for o in got)
     assert sim.requests == [("POST", "/api/v1/query")] * 3
+
+
+def test_sim_changed_observables_leave_alert_observables_out(sim, served):
+    case, alert = sim.add_case(), sim.add_alert(title="Phishing report")
+    mine = sim.add_observable(case["_id"], data="case.example")
+    theirs = sim.add_alert_observable(alert["_id"], data="alert.example")
+    since = sim._now_ms()
+    sim.update_observable(mine["_id"], ioc=True)
+    sim.update_observable(theirs["_id"], ioc=True)
+    client = sim_client(served)
+    assert [o["data"] for o in client.iter_observables(since_ms=since)] == ["case.example"]
+    assert [o["data"] for o in client.iter_observables()] == ["case.example"]
+    # TheHive's listObservable holds both kinds: what the client no longer asks for.
+    assert {o["data"] for o in client._query("raw", [{"_name": "listObservable"}])} == {
+        "case.example", "alert.example"}
+
+
+def test_sim_x_total_stops_paging_at_the_total(sim, served):
+    case = sim.add_case()
+    for i in range(6):
+        sim.add_observable(case["_id"], data=f"obs-{i}")
+    client = sim_client(served, page_size=3)
+    for send_total, requests_made in ((True, 2), (False, 3)):
+        sim.send_total = send_total
+        sim.requests.clear()
+        assert len(list(client.iter_case_observables(case["_id"]))) == 6
+        assert len(sim.requests) == requests_made
+
+
+def test_sim_answers_x_total_only_when_a_page_asks_for_it(sim):
+    http = sim.app.test_client()
+    auth = {"Authorization": f"Bearer {THEHIVE_KEY}"}
+    for _ in range(3):
+        sim.add_case()
+    page = {"_name": "page", "from": 0, "to": 2}
+    plain = http.post("/api/v1/query", json={"query": [{"_name": "listCase"}, page]}, headers=auth)
+    assert len(plain.get_json()) == 2 and "X-Total" not in plain.headers
+    asked = http.post("/api/v1/query", json={"query": [{"_name": "listCase"}, dict(page, extraData=["total"])]},
+                      headers=auth)
+    assert len(asked.get_json()) == 2 and asked.headers["X-Total"] == "3"
+    bad = http.post("/api/v1/query", json={"query": [{"_name": "listCase"}, dict(page, extraData="total")]},
+                    headers=auth)
+    assert bad.status_code == 400
 
 
 def test_sim_case_without_observables_and_deleted_case(sim, served):

@@ -1,11 +1,19 @@
 """A TheHive 5 API v1 simulator: the read side that ``thehive.api`` uses (reference §4, §5).
 
-``POST /api/v1/query`` understands the sources ``getCase``, ``listCase`` and
-``listObservable``, the traversal ``observables``, ``filter`` (``_gte``, ``_lte``,
-``_eq``, ``_and``, ``_or``), ``sort`` on one field and ``page`` (``from`` inclusive,
-``to`` exclusive), and answers a bare JSON array like TheHive. Errors use TheHive's
-``{"type", "message"}`` body. ``GET /api/v1/case/{idOrName}`` and
-``GET /api/v1/observable/{id}`` answer one object or 404.
+``POST /api/v1/query`` understands the sources ``getCase``, ``listCase``, ``getAlert``,
+``listAlert`` and ``listObservable``, the traversal ``observables`` (from cases or
+alerts), ``filter`` (``_gte``, ``_lte``, ``_eq``, ``_and``, ``_or``), ``sort`` on one
+field and ``page`` (``from`` inclusive, ``to`` exclusive), and answers a bare JSON array
+like TheHive. Errors use TheHive's ``{"type", "message"}`` body.
+``GET /api/v1/case/{idOrName}`` and ``GET /api/v1/observable/{id}`` answer one object or 404.
+
+Alerts hold observables too, and ``listObservable`` returns them with the case ones, as
+TheHive's does (``controllers/v1/ObservableCtrl.scala``), so a test can prove that a
+reader going through the cases never sees them. A ``page`` whose ``extraData`` holds
+``"total"`` is answered with the size of the whole set in an ``X-Total`` header, the body
+staying a bare array (ScalliGraph ``query/QueryExecutor.scala``; TheHive 4 ``richPage(from,
+to, extraData.contains("total"))``); ``send_total = False`` plays a TheHive that never
+sends it.
 
 Choices where the reference has no source ([guess]):
 - A never-updated object has no ``_updatedAt`` (as in the TheHive 5 captures);
@@ -27,6 +35,8 @@ TLP_LABELS = {0: "CLEAR", 1: "GREEN", 2: "AMBER", 3: "AMBER+STRICT", 4: "RED"}  
 PAP_LABELS = {0: "CLEAR", 1: "GREEN", 2: "AMBER", 3: "RED"}
 SIM_USER = "sim@thehive.example.org"
 _CASE_LINK = "_case"  # observable -> case id; kept in memory, never served
+_ALERT_LINK = "_alert"  # observable -> alert id; kept in memory, never served
+_LINKS = (_CASE_LINK, _ALERT_LINK)
 
 
 class QueryError(Exception):
@@ -42,7 +52,9 @@ class TheHiveSimulator:
         self.api_key = api_key
         self.organisation = organisation
         self.cases: Dict[str, dict] = {}
-        self.observables: Dict[str, dict] = {}
+        self.alerts: Dict[str, dict] = {}
+        self.observables: Dict[str, dict] = {}  # of cases and of alerts
+        self.send_total = True  # False: no X-Total, even for a page asking extraData ["total"]
         self.requests: List[Tuple[str, str]] = []
         self.delay_s: float = 0.0
         self._failures: List[int] = []
@@ -98,17 +110,43 @@ class TheHiveSimulator:
         """Store an observable in ``case_id`` (KeyError if absent). Returns the served form."""
         with self._lock:
             case = self.cases[case_id]
-            now = self._now_ms()
-            observable = {"_id": self._new_id(), "_type": "Observable", "_createdBy": SIM_USER,
-                          "_createdAt": now, "dataType": "other", "data": f"sim-observable-{now}",
-                          "startDate": now, "tlp": 2, "pap": 2, "tags": [], "ioc": False, "sighted": False,
-                          "reports": {}, "message": "", "extraData": {}, "ignoreSimilarity": False}
-            observable.update(fields)
-            observable[_CASE_LINK] = case_id
-            _label(observable)
-            self.observables[observable["_id"]] = observable
+            observable = self._new_observable(_CASE_LINK, case_id, fields)
             self._touch(case)
             return _served(observable)
+
+    def add_alert(self, **fields: Any) -> dict:
+        """Store an alert with TheHive 5 defaults; ``fields`` override them. Returns a copy."""
+        with self._lock:
+            now = self._now_ms()
+            alert = {"_id": self._new_id(), "_type": "Alert", "_createdBy": SIM_USER, "_createdAt": now,
+                     "type": "external", "source": "sim", "sourceRef": f"sim-{now}", "title": "Simulated alert",
+                     "description": "", "severity": 2, "date": now, "tags": [], "tlp": 2, "pap": 2,
+                     "status": "New", "stage": "New", "follow": True, "customFields": [], "extraData": {}}
+            alert.update(fields)
+            _label(alert)
+            self.alerts[alert["_id"]] = alert
+            return copy.deepcopy(alert)
+
+    def add_alert_observable(self, alert_id: str, **fields: Any) -> dict:
+        """Store an observable in alert ``alert_id`` (KeyError if absent). Returns the served form."""
+        with self._lock:
+            alert = self.alerts[alert_id]
+            observable = self._new_observable(_ALERT_LINK, alert_id, fields)
+            self._touch(alert)
+            return _served(observable)
+
+    def _new_observable(self, link: str, parent_id: str, fields: Dict[str, Any]) -> dict:
+        """Store an observable with TheHive 5 defaults under its parent (``link``: case or alert)."""
+        now = self._now_ms()
+        observable = {"_id": self._new_id(), "_type": "Observable", "_createdBy": SIM_USER,
+                      "_createdAt": now, "dataType": "other", "data": f"sim-observable-{now}",
+                      "startDate": now, "tlp": 2, "pap": 2, "tags": [], "ioc": False, "sighted": False,
+                      "reports": {}, "message": "", "extraData": {}, "ignoreSimilarity": False}
+        observable.update(fields)
+        observable[link] = parent_id
+        _label(observable)
+        self.observables[observable["_id"]] = observable
+        return observable
 
     def update_observable(self, observable_id: str, **fields: Any) -> dict:
         """Change an observable; unlike ``add_observable`` this leaves the case's ``_updatedAt`` alone."""
@@ -132,13 +170,21 @@ class TheHiveSimulator:
 
     def run_query(self, ops: Any) -> List[dict]:
         """Evaluate a v1 query (a list of operations); raises QueryError for what TheHive rejects."""
+        return self.query_page(ops)[0]
+
+    def query_page(self, ops: Any) -> Tuple[List[dict], Optional[int]]:
+        """``run_query`` plus the total that a ``page`` asking ``extraData: ["total"]`` gets: the size
+        of the set before paging (None when not asked, or with ``send_total`` off)."""
         if not isinstance(ops, list) or not ops or not all(isinstance(op, dict) for op in ops):
             raise QueryError("query must be a non-empty list of operations")
+        total = None
         with self._lock:
             items = self._source(ops[0])
             for op in ops[1:]:
+                if op.get("_name") == "page" and _wants_total(op) and self.send_total:
+                    total = len(items)
                 items = self._apply(op, items)
-            return [_served(item) for item in items]
+            return [_served(item) for item in items], total
 
     def _source(self, op: dict) -> List[dict]:
         name = op.get("_name")
@@ -147,17 +193,22 @@ class TheHiveSimulator:
             return [case] if case else []
         if name == "listCase":
             return list(self.cases.values())
+        if name == "getAlert":
+            alert = self.alerts.get(op.get("idOrName"))
+            return [alert] if alert else []
+        if name == "listAlert":
+            return list(self.alerts.values())
         if name == "listObservable":
-            return list(self.observables.values())
+            return list(self.observables.values())  # case and alert observables alike, as TheHive
         raise QueryError(f"Unknown query source: {name}")
 
     def _apply(self, op: dict, items: List[dict]) -> List[dict]:
         name = op.get("_name")
         if name == "observables":
-            if any(item.get("_type") != "Case" for item in items):
-                raise QueryError("observables applies to cases only")
+            if any(item.get("_type") not in ("Case", "Alert") for item in items):
+                raise QueryError("observables applies to cases and alerts only")
             ids = {item["_id"] for item in items}
-            return [o for o in self.observables.values() if o[_CASE_LINK] in ids]
+            return [o for o in self.observables.values() if any(o.get(link) in ids for link in _LINKS)]
         if name == "filter":
             expr = {k: v for k, v in op.items() if k != "_name"}
             return [item for item in items if _matches(expr, item)]
@@ -215,9 +266,13 @@ class TheHiveSimulator:
             if not isinstance(body, dict):
                 return _error(400, "BadRequest", "Invalid JSON body")
             try:
-                return jsonify(self.run_query(body.get("query")))
+                items, total = self.query_page(body.get("query"))
             except QueryError as exc:
                 return _error(400, "BadRequest", str(exc))
+            response = jsonify(items)
+            if total is not None:
+                response.headers["X-Total"] = str(total)
+            return response
 
         @app.get("/api/v1/case/<id_or_name>")
         def get_case(id_or_name: str):
@@ -279,7 +334,15 @@ class TheHiveSimulator:
 
 def _served(obj: dict) -> dict:
     """A copy as the API shows it: no internal links, safe to mutate."""
-    return {k: copy.deepcopy(v) for k, v in obj.items() if k != _CASE_LINK}
+    return {k: copy.deepcopy(v) for k, v in obj.items() if k not in _LINKS}
+
+
+def _wants_total(page: dict) -> bool:
+    """Whether a ``page`` operation asks for the total (``extraData`` is a list of names)."""
+    extra = page.get("extraData", [])
+    if not isinstance(extra, list):
+        raise QueryError("page extraData must be a list of names")
+    return "total" in extra
 
 
 def _label(obj: dict) -> None:

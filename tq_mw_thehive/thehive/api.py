@@ -8,6 +8,12 @@ no GET list), and using it for single cases too keeps one request shape, one
 error mapping and one paging loop. ``?name=`` only labels the request in
 TheHive's logs.
 
+Observables are always read through a case (``getCase``/``listCase`` then
+``observables``), never from ``listObservable``: that source also returns alert
+observables, which have no case to sync into. Each ``page`` asks for
+``extraData: ["total"]``; where TheHive answers with an ``X-Total`` header, paging
+stops at that total instead of fetching a last, empty page.
+
 Errors are mapped so that callers can decide what to do without looking at HTTP:
 ``TheHiveNotFound`` (the object is gone), ``TheHiveUnavailable`` (try again later:
 network, 5xx after retries, or a key that TheHive refuses) and ``TheHiveError``
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import requests
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none, wait_random_exponential
@@ -27,6 +33,8 @@ from tq_mw_thehive.config import Config
 logger = logging.getLogger("tq_mw_thehive.thehive")
 
 QUERY_PATH = "/api/v1/query"
+# The observables of every case, and only those (see iter_observables).
+CASE_OBSERVABLES: List[Dict[str, Any]] = [{"_name": "listCase"}, {"_name": "observables"}]
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 _MASK = "***"
 
@@ -125,12 +133,25 @@ class TheHiveClient:
         return self._pages("list-cases", self._listing("listCase", since_ms))
 
     def iter_observables(self, since_ms: Optional[int] = None) -> Iterator[dict]:
-        """Observables changed or created since ``since_ms``, as ``iter_cases``; each embeds nothing.
+        """Case observables changed or created since ``since_ms``, as ``iter_cases``; each embeds nothing.
 
         Updating an observable may not bump its case's ``_updatedAt`` (reference §5), so
-        catch-up has to list observables as well as cases.
+        catch-up has to list observables as well as cases. The query starts from the cases
+        (``listCase`` then ``observables``) because ``listObservable`` also returns alert
+        observables, which catch-up could only skip: in TheHive-Project/TheHive
+        ``thehive/app/org/thp/thehive/controllers/v1/ObservableCtrl.scala`` ``listObservable`` is
+        every visible observable, with both a ``case`` and an ``alert`` traversal. ``observables``
+        applies to any case traversal, not just ``getCase`` (same repository,
+        ``controllers/v1/CaseCtrl.scala`` ``extraQueries``: ``Query[Traversal.V[Case],
+        Traversal.V[Observable]]("observables", ...)``). thehive4py reaches a case's observables
+        only through ``getCase`` (TheHive-Project/TheHive4py ``thehive4py/endpoints/case.py``
+        ``find_observables``) and has no case-only filter for ``listObservable``
+        (``thehive4py/endpoints/observable.py`` ``find``, ``thehive4py/query/filters.py``); no
+        ``fromCase``-style filter exists in either. [guess] TheHive 5 keeps this traversal. TheHive
+        4.1 resolves it with the ids of every visible case (``has(_.relatedId, P.within(...))``),
+        so there it costs more than a plain listing.
         """
-        return self._pages("list-observables", self._listing("listObservable", since_ms))
+        return self._pages("list-observables", self._listing(CASE_OBSERVABLES, since_ms))
 
     # -- organisation configuration (TheHive 4; `tq-mw-thehive thehive-setup`) ---------------------
 
@@ -147,8 +168,10 @@ class TheHiveClient:
     # -- query building and paging ------------------------------------------------------------
 
     @staticmethod
-    def _listing(source: str, since_ms: Optional[int]) -> List[Dict[str, Any]]:
-        ops: List[Dict[str, Any]] = [{"_name": source}]
+    def _listing(source: Union[str, List[Dict[str, Any]]], since_ms: Optional[int]) -> List[Dict[str, Any]]:
+        """``source`` (a query source name, or the operations that select the set), filtered on
+        ``since_ms`` and sorted by ``_updatedAt``; ``_pages`` adds the page."""
+        ops: List[Dict[str, Any]] = [{"_name": source}] if isinstance(source, str) else list(source)
         if since_ms is not None:
             # Objects never updated may have a null _updatedAt, which a _gte on it alone would
             # exclude, hence the _or with _createdAt. The reference marks this as [guess].
@@ -160,37 +183,49 @@ class TheHiveClient:
     def _pages(self, label: str, ops: List[Dict[str, Any]]) -> Iterator[dict]:
         """Yield the query's results page by page (``from`` inclusive, ``to`` exclusive).
 
-        The end condition, a page shorter than requested, is the reference's [guess]:
-        TheHive returns a bare array with no total. An exact multiple costs one empty page.
+        The listing ends at a page shorter than requested (the reference's [guess]: the body
+        is a bare array), or once ``to`` reaches the ``X-Total`` that TheHive sends for a page
+        asking ``extraData: ["total"]``. Without that header an exact multiple costs one
+        empty page, as before.
         """
         start = 0
         while True:
-            page = self._query(label, ops + [{"_name": "page", "from": start, "to": start + self.page_size}])
+            end = start + self.page_size
+            page, total = self._query_page(label, ops + [_page_op(start, end)])
             yield from page
-            if len(page) < self.page_size:
+            if len(page) < self.page_size or (total is not None and end >= total):
                 return
-            start += self.page_size
+            start = end
 
     def _query(self, label: str, ops: List[Dict[str, Any]]) -> List[dict]:
-        body = self._request("POST", QUERY_PATH, params={"name": label}, json={"query": ops})
+        return self._query_page(label, ops)[0]
+
+    def _query_page(self, label: str, ops: List[Dict[str, Any]]) -> Tuple[List[dict], Optional[int]]:
+        """The query's bare JSON array and the ``X-Total`` that came with it (None when absent)."""
+        response = self._response("POST", QUERY_PATH, params={"name": label}, json={"query": ops})
+        body = self._decode("POST", QUERY_PATH, response)
         if not isinstance(body, list):
             raise TheHiveError(f"TheHive answered query {label} with {type(body).__name__}, not a JSON array")
-        return body
+        return body, _total(response)
 
     # -- HTTP, retries and error mapping ------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._decode(method, path, self._response(method, path, **kwargs))
+
+    def _response(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """The answer after retries (not yet checked: ``_decode`` maps its status); kept whole so
+        that paging can read its headers."""
         # "Full jitter": a random wait up to 0.5 s, 1 s, 2 s, ... capped at max_wait_s, so that
         # several workers that failed together do not come back together.
         wait = wait_random_exponential(multiplier=0.5, max=self.max_wait_s) if self.max_wait_s > 0 else wait_none()
         retrying = Retrying(stop=stop_after_attempt(self.attempts), wait=wait, sleep=self._sleep,
                             retry=retry_if_exception_type(_Transient), reraise=True)
         try:
-            response = retrying(self._send, method, path, **kwargs)
+            return retrying(self._send, method, path, **kwargs)
         except _Transient as exc:
             raise TheHiveUnavailable(f"TheHive {method} {path} failed after {self.attempts} attempt(s): "
                                      f"{exc}") from None
-        return self._decode(method, path, response)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One attempt; raises _Transient for what a retry may fix."""
@@ -256,6 +291,36 @@ class TheHiveClient:
     @staticmethod
     def _log(method: str, path: str, status: Any, started: float) -> None:
         logger.debug("%s %s -> %s in %d ms", method, path, status, (time.monotonic() - started) * 1000)
+
+
+def _page_op(start: int, end: int) -> Dict[str, Any]:
+    """A ``page`` operation that also asks for the total.
+
+    TheHive 4 counts the whole set only when ``extraData`` holds ``"total"``
+    (TheHive-Project/TheHive ``thehive/app/org/thp/thehive/controllers/v1/ObservableCtrl.scala``
+    ``pageQuery``: ``richPage(from, to, extraData.contains("total"))``; CaseCtrl likewise) and then
+    sends it as an ``X-Total`` header, the body staying a bare array (TheHive-Project/ScalliGraph
+    ``core/src/main/scala/org/thp/scalligraph/query/QueryExecutor.scala``:
+    ``totalSize.fold(result)(s => result.withHeaders("X-Total" -> s.toString))``). thehive4py builds
+    the same operation (TheHive-Project/TheHive4py ``thehive4py/query/page.py``: ``Paginate(start,
+    end, extra_data)`` → ``{"from", "to", "extraData"}``) but never reads the header. [guess]
+    TheHive 5 (closed source) answers the same way; where it does not, paging falls back to
+    stopping at a short page.
+    """
+    return {"_name": "page", "from": start, "to": end, "extraData": ["total"]}
+
+
+def _total(response: requests.Response) -> Optional[int]:
+    """The ``X-Total`` header as a count; None when absent or not a non-negative integer, so that a
+    header that TheHive (or a proxy) mangles only costs the old end condition."""
+    value = response.headers.get("X-Total")
+    if value is None:
+        return None
+    digits = value.strip()
+    if digits.isascii() and digits.isdigit():
+        return int(digits)
+    logger.debug("ignoring X-Total %r: not a count", value[:40])
+    return None
 
 
 def _shown_path(path: str, params: Optional[Dict[str, str]]) -> str:
