@@ -42,7 +42,7 @@ class Daemon:
 
     def __init__(self, config_dir: Path, log_dir: Path, args: Sequence[str] = (),
                  env: Optional[Dict[str, str]] = None, verbosity: str = "3", workers: int = 2) -> None:
-        self.config_dir = Path(config_dir).absolute()  # the daemon runs in it: relative paths would move
+        self.config_dir = Path(config_dir).absolute()  # the daemon runs elsewhere: relative paths would move
         self.log_dir = Path(log_dir).absolute()
         self.args = list(args)
         self.env = env
@@ -72,7 +72,8 @@ class Daemon:
 
         ``python -m`` puts the working directory first on ``sys.path``: started from a source
         checkout, the daemon would import that tree instead of what the caller runs (and a
-        checkout is not an installed package). So the daemon runs in its config directory and
+        checkout is not an installed package). So the daemon runs in its log directory (which exists
+        before it starts, unlike a config directory a first start creates) and
         imports the very ``tq_mw_thehive`` its caller imported, wherever that came from.
         """
         env = dict(os.environ if self.env is None else self.env)
@@ -85,7 +86,7 @@ class Daemon:
         console = open(self.console, "ab")
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=console,
                                      stderr=subprocess.STDOUT, start_new_session=True, env=self.environment(),
-                                     cwd=self.config_dir)
+                                     cwd=self.log_dir)
         console.close()
         return self.proc
 
