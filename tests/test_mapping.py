@@ -425,3 +425,11 @@ def test_case_consume_item_is_the_create_with_attributes_and_tags():
         "tags": ["a"]}
     incident = mapping.case_consume_item(dataclasses.replace(case, collection="incident"), {"name": "TheHive"})
     assert incident["value"] == "Hive Case # ~1 t" and "title" not in incident and "type_id" not in incident
+
+
+def test_consume_items_never_ask_threatq_to_normalize_the_value():
+    """SDK1 sends ``normalize: 'Y'``; a rewritten value would escape the sync's exact look-up."""
+    indicator = mapping.IndicatorObject(value="HXXPS://Example.COM/Path", type="URL", description="",
+                                        status="Active", tags=(), tlp_id=None, attributes=())
+    item = mapping.consume_item(indicator, 21, 1, {"name": "TheHive"})
+    assert "normalize" not in item and item["value"] == "HXXPS://Example.COM/Path"

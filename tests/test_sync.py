@@ -1,4 +1,8 @@
-"""The sync path end to end in one process: inbox → worker → real HTTP → ThreatQ and TheHive simulators."""
+"""The sync path end to end in one process: inbox → worker → real HTTP → ThreatQ and TheHive simulators.
+
+Every test that builds a world runs against both answer shapes of the ThreatQ simulator
+(``shapes``: ``strict``, the contract's reading; ``sdk``, what the public captures show, without
+the calls that have no public evidence). No event may become a dead letter in either."""
 from __future__ import annotations
 
 import copy
@@ -11,12 +15,29 @@ from conftest import sample
 from tq_mw_thehive import state
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
-from tq_mw_thehive.testing.threatq_sim import KINDS
+from tq_mw_thehive.testing.threatq_sim import INDICATOR_TYPES, KINDS
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.worker import Worker
 
 CASE_ID = "~8396848"
 TITLE = "Hive Case # ~8396848 Phishing wave targeting finance mailboxes"
+
+
+@pytest.fixture(params=["strict", "sdk"])
+def shapes(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_world(make_world, shapes):
+    """conftest's worlds, with the simulator answering in ``shapes`` (the ``world`` fixture too)."""
+    def make(**sync):
+        refuse = sync.pop("refuse", ())
+        world = make_world(**sync)
+        world.tq.shapes, world.tq.refuse = shapes, set(refuse)
+        return world
+
+    return make
 
 
 def test_case_create_maps_every_attribute_tag_and_tlp(world):
@@ -116,7 +137,7 @@ def test_an_older_update_arriving_late_never_overwrites_a_newer_one(world):
     assert world.attributes("events", world.event()["id"])["Severity"] == "LOW"
 
 
-def test_tags_removed_in_thehive_are_removed_but_not_an_analysts_own(world):
+def test_tags_removed_in_thehive_are_removed_but_not_an_analysts_own(world, shapes, caplog):
     world.deliver(sample("th5-case-create.json"))
     world.drain()
     event_id = world.event()["id"]
@@ -125,7 +146,13 @@ def test_tags_removed_in_thehive_are_removed_but_not_an_analysts_own(world):
     update["object"]["tags"] = ["phishing", "wave-2"]
     world.deliver(update)
     world.drain()
-    assert sorted(world.tq.tags_of("events", event_id)) == ["analyst-note", "phishing", "wave-2"]
+    assert world.states() == ["done", "done"]
+    if shapes == "strict":
+        assert sorted(world.tq.tags_of("events", event_id)) == ["analyst-note", "phishing", "wave-2"]
+    else:  # no DELETE …/tags/{id}: the removed tag stays, with one warning, and the event is done
+        assert sorted(world.tq.tags_of("events", event_id)) == ["analyst-note", "finance", "phishing", "wave-2"]
+        assert caplog.text.count("tags removed in TheHive stay on the ThreatQ object") == 1
+        assert world.worker.sync.state.capabilities()["tag_delete"].supported is False
 
 
 def test_incident_mode_makes_an_incident_object(make_world):
@@ -371,8 +398,7 @@ def _indicator_as_synced(world) -> dict:
 def test_a_new_observable_costs_two_calls_look_up_and_consume(make_world):
     world = make_world()
     calls = _observable_calls(world)
-    assert [m for m, _ in calls] == ["GET", "POST"], calls
-    assert calls[1] == ("POST", "/api/indicators/consume")
+    assert calls == [("POST", "/api/indicators/query"), ("POST", "/api/indicators/consume")], calls
     assert [s for s in world.states()] == ["done", "done"]
     synced = _indicator_as_synced(world)
     assert synced == {"description": "IP hosting the credential-harvesting page", "status_id": 1,
@@ -436,7 +462,7 @@ def test_changes_queued_behind_an_event_are_written_once_as_the_latest_state(wor
         world.drain()
     once = {"/api/token", "/api/indicator/types", "/api/indicator/statuses"}
     calls = [(m, p) for m, p in world.tq.requests[before:] if p not in once]
-    assert calls == [("GET", "/api/indicators"), ("POST", "/api/indicators/consume")]
+    assert calls == [("POST", "/api/indicators/query"), ("POST", "/api/indicators/consume")]
     (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
     assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
     assert "late-tag" in world.tq.tags_of("indicators", indicator["id"])
@@ -463,9 +489,10 @@ def test_a_delete_queued_behind_stops_the_coalescing(world):
 
 
 @pytest.mark.parametrize("inline", [True, False])
-def test_a_changed_update_reads_what_it_checks_in_one_call_where_threatq_inlines_it(make_world, inline):
-    """Fewer look-ups: the look-up (observable) or the update (case) asks ThreatQ for the object's
-    attributes, sources and tags inline (`with=`); an instance that ignores it costs the reads."""
+def test_a_changed_update_reads_what_it_checks_in_one_call_where_threatq_inlines_it(make_world, inline, shapes):
+    """Fewer look-ups: the read by the stored id (observable) or the update (case) asks ThreatQ for
+    the object's attributes, sources and tags inline (`with=`); an instance that ignores it costs
+    the reads (in the ``sdk`` shape tags cannot be read on their own: they are left as they are)."""
     world = make_world(inline=inline)
     world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
     world.drain()
@@ -483,13 +510,15 @@ def test_a_changed_update_reads_what_it_checks_in_one_call_where_threatq_inlines
     event = world.event()
     reads = {"/attributes", "/sources", "/tags"}
     if inline:
-        assert observable_calls == [("GET", "/api/indicators"),
+        assert observable_calls == [("GET", f"/api/indicators/{indicator['id']}"),  # the stored id
                                     ("POST", f"/api/indicators/{indicator['id']}/attributes"),
                                     ("GET", f"/api/indicators/{indicator['id']}/events")]
         assert [m for m, p in case_calls] == ["PUT", "PUT", "PUT"]  # the event, Status, Severity
     else:
         assert {p[p.rindex("/"):] for m, p in observable_calls if m == "GET"} >= reads
-        assert {p[p.rindex("/"):] for m, p in case_calls if m == "GET"} == reads
+        # The sdk shape refused GET …/tags for the observable: this process does not ask again.
+        expected = reads if shapes == "strict" else reads - {"/tags"}
+        assert {p[p.rindex("/"):] for m, p in case_calls if m == "GET"} == expected
     assert world.states() == ["done"] * 4
     assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
     attributes = world.attributes("events", event["id"])
@@ -503,6 +532,9 @@ def test_inline_sub_resources_are_used_only_when_well_formed():
     record = {"attributes": [{"name": "PAP"}], "sources": [{"name": "TheHive", "tlp_id": 2}], "tags": "t"}
     assert _inline(record) == {"sources": [{"name": "TheHive", "tlp_id": 2}]}  # no attribute id, tags not a list
     assert _inline(None) == {} and _inline({"id": 1}) == {}
+    sdk1 = [{"id": 5, "value": "AMBER", "attribute": {"id": 9, "name": "PAP"}}]  # named in `attribute`
+    assert _inline({"attributes": sdk1}) == {"attributes": sdk1}
+    assert _inline({"attributes": [{"id": 5, "value": "AMBER", "attribute": {"id": 9}}]}) == {}
 
 
 def test_a_new_case_costs_three_calls_two_look_ups_and_consume(world):
@@ -511,7 +543,7 @@ def test_a_new_case_costs_three_calls_two_look_ups_and_consume(world):
     world.drain()
     once = {"/api/token", "/api/event/types"}
     calls = [(m, p) for m, p in world.tq.requests[before:] if p not in once]
-    assert calls == [("GET", "/api/events"), ("GET", "/api/search"), ("POST", "/api/events/consume")]
+    assert calls == [("POST", "/api/events/query"), ("GET", "/api/search"), ("POST", "/api/events/consume")]
     assert world.attributes("events", world.event()["id"])["Severity"] == "HIGH"  # the rest: first test
 
 
@@ -531,3 +563,180 @@ def test_a_consume_call_that_threatq_refuses_falls_back_to_call_by_call(world, c
     (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
     assert world.tq.links_of("indicators", indicator["id"], "events") == [event["id"]]
     assert caplog.text.count("creating it call by call") == 2
+
+
+# --- issue 12: what the public ThreatQ sources show, and the calls they do not confirm -------------
+
+
+def _tlp_update(label: str, audit: str, later_ms: int) -> dict:
+    update = sample("th5-case-update.json")
+    update["_id"], update["_createdAt"] = audit, update["_createdAt"] + later_ms
+    update["object"]["tlpLabel"], update["object"]["tlp"] = label, {"RED": 3, "GREEN": 1}[label]
+    return update
+
+
+def _source_puts(world, event_id: int) -> list:
+    return [(m, p) for m, p in world.tq.requests if m == "PUT" and p.startswith(f"/api/events/{event_id}/sources/")]
+
+
+def _one_by_one(world, *payloads: dict) -> None:
+    """Each applied before the next arrives (queued together, a later state is applied at once)."""
+    for payload in payloads:
+        world.deliver(payload)
+        world.drain()
+
+
+def test_a_changed_tlp_is_written_where_threatq_shows_it_and_left_alone_where_it_does_not(world, shapes):
+    _one_by_one(world, sample("th5-case-create.json"), _tlp_update("RED", "~2990001", 1000))
+    assert world.states() == ["done", "done"]
+    event_id = world.event()["id"]
+    sources = [(s["name"], s["tlp_id"]) for s in world.tq.sources_of("events", event_id)]
+    if shapes == "strict":
+        assert sources == [("TheHive", 1)] and len(_source_puts(world, event_id)) == 1
+    else:  # the answers carry no TLP: it is never touched after creation
+        assert sources == [("TheHive", 2)] and _source_puts(world, event_id) == []
+
+
+@pytest.mark.parametrize("shapes", ["strict"])  # only there does ThreatQ show the TLP it would change
+def test_a_refused_tlp_change_warns_once_per_process_and_never_fails_an_event(make_world, caplog):
+    world = make_world(refuse=["source_tlp"])
+    _one_by_one(world, sample("th5-case-create.json"), _tlp_update("RED", "~2990001", 1000),
+                _tlp_update("GREEN", "~2990002", 2000))
+    assert world.states() == ["done"] * 3
+    event_id = world.event()["id"]
+    assert len(_source_puts(world, event_id)) == 1  # the second change does not ask again
+    assert caplog.text.count("the source keeps the TLP it was created with") == 1
+    assert "ThreatQ answered 405 to PUT /api/events/" in caplog.text
+    refused = world.worker.sync.state.capabilities()["source_tlp"]
+    assert (refused.supported, refused.status) == (False, 405)
+    assert [(s["name"], s["tlp_id"]) for s in world.tq.sources_of("events", event_id)] == [("TheHive", 2)]
+
+
+def test_what_threatq_serves_is_recorded_for_check_and_the_status_page(world, shapes):
+    from tq_mw_thehive.sync_state import threatq_capabilities
+
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    found = threatq_capabilities(world.cfg.state_db)
+    assert {step: c.supported for step, c in found.items()} == {
+        "query:events": True, "consume:events": True, "query:indicators": True, "consume:indicators": True}
+    assert all(c.at > 0 and c.status is None for c in found.values())
+
+
+HARD_VALUES = {
+    "user agent with commas": ("user-agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                                             "(KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"),
+    "url with commas and percent": ("url", "https://cdn.example.net/a,b,c/100%off?q=1,2&r=%41"),
+    "leading comma and percent": ("user-agent", ",%,odd agent%"),
+    "quotes": ("url", "https://example.net/\"double\"/'single'/`back`"),
+    "unicode": ("url", "https://пример.испытание/路径/ü?q=é,ß"),
+    "very long": ("url", "https://example.net/" + "a" * 3000 + ",tail%"),
+}
+
+
+def _observable_in_case(data_type: str, value: str, case_id: str, n: int) -> dict:
+    payload = sample("th5-observable-create-ip.json")
+    payload["_id"], payload["objectId"] = f"~29991{n}", f"~12999{n}"
+    payload["rootId"] = case_id
+    obj = payload["object"]
+    obj.update(_id=f"~12999{n}", dataType=data_type, data=value)
+    obj["case"]["_id"] = case_id
+    obj["case"]["title"] = f"case {n}"
+    return payload
+
+
+@pytest.mark.parametrize("query_refused", [False, True], ids=["query", "list-filters"])
+@pytest.mark.parametrize("name", list(HARD_VALUES))
+def test_values_with_commas_percent_quotes_unicode_or_great_length_are_found_never_duplicated(
+        make_world, name, query_refused):
+    """The second case's observable has no stored id: it must find the first one's indicator by
+    value, through /query or, refused, through list filters (commas and % made safe), and must not
+    take a look-alike (the part before the comma, another case) for it."""
+    data_type, value = HARD_VALUES[name]
+    type_name = "User-agent" if data_type == "user-agent" else "URL"
+    world = make_world(refuse=["query"] if query_refused else [])
+    type_id = 1 + [n for n, _ in INDICATOR_TYPES].index(type_name)
+    for decoy in {value.split(",")[0], value.upper(), value + " "} - {value}:
+        world.tq._store(KINDS["indicators"], {"value": decoy, "type_id": type_id, "status_id": 1, "description": ""})
+    world.deliver(_observable_in_case(data_type, value, "~7001", 1))
+    world.drain()
+    before = len(world.tq.requests)
+    world.deliver(_observable_in_case(data_type, value, "~7002", 2))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    # Found by the look-up: no create at all (consume would merge in the simulator, hiding a miss).
+    assert not {("POST", "/api/indicators/consume"), ("POST", "/api/indicators")} & set(world.tq.requests[before:])
+    (indicator,) = world.tq.find_indicators(value, type_name)
+    assert len(world.tq.links_of("indicators", indicator["id"], "events")) == 2
+    assert world.attributes("indicators", indicator["id"]) == {"PAP": "AMBER", "Sighted?": "Yes"}
+
+
+@pytest.mark.parametrize("query_refused", [False, True], ids=["query", "list-filters"])
+def test_a_case_title_with_commas_and_percent_is_found_again_after_a_lost_database(make_world, query_refused):
+    world = make_world(refuse=["query"] if query_refused else [])
+    create, update = sample("th5-case-create.json"), sample("th5-case-update.json")
+    for payload in (create, update):
+        payload["object"]["title"] = 'Phishing, wave 2: 100% of "finance", Zürich'
+    world.deliver(create)
+    world.drain()
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
+    state.open_state(world.cfg.state_db).close()
+    world.inbox = Inbox(world.cfg.state_db)
+    world.worker = Worker(world.cfg, world.inbox, backoff_cap_s=0)
+    before = len(world.tq.requests)
+    world.deliver(update)
+    world.drain()
+    assert world.states() == ["done"]
+    assert world.event()["title"] == f'Hive Case # {CASE_ID} Phishing, wave 2: 100% of "finance", Zürich'
+    assert world.attributes("events", world.event()["id"])["Severity"] == "CRITICAL"
+    # Found by its exact title: the keyword search for a renamed case was not needed.
+    assert ("GET", "/api/search") not in world.tq.requests[before:]
+
+
+def test_a_consume_answer_without_the_record_looks_it_up_instead_of_failing(world, caplog):
+    world.tq.consume_records_limit = 0  # ThreatQ carries the consume out but names nothing
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    assert caplog.text.count("names no record for") == 2
+    event = world.event()
+    assert world.attributes("events", event["id"])["TheHive Id"] == CASE_ID
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.attributes("indicators", indicator["id"]) == {"PAP": "AMBER", "Sighted?": "Yes"}
+    assert world.tq.links_of("indicators", indicator["id"], "events") == [event["id"]]
+    assert sorted(world.tq.tags_of("indicators", indicator["id"])) == ["phishing-landing", "src:mail-header"]
+    assert world.worker.sync.state.tq_ids("~12734592") == [("indicators", indicator["id"])]
+
+
+def test_an_indicator_deleted_in_threatq_is_found_missing_by_its_stored_id_and_made_again(world):
+    world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
+    world.drain()
+    (old,) = world.tq.find_indicators("203.0.113.47")
+    world.tq.delete_object("indicators", old["id"])
+    world.deliver(sample("th5-observable-update-ioc.json"))
+    world.drain()
+    assert world.states() == ["done"] * 3
+    (new,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert new["id"] != old["id"]
+    assert world.attributes("indicators", new["id"])["Indicator Of Compromise?"] == "Yes"
+    assert world.tq.links_of("indicators", new["id"], "events") == [world.event()["id"]]
+    assert world.worker.sync.state.tq_ids("~12734592") == [("indicators", new["id"])]
+
+
+@pytest.mark.parametrize("refuse", [["tag_list", "source_list"], ["tag_list", "tag_delete", "source_list", "query",
+                                                                    "source_tlp"]])
+def test_every_optional_call_refused_at_once_dead_letters_nothing(make_world, refuse):
+    world = make_world(inline=False, refuse=refuse)
+    update = sample("th5-case-update.json")
+    update["object"]["tags"] = ["phishing", "wave-2"]
+    tlp = _tlp_update("RED", "~2990001", 5000)
+    tlp["object"]["tags"] = ["phishing", "wave-2"]
+    _one_by_one(world, sample("th5-case-create.json"), sample("th5-observable-create-ip.json"), update,
+                sample("th5-observable-update-ioc.json"), tlp)
+    assert world.states() == ["done"] * 5
+    event = world.event()
+    assert "wave-2" in world.tq.tags_of("events", event["id"])
+    (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+    assert world.attributes("events", event["id"])["Severity"] == "CRITICAL"

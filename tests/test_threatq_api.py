@@ -26,8 +26,9 @@ from conftest import write_config
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs
 from tq_mw_thehive.threatq import auth
-from tq_mw_thehive.threatq.api import (LOCK_FILE, PAGE_SIZE, ThreatQClient, ThreatQError, ThreatQPermanentError,
-                                       ThreatQUnavailable)
+from tq_mw_thehive.threatq.api import (LOCK_FILE, MAX_FILTER_CHARS, OPTIONAL_STEPS, PAGE_SIZE, ThreatQClient,
+                                       ThreatQError, ThreatQPermanentError, ThreatQStepRefused, ThreatQUnavailable,
+                                       attribute_name, list_filters, record_type_id, source_pivot_id, source_tlp)
 
 BASE = "https://threatq.example.org"
 TOKEN_URL = f"{BASE}/api/token"
@@ -428,7 +429,7 @@ def test_paging_reads_every_item_once_whatever_the_servers_page_size(tmp_path, t
         return 200, {}, json.dumps({"total": total, "offset": offset, "data": items[offset:offset + limit]})
 
     with responses.RequestsMock() as mock:
-        mock.add_callback(responses.GET, f"{BASE}/api/indicators", callback=page)
+        mock.add_callback(responses.POST, f"{BASE}/api/indicators/query", callback=page)
         assert client.find_indicator("none", 1) is None
         assert len(mock.calls) == max(1, -(-total // min(server_cap, PAGE_SIZE)))
     with responses.RequestsMock() as mock:
@@ -478,27 +479,111 @@ def test_has_collection_asks_once(rsps, client):
 
 # ----------------------------------------------------------------------------------- objects
 
-def test_find_indicator_matches_value_exactly_and_type_id(rsps, client):
-    rsps.get(f"{BASE}/api/indicators", json={"total": 3, "data": [
+QUERY = f"{BASE}/api/indicators/query"
+
+
+def test_find_indicator_asks_query_with_the_value_as_criteria_and_keeps_exact_matches_of_its_type(rsps, client):
+    """XSOAR's reputation commands and stix-shifter post ``{"criteria": {"value": v}}``; ThreatQ's own
+    matching may be looser (case, type), so only the exact value of the type counts."""
+    rsps.post(QUERY, json={"total": 4, "data": [
         {"id": 1, "value": "Evil.com", "type_id": 12},
         {"id": 2, "value": "evil.com", "type_id": 99},
-        {"id": 3, "value": "evil.com", "type_id": "12"},
+        {"id": 3, "value": "evil.com", "type": {"id": 12, "name": "FQDN"}},  # type only as an object
+        {"id": 4, "value": "evil.com", "type_id": "12"},
     ]})
-    assert client.find_indicator("evil.com", 12)["id"] == 3
+    assert client.find_indicator("evil.com", 12)["id"] == 3  # the first made of two exact ones
     assert client.find_indicator("evil.com", 7) is None
-    assert query(rsps.calls[0]) == {"value": "evil.com", "limit": "50", "offset": "0"}
+    first = rsps.calls[0]
+    assert sent_json(first) == {"criteria": {"value": "evil.com"}}
+    assert query(first) == {"limit": "50", "offset": "0"}
 
 
-def test_find_event_and_incident_match_exactly(rsps, client):
-    rsps.get(f"{BASE}/api/events", json={"data": [{"id": 1, "title": "Hive Case # 1 longer"},
-                                                  {"id": 2, "title": "Hive Case # 1"}]})
-    rsps.get(f"{BASE}/api/incident", json={"data": [{"id": 5, "value": "case a"}]})
+def test_find_reads_every_page_of_the_query(rsps, client):
+    noise = [{"id": i, "value": f"evil.com.{i}", "type_id": 12} for i in range(60)]
+    hit = {"id": 99, "value": "evil.com", "type_id": 12}
+    rsps.post(QUERY, match=[matchers.query_param_matcher({"limit": "50", "offset": "0"})],
+              json={"total": 61, "data": noise[:50]})
+    rsps.post(QUERY, match=[matchers.query_param_matcher({"limit": "50", "offset": "50"})],
+              json={"total": 61, "data": noise[50:] + [hit]})
+    assert client.find_indicator("evil.com", 12) == hit
+
+
+def test_find_event_and_incident_query_by_title_and_value_and_match_exactly(rsps, client):
+    rsps.post(f"{BASE}/api/events/query", json={"data": [{"id": 1, "title": "Hive Case # 1 longer"},
+                                                         {"id": 2, "title": "Hive Case # 1"}]})
+    rsps.post(f"{BASE}/api/incident/query", json={"data": [{"id": 5, "value": "case a"}]})
     assert client.find_event("Hive Case # 1")["id"] == 2
     assert client.find_event("Hive Case #") is None
     assert client.find_incident("case a")["id"] == 5
     assert client.find_incident("case") is None
-    assert query(rsps.calls[0])["title"] == "Hive Case # 1"
-    assert query(rsps.calls[2])["value"] == "case a"
+    assert sent_json(rsps.calls[0]) == {"criteria": {"title": "Hive Case # 1"}}
+    assert sent_json(rsps.calls[2]) == {"criteria": {"value": "case a"}}
+
+
+def test_a_query_that_timed_out_is_repeated_within_the_call_as_it_only_reads(rsps, client):
+    rsps.post(QUERY, body=requests.ReadTimeout("slow"))
+    rsps.post(QUERY, json={"total": 1, "data": [{"id": 7, "value": "x", "type_id": 1}]})
+    assert client.find_indicator("x", 1)["id"] == 7
+    assert len(api_calls(rsps)) == 2 and len(client.waits) == 1
+
+
+@pytest.mark.parametrize("value, filters", [
+    ("evil.com", ["evil.com"]),
+    ("a,b", ["a,b", "a%"]),
+    ("100%", ["100%"]),  # its own wildcard reading already
+    (",lead%x,longest-part", [",lead%x,longest-part", "%longest-part%"]),
+    (",", [",", "%"]),
+    ("x" * (MAX_FILTER_CHARS + 1), ["x" * (MAX_FILTER_CHARS + 1), "x" * 256 + "%"]),
+])
+def test_list_filters_back_a_literal_reading_with_a_wildcard_one(value, filters):
+    assert list_filters(value) == filters
+
+
+@pytest.mark.parametrize("status", [404, 405, 400, 422])
+def test_without_query_the_look_up_uses_list_filters_that_cannot_miss_a_value_with_commas(rsps, client, caplog,
+                                                                                         status):
+    """SDK2's ``find()``: a comma in a list filter means "or", so ``?value=a,b`` may answer "a" and
+    "b" but not "a,b"; the wildcard on the part before the comma finds it. Never a look-alike."""
+    value = "Mozilla/5.0 (KHTML, like Gecko)"
+    rsps.post(QUERY, json={"errors": ["Not found"]}, status=status)
+    rsps.get(f"{BASE}/api/indicators", match=[matchers.query_param_matcher(
+        {"value": value, "limit": "50", "offset": "0"})],
+        json={"total": 1, "data": [{"id": 1, "value": "Mozilla/5.0 (KHTML", "type_id": 23}]})
+    rsps.get(f"{BASE}/api/indicators", match=[matchers.query_param_matcher(
+        {"value": "Mozilla/5.0 (KHTML%", "limit": "50", "offset": "0"})],
+        json={"total": 2, "data": [{"id": 1, "value": "Mozilla/5.0 (KHTML", "type_id": 23},
+                                   {"id": 2, "value": value, "type_id": 23}]})
+    learned = []
+    client.on_capability = lambda *args: learned.append(args)
+    assert client.find_indicator(value, 23)["id"] == 2
+    assert client.find_indicator(value, 23)["id"] == 2
+    assert [urlsplit(c.request.url).path for c in api_calls(rsps)].count("/api/indicators/query") == 1
+    assert caplog.text.count("indicators are looked up with list filters instead") == 1
+    assert learned == [("query:indicators", False, status)]
+
+
+def test_a_value_too_long_for_a_url_falls_back_to_the_wildcard_on_its_start(rsps, client):
+    value = "https://example.net/" + "a" * 3000
+    rsps.post(QUERY, status=404, json={"errors": ["Not found"]})
+    rsps.get(f"{BASE}/api/indicators", match=[matchers.query_param_matcher(
+        {"value": value, "limit": "50", "offset": "0"})], status=414, json={"errors": ["URI Too Long"]})
+    rsps.get(f"{BASE}/api/indicators", match=[matchers.query_param_matcher(
+        {"value": value[:256] + "%", "limit": "50", "offset": "0"})],
+        json={"total": 1, "data": [{"id": 4, "value": value, "type_id": 21}]})
+    assert client.find_indicator(value, 21)["id"] == 4
+
+
+def test_a_query_that_fails_otherwise_is_an_error_not_a_fallback(rsps, client):
+    rsps.post(QUERY, status=403, json={"errors": ["Forbidden"]})
+    with pytest.raises(ThreatQPermanentError) as failed:
+        client.find_indicator("x", 1)
+    assert failed.value.status == 403 and client.refused_steps() == {}
+
+
+def test_get_reads_one_object_by_its_id_with_its_sub_resources_inline(rsps, client):
+    rsps.get(f"{BASE}/api/indicators/9", json={"data": {"id": 9, "value": "x", "attributes": []}})
+    assert client.get("indicators", 9, expand=True)["id"] == 9
+    assert query(rsps.calls[0]) == {"with": "attributes,sources,tags"}
 
 
 SRC = [{"name": "TheHive", "tlp_id": 2}]
@@ -621,11 +706,12 @@ def test_from_config_uses_the_threatq_section_and_config_dir(rsps, tmp_path):
 
 def test_each_http_call_logs_one_debug_line_without_query(rsps, client, caplog):
     rsps.get(f"{BASE}/api/indicators", json={"total": 0, "data": []})
+    rsps.post(QUERY, json={"total": 0, "data": []})
     with caplog.at_level(logging.DEBUG, logger="tq_mw_thehive.threatq"):
         client.find_indicator("secret-looking-value.example", 11)
     lines = [r.getMessage() for r in caplog.records if r.name == "tq_mw_thehive.threatq"]
     assert len(lines) == 1
-    assert lines[0].startswith("GET /api/indicators 200 ") and lines[0].endswith(" ms")
+    assert lines[0].startswith("POST /api/indicators/query 200 ") and lines[0].endswith(" ms")
     assert "secret-looking-value" not in lines[0]
 
 
@@ -673,6 +759,27 @@ def test_consume_sends_the_array_and_returns_the_records_in_order(rsps, client):
     assert sent_json(call) == items
 
 
+def test_consume_records_are_matched_by_value_and_type_never_by_position(rsps, client):
+    """SDK2's ``bulk_upload`` matches the answer to what it sent by value/name/title: an answer in
+    an order of its own, or with one record missing, names each object right or not at all."""
+    items = [{"value": "d41d8cd98f00b204e9800998ecf8427e", "type_id": 13},
+             {"value": "same", "type_id": 7}, {"value": "same", "type_id": 20},
+             {"value": "missing.example", "type_id": 8}, {"value": "Case.Example", "type_id": 8}]
+    rsps.post(CONSUME, status=201, json={"data": [
+        {"id": 33, "value": "same", "type": {"id": 20}}, {"id": 32, "value": "same", "type_id": 7},
+        {"value": "no id at all"}, "not a record", {"id": 35, "value": "case.example", "type_id": 8},
+        {"id": 31, "value": "d41d8cd98f00b204e9800998ecf8427e"}]})
+    records = client.consume("indicators", items)
+    assert [r and r["id"] for r in records] == [31, 32, 33, None, 35]
+
+
+def test_consume_matches_events_by_title_and_incidents_by_value(rsps, client):
+    rsps.post(f"{BASE}/api/events/consume", json={"data": [{"id": 2, "title": "b"}, {"id": 1, "title": "a"}]})
+    assert [r["id"] for r in client.consume("events", [{"title": "a"}, {"title": "b"}])] == [1, 2]
+    rsps.post(f"{BASE}/api/incident/consume", json={"data": []})
+    assert client.consume("incident", [{"value": "c"}]) == [None]
+
+
 @pytest.mark.parametrize("status", [404, 405])
 def test_an_instance_without_consume_is_asked_once_then_the_caller_goes_call_by_call(rsps, client, caplog,
                                                                                     status):
@@ -680,7 +787,8 @@ def test_an_instance_without_consume_is_asked_once_then_the_caller_goes_call_by_
     assert client.consume("indicators", [{"value": "1.2.3.4", "type_id": 10}]) is None
     assert client.consume("indicators", [{"value": "5.6.7.8", "type_id": 10}]) is None
     assert len(api_calls(rsps)) == 1
-    assert f"ThreatQ answered {status} to POST /api/indicators/consume" in caplog.text
+    assert f"ThreatQ answered {status} to POST /api/indicators/consume: creating indicators call by call" \
+        in caplog.text
 
 
 def test_consume_refused_for_its_content_is_a_permanent_error(rsps, client):
@@ -688,13 +796,16 @@ def test_consume_refused_for_its_content_is_a_permanent_error(rsps, client):
               status=400)
     with pytest.raises(ThreatQPermanentError, match="type id"):
         client.consume("indicators", [{"value": "1.2.3.4", "type_id": 999}])
-    assert not client._consume_missing  # a refusal of the content says nothing about the endpoint
+    assert client.refused_steps() == {}  # a refusal of the content says nothing about the endpoint
 
 
-def test_a_consume_answer_without_one_id_per_item_is_not_trusted(rsps, client):
-    rsps.post(CONSUME, json={"data": []}, status=201)
-    with pytest.raises(ThreatQUnavailable, match="one record with an id"):
-        client.consume("indicators", [{"value": "1.2.3.4", "type_id": 10}])
+@pytest.mark.parametrize("answer", [{"data": []}, {"data": [{"value": "1.2.3.4"}]}, {"data": {"id": 3}}, None])
+def test_a_consume_answer_without_a_record_for_an_item_says_so_instead_of_failing(rsps, client, answer):
+    if answer is None:
+        rsps.post(CONSUME, status=204)
+    else:
+        rsps.post(CONSUME, json=answer, status=201)
+    assert client.consume("indicators", [{"value": "1.2.3.4", "type_id": 10}]) == [None]
 
 
 # ------------------------------------------------------------------------------------ connections
@@ -745,11 +856,94 @@ def test_one_client_reuses_one_connection_for_all_its_calls(tmp_path):
 
 
 def test_expand_asks_for_attributes_sources_and_tags_inline(rsps, client):
-    rsps.get(f"{BASE}/api/indicators", json={"total": 1, "data": [{"id": 4, "value": "x", "type_id": 8,
-                                                                     "tags": []}]})
+    rsps.post(QUERY, json={"total": 1, "data": [{"id": 4, "value": "x", "type_id": 8, "tags": []}]})
     rsps.put(f"{BASE}/api/events/3", json={"data": {"id": 3, "attributes": []}})
     assert client.find_indicator("x", 8, expand=True)["tags"] == []
     assert client.update_event(3, expand=True, title="t")["attributes"] == []
     find, put = api_calls(rsps)
     assert query(find)["with"] == query(put)["with"] == "attributes,sources,tags"
     assert sent_json(put) == {"title": "t"}
+
+
+# ------------------------------------------------------------------- optional steps, answer shapes
+
+OPTIONAL_CALLS = [
+    # (step, method name, args, HTTP method, path)
+    ("tag_list", "tags", ("events", 4), "GET", "/api/events/4/tags"),
+    ("tag_delete", "delete_tag", ("events", 4, 2), "DELETE", "/api/events/4/tags/2"),
+    ("source_list", "sources", ("indicators", 9), "GET", "/api/indicators/9/sources"),
+    ("source_tlp", "set_source_tlp", ("indicators", 9, 77, 1), "PUT", "/api/indicators/9/sources/77"),
+]
+
+
+@pytest.mark.parametrize("status", [404, 405])
+@pytest.mark.parametrize("step, name, args, method, path", OPTIONAL_CALLS, ids=[c[0] for c in OPTIONAL_CALLS])
+def test_an_optional_call_refused_is_turned_off_for_the_process_with_one_warning(rsps, client, caplog, status,
+                                                                                step, name, args, method, path):
+    rsps.add(method, f"{BASE}{path}", status=status, json={"errors": ["Not found"]})
+    learned = []
+    client.on_capability = lambda *a: learned.append(a)
+    for _ in range(3):
+        with pytest.raises(ThreatQStepRefused) as refused:
+            getattr(client, name)(*args)
+        assert (refused.value.step, refused.value.status) == (step, status)
+    assert len(api_calls(rsps)) == 1  # never asked again by this client
+    assert caplog.text.count(f"ThreatQ answered {status} to {method} {path}: {OPTIONAL_STEPS[step]}") == 1
+    assert learned == [(step, False, status)]
+    assert client.refused_steps() == {step: status}
+    assert isinstance(refused.value, ThreatQPermanentError)  # a refusal, never an outage
+
+
+@pytest.mark.parametrize("step, name, args, method, path", OPTIONAL_CALLS, ids=[c[0] for c in OPTIONAL_CALLS])
+def test_an_optional_call_that_works_is_reported_once_and_other_refusals_stay_errors(rsps, client, step, name,
+                                                                                    args, method, path):
+    if method == "DELETE":
+        rsps.add(method, f"{BASE}{path}", status=204)
+    else:
+        rsps.add(method, f"{BASE}{path}", json={"data": [{"id": 1, "name": "x"}]} if method == "GET"
+                 else {"data": {"id": 1}})
+    learned = []
+    client.on_capability = lambda *a: learned.append(a)
+    getattr(client, name)(*args)
+    getattr(client, name)(*args)
+    assert learned == [(step, True, None)]
+    rsps.replace(method, f"{BASE}{path}", status=400, json={"errors": ["bad"]})
+    with pytest.raises(ThreatQPermanentError) as failed:
+        getattr(client, name)(*args)
+    assert not isinstance(failed.value, ThreatQStepRefused) and client.refused_steps() == {}
+
+
+@pytest.mark.parametrize("source, tlp", [
+    ({"name": "TheHive", "tlp_id": 2, "pivot": {"id": 7}}, 2),                                # SDK2, XSOAR
+    ({"name": "TheHive", "pivot": {"id": 7, "tlp_id": 1}}, 1),
+    ({"name": "TheHive", "tlp": {"id": 3, "name": "GREEN"}}, 3),
+    ({"name": "TheHive", "tlp": {"name": "White"}}, 4),
+    ({"name": "TheHive", "tlp": "AMBER"}, 2),
+    ({"name": "TheHive", "tlp_id": "1"}, 1),
+    ({"id": 13604439, "source_id": 20, "name": "TheHive", "published_at": "2022-03-11 10:15:03",
+      "pivot": {"id": 13604439}}, None),                                                       # stix-shifter
+    ({"name": "TheHive", "tlp_id": None, "pivot": {"id": 5269046, "source_id": 20}}, None),
+    ({"name": "TheHive", "tlp_id": 9}, None),
+    ({"name": "TheHive", "tlp_id": True}, None),
+])
+def test_a_sources_tlp_is_read_from_every_shape_seen_and_none_when_absent(source, tlp):
+    assert source_tlp(source) == tlp
+
+
+def test_a_sources_pivot_id_and_an_attributes_name_and_a_records_type_in_every_shape():
+    assert source_pivot_id({"id": 1, "pivot": {"id": 77}}) == 77
+    assert source_pivot_id({"id": 13604439, "source_id": 20, "name": "x"}) == 13604439  # a link row itself
+    assert source_pivot_id({"name": "x"}) is None
+    assert attribute_name({"id": 1, "name": "PAP", "value": "AMBER"}) == "PAP"
+    assert attribute_name({"id": 5252913, "attribute_id": 184, "value": "v",
+                           "attribute": {"id": 184, "name": "Title"}}) == "Title"          # SDK1, SS
+    assert attribute_name({"id": 1, "attribute": "PAP"}) is None
+    assert record_type_id({"type_id": "15"}) == 15
+    assert record_type_id({"type": {"name": "IP Address", "id": 15, "class": "network"}}) == 15  # XSOAR mock
+    assert record_type_id({"type": "IP Address"}) is None
+
+
+def test_every_optional_step_says_what_the_sync_does_without_it():
+    assert set(OPTIONAL_STEPS) >= {"source_tlp", "source_list", "tag_list", "tag_delete", "query:indicators",
+                                   "query:events", "query:incident", "consume:indicators"}
+    assert all(text and not text.endswith(".") for text in OPTIONAL_STEPS.values())

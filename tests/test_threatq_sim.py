@@ -552,3 +552,109 @@ def test_with_puts_attributes_sources_and_tags_inline_on_list_get_and_put(api, s
     assert listed["sources"] == api.ok("GET", path + "/sources") and listed["sources"][0]["pivot"]["id"]
     assert listed["tags"] == got["tags"] == api.ok("GET", path + "/tags")
     assert "sources" not in got and set(put) - set(plain) == {"sources"} and put["description"] == "d"
+
+
+# ------------------------------------------------------------------ query, and the two answer shapes
+
+
+def test_query_matches_criteria_and_filters_exactly_and_pages(api, sim):
+    """``POST /api/{c}/query`` as XSOAR (criteria value + filters type_name), Siemplify (``{"is": v}``
+    in ``+or``/``+and`` groups) and stix-shifter send it."""
+    a = api.indicator("198.51.100.7")
+    api.indicator("198.51.100.7", "String")
+    api.indicator("198.51.100.70")
+    xsoar = {"criteria": {"value": "198.51.100.7"}, "filters": {"type_name": "IP Address"}}
+    assert [i["id"] for i in api.ok("POST", "/api/indicators/query", json=xsoar)] == [a["id"]]
+    siemplify = {"criteria": {}, "filters": {"+or": [{"+and": [{"value": {"is": "198.51.100.7"}},
+                                                              {"type_name": "IP Address"}]}]}}
+    assert [i["id"] for i in api.ok("POST", "/api/indicators/query", json=siemplify)] == [a["id"]]
+    both = api("POST", "/api/indicators/query", params={"limit": 1, "offset": 1, "with": "tags"},
+               json={"criteria": {"value": "198.51.100.7"}}).json()
+    assert (both["total"], len(both["data"]), both["data"][0]["tags"]) == (2, 1, [])
+    assert api.ok("POST", "/api/indicators/query", json={"criteria": {"value": "198.51.100"}}) == []
+    event = api.event("Hive Case # ~1 a, b")
+    assert [e["id"] for e in api.ok("POST", "/api/events/query",
+                                    json={"criteria": {"title": "Hive Case # ~1 a, b"}})] == [event["id"]]
+    assert set(validation_errors(api("POST", "/api/events/query", json=["x"]))) == {"body"}
+
+
+@pytest.fixture
+def sdk(sim) -> ThreatQSimulator:
+    sim.shapes = "sdk"
+    return sim
+
+
+def test_sdk_shape_sources_are_link_rows_without_a_tlp(api, sdk):
+    event = api.event(sources=[{"name": "TheHive", "tlp_id": 2}])
+    [row] = api.ok("GET", f"/api/events/{event['id']}/sources")
+    assert set(row) == {"id", "source_id", "name", "published_at", "pivot"} and row["name"] == "TheHive"
+    assert api.ok("GET", f"/api/events/{event['id']}", params={"with": "sources"})["sources"] == [row]
+    assert sdk.sources_of("events", event["id"])[0]["tlp_id"] == 2  # kept, only not shown
+    response = api("PUT", f"/api/events/{event['id']}/sources/{row['pivot']['id']}", json={"tlp_id": 1})
+    assert response.status_code == 405
+    assert sdk.sources_of("events", event["id"])[0]["tlp_id"] == 2
+
+
+def test_sdk_shape_attribute_rows_name_their_attribute_in_attribute(api, sdk):
+    event = api.event()
+    path = f"/api/events/{event['id']}/attributes"
+    [added] = api.ok("POST", path, 201, json={"name": "Severity", "value": "High"})
+    assert "name" not in added and added["attribute"]["name"] == "Severity"
+    assert added["attribute_id"] == added["attribute"]["id"]
+    [listed] = api.ok("GET", path)
+    assert listed == added
+    assert api.ok("PUT", f"{path}/{added['id']}", json={"value": "Low"})["attribute"]["name"] == "Severity"
+    assert sdk.attributes_of("events", event["id"])[0]["name"] == "Severity"
+
+
+def test_sdk_shape_list_filters_read_commas_as_or_and_percent_as_wildcard_ignoring_case(api, sdk):
+    ids = {v: api.indicator(v, "URL")["id"] for v in ("https://a.example/x,y", "https://a.example/x", "y",
+                                                      "https://A.example/x,Y%z")}
+
+    def found(value):
+        return sorted(i["id"] for i in api.ok("GET", "/api/indicators", params={"value": value}))
+
+    assert found("https://a.example/x,y") == sorted([ids["https://a.example/x"], ids["y"]])  # not itself
+    assert found("https://a.example/x%") == sorted(ids[v] for v in ids if v != "y")
+    assert found("HTTPS://A.EXAMPLE/X") == [ids["https://a.example/x"]]
+    sdk.shapes = "strict"
+    assert found("https://a.example/x,y") == [ids["https://a.example/x,y"]]
+    assert found("https://a.example/x%") == []
+
+
+def test_sdk_shape_refuses_tag_reads_and_deletes_and_answers_consume_in_its_own_order(api, sdk):
+    event = api.event()
+    tags = api.ok("POST", f"/api/events/{event['id']}/tags", 201, json=[{"name": "a"}])
+    assert_not_found(api("GET", f"/api/events/{event['id']}/tags"))
+    assert api("DELETE", f"/api/events/{event['id']}/tags/{tags[0]['id']}").status_code == 405
+    assert api.ok("GET", f"/api/events/{event['id']}", params={"with": "tags"})["tags"] == tags
+    answer = api.ok("POST", "/api/indicators/consume", 201, json=[
+        {"value": "first.example", "type": "FQDN"}, {"value": "second.example", "type": "FQDN"}])
+    assert [r["value"] for r in answer] == ["second.example", "first.example"]
+
+
+def test_refuse_turns_off_optional_calls_in_either_shape_and_shapes_are_checked(api, sim):
+    event = api.event(sources=[{"name": "TheHive", "tlp_id": 2}])
+    sim.refuse = {"query", "source_list"}
+    assert_not_found(api("POST", "/api/events/query", json={"criteria": {}}))
+    assert_not_found(api("GET", f"/api/events/{event['id']}/sources"))
+    assert api("GET", f"/api/events/{event['id']}/tags").status_code == 200
+    assert sim.refuses("query") and not sim.refuses("tag_list")
+    sim.shapes = "sdk"
+    assert sim.refuses("tag_list") and sim.refuses("source_tlp")
+    with pytest.raises(ValueError):
+        sim.shapes = "loose"
+
+
+def test_consume_records_limit_answers_fewer_records_than_objects_made(api, sim):
+    sim.consume_records_limit = 0
+    assert api.ok("POST", "/api/indicators/consume", 201, json=[{"value": "z.example", "type": "FQDN"}]) == []
+    assert len(sim.find_indicators("z.example", "FQDN")) == 1
+
+
+def test_delete_object_removes_it_and_its_links(api, sim):
+    event, indicator = api.event(), api.indicator()
+    api.ok("POST", f"/api/events/{event['id']}/indicators", 201, json={"id": indicator["id"]})
+    sim.delete_object("indicators", indicator["id"])
+    assert_not_found(api("GET", f"/api/indicators/{indicator['id']}"))
+    assert sim.links_of("events", event["id"], "indicators") == []

@@ -195,6 +195,11 @@ def consume_item(indicator: IndicatorObject, type_id: int, status_id: int, sourc
     ``enrichment`` is ``(plugin, attributes)`` per plugin that answered: those attributes carry the
     plugin as their source. ``links`` maps a collection (``events``, ``incident``) to the ids of
     the objects to relate, the reference's relationship keys.
+
+    No ``normalize`` flag (SDK1 1.8.0 sends ``normalize: 'Y'`` to ``/consume/new``): ThreatQ
+    would then be free to rewrite the value, and the sync's exact look-up by value (after a lost
+    state database) could miss what it stored. Sent as TheHive has it (trimmed), the value is
+    what the look-up asks for.
     """
     attributes: List[Dict[str, Any]] = [{"name": a.name, "value": a.value} for a in indicator.attributes]
     for plugin, found in enrichment:

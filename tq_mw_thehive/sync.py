@@ -8,6 +8,10 @@ added when missing and removed only when we had synced them, and a link is
 checked before it is added. ThreatQ's own de-duplication is undocumented and
 never relied on. Events of one object are applied in TheHive's time order: an
 event older than the newest one applied is skipped as ``stale``.
+
+ThreatQ calls without public evidence (a source's TLP change, reading tags or sources
+with their own call, removing a tag) are best effort: refused, they are skipped with a
+warning (``ThreatQStepRefused``), and an event never becomes a dead letter for them.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.thehive.model import Case, Observable
-from tq_mw_thehive.threatq.api import ThreatQPermanentError
+from tq_mw_thehive.threatq.api import (ThreatQClient, ThreatQPermanentError, ThreatQStepRefused, attribute_name,
+                                       record_type_id, source_pivot_id, source_tlp)
 from tq_mw_thehive.type_mapping import TypeMapping
 
 log = logging.getLogger(__name__)
@@ -89,16 +94,20 @@ def _now_utc() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
 
-_INLINE_NEEDS = {"attributes": ("id", "name"), "sources": ("name",), "tags": ("id", "name")}
+_INLINE_NEEDS: Dict[str, Callable[[dict], bool]] = {
+    "attributes": lambda a: "id" in a and attribute_name(a) is not None,  # `name` or `attribute.name`
+    "sources": lambda s: "name" in s,
+    "tags": lambda t: "id" in t and "name" in t,
+}
 
 
 def _inline(record: Optional[dict]) -> Dict[str, List[dict]]:
     """The sub-resources ThreatQ put inline in ``record`` (``with=``), each only if well formed;
     what is missing is read with its own call. [guess] inline items are shaped like the lists."""
     known: Dict[str, List[dict]] = {}
-    for name, needs in _INLINE_NEEDS.items():
+    for name, well_formed in _INLINE_NEEDS.items():
         items = (record or {}).get(name)
-        if isinstance(items, list) and all(isinstance(i, dict) and all(k in i for k in needs) for i in items):
+        if isinstance(items, list) and all(isinstance(i, dict) and well_formed(i) for i in items):
             known[name] = items
     return known
 
@@ -106,6 +115,63 @@ def _inline(record: Optional[dict]) -> Dict[str, List[dict]]:
 def _or_read(known: Optional[Dict[str, List[dict]]], name: str, read: Callable[[], List[dict]]) -> List[dict]:
     """The sub-resource ``name`` as ThreatQ answered it inline, else read with its own call."""
     return known[name] if known and name in known else read()
+
+
+def _or_read_optional(known: Optional[Dict[str, List[dict]]], name: str,
+                      read: Callable[[], List[dict]]) -> Optional[List[dict]]:
+    """As ``_or_read`` for a read without public evidence: ``None`` when ThreatQ refuses it."""
+    try:
+        return _or_read(known, name, read)
+    except ThreatQStepRefused:
+        return None
+
+
+def _same_indicator(record: dict, value: str, type_id: int) -> bool:
+    """Whether a record read by its stored id is still this indicator (value up to case, type)."""
+    answered = record.get("value")
+    return (isinstance(answered, str) and answered.casefold() == value.casefold()
+            and record_type_id(record) in (None, type_id))
+
+
+@dataclass(frozen=True)
+class _Consumed:
+    """What one consume call did for one new object."""
+
+    tq_id: Optional[int] = None  # the object's id, when the answer named it
+    answered: bool = False       # ThreatQ carried the call out: the object may exist without being named
+
+
+_NOT_CONSUMED = _Consumed()
+
+
+class _StoredIndicators:
+    """The indicators the state database says an observable became, read by id (with their
+    sub-resources inline) only when asked for: the id stored locally is trusted before any
+    look-up by value. One that ThreatQ no longer has (404) is forgotten."""
+
+    def __init__(self, sync: "Sync", obs_id: str) -> None:
+        self.sync, self.obs_id = sync, obs_id
+        self.ids = [tq_id for _, tq_id in sync.state.tq_ids(obs_id, "indicators")]
+        self.records: Dict[int, Optional[dict]] = {}
+
+    def take(self, value: str, type_id: int) -> Optional[dict]:
+        for tq_id in list(self.ids):
+            record = self._read(tq_id)
+            if record is not None and _same_indicator(record, value, type_id):
+                self.ids.remove(tq_id)
+                return record
+        return None
+
+    def _read(self, tq_id: int) -> Optional[dict]:
+        if tq_id not in self.records:
+            try:
+                self.records[tq_id] = self.sync.tq.get("indicators", tq_id, expand=True)
+            except ThreatQPermanentError as exc:
+                if exc.status != 404:
+                    raise
+                self.sync.state.forget(self.obs_id, "indicators", tq_id)
+                self.records[tq_id] = None
+        return self.records[tq_id]
 
 
 class Sync:
@@ -122,6 +188,8 @@ class Sync:
         self.enricher = enricher
         self.watches = watches
         self.case_collection = "incident" if cfg.sync.cases_as == "incident" else "events"
+        if isinstance(threatq, ThreatQClient) and threatq.on_capability is None:
+            threatq.on_capability = state.record_capability  # for `check` and the status page
 
     # --- entry ----------------------------------------------------------------------------------
 
@@ -179,25 +247,32 @@ class Sync:
                 return result["id"]
         return None
 
-    def _consume_case(self, obj: CaseObject) -> Optional[int]:
-        """Create a new case's event or incident with its attributes and tags in one consume call;
-        ``None`` when the instance has no consume endpoint for it or refused the call."""
+    def _consume_case(self, obj: CaseObject) -> _Consumed:
+        """Create a new case's event or incident with its attributes and tags in one consume call."""
         type_id = self.tq.event_type_id(obj.event_type) if obj.collection == "events" else None
         item = case_consume_item(obj, self._source(obj.tlp_id), type_id, obj.happened_at or _now_utc())
         return self._consumed(obj.collection, item, obj.title)
 
-    def _consumed(self, collection: str, item: dict, what: str) -> Optional[int]:
-        """One consume call; ``None`` means "create it call by call": no such endpoint, or a 400
-        (its item shape is partly a guess: the call-by-call path may be accepted, and if ThreatQ
-        refuses that too, its error dead-letters the event)."""
+    def _consumed(self, collection: str, item: dict, what: str) -> _Consumed:
+        """One consume call. Without an id the caller goes call by call: no such endpoint, or a
+        400 (its item shape is partly a guess: the call-by-call path may be accepted, and if
+        ThreatQ refuses that too, its error dead-letters the event). An answer that names no
+        record for the object (``answered``) makes the caller look it up first: ThreatQ may
+        well have made it."""
         try:
             records = self.tq.consume(collection, [item])
         except ThreatQPermanentError as exc:
             if exc.status != 400:
                 raise
             log.warning("ThreatQ refused to consume %s %r (%s); creating it call by call", collection, what, exc)
-            return None
-        return None if records is None else int(records[0]["id"])
+            return _NOT_CONSUMED
+        if records is None:
+            return _NOT_CONSUMED
+        if records[0] is None:
+            log.warning("ThreatQ's answer to POST /api/%s/consume names no record for %r; looking it up",
+                        collection, what)
+            return _Consumed(answered=True)
+        return _Consumed(int(records[0]["id"]), answered=True)
 
     def _create_case_object(self, obj: CaseObject) -> int:
         sources = [self._source(obj.tlp_id)]
@@ -219,11 +294,8 @@ class Sync:
         tq_id = existing[0][1] if existing else self._find_case_object(obj, case.id)
         fresh = tq_id is None
         consumed = False
-        if fresh:
-            tq_id = self._consume_case(obj)
-            consumed = tq_id is not None
-            if not consumed:
-                tq_id = self._create_case_object(obj)
+        if tq_id is None:
+            tq_id, fresh, consumed = self._new_case_object(obj, case.id)
         self.state.record(case.id, "case", obj.collection, tq_id)
         known: Dict[str, List[dict]] = {}
         if not fresh:
@@ -245,6 +317,18 @@ class Sync:
         self.state.release_case(case.id)
         self.state.set_digest(case.id, "case", digest)
         return obj.collection, tq_id
+
+    def _new_case_object(self, obj: CaseObject, case_id: str) -> Tuple[int, bool, bool]:
+        """``(id, fresh, consumed)`` of a case's object that the look-up did not find: consumed in
+        one call, else found after a consume whose answer did not name it, else created call by
+        call."""
+        result = self._consume_case(obj)
+        if result.tq_id is not None:
+            return result.tq_id, True, True
+        found = self._find_case_object(obj, case_id) if result.answered else None
+        if found is not None:
+            return found, False, False
+        return self._create_case_object(obj), True, False
 
     def _delete_case(self, case_id: str, details: dict, ts: int) -> Outcome:
         number = details.get("number") if isinstance(details.get("number"), int) else None
@@ -324,33 +408,13 @@ class Sync:
             return Outcome("unchanged", number, refs + [f"indicators/{i}" for _, i in already],
                            detail="nothing to change in ThreatQ")
         enrichment: Dict[str, int] = defaultdict(int)
+        stored = _StoredIndicators(self, obs_id)
         for indicator, data_type, runs in plan:
             # The same value can arrive in two cases at once, in two worker processes: its look-up,
             # create, attributes and link must not interleave (ThreatQ does not de-duplicate).
             with _object_lock(self.cfg.state_db.parent, f"indicator:{indicator.type}:{indicator.value}"):
-                type_id = self.tq.indicator_type_id(indicator.type)
-                hit = self.tq.find_indicator(indicator.value, type_id, expand=True)
-                known = _inline(hit)
-                fresh = hit is None
-                # A new one: one call carries it all, where the instance has the consume endpoint.
-                tq_id = self._consume(indicator, type_id, runs, (case_collection, case_tq_id),
-                                      mapped.indicators[0].tags) if fresh else None
-                consumed = tq_id is not None
-                if not consumed:
-                    tq_id = self._upsert_indicator(indicator, type_id, hit, known)
-                self.state.record(obs_id, "observable", "indicators", tq_id, case_id)
-                if not consumed:
-                    self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh,
-                                          known=known)
-                    self._link(case_collection, case_tq_id, tq_id, fresh)
-                    touched = set(INDICATOR_ATTRIBUTES)
-                    for run in runs:
-                        if run.attributes:  # the snapshot only for names no earlier step changed
-                            unchanged = not touched & set(run.attributes)
-                            self.apply_enrichment("indicators", tq_id, run, known if unchanged else None)
-                            touched |= set(run.attributes)
-                    self._sync_tags(obs_id, "observable", "indicators", tq_id, fresh, mapped.indicators[0].tags,
-                                    remember=False, known=known)
+                tq_id = self._sync_indicator(obs_id, case_id, indicator, runs, (case_collection, case_tq_id),
+                                             mapped.indicators[0].tags, stored)
             for run in runs:
                 enrichment[run.status] += 1
             refs.append(f"indicators/{tq_id}")
@@ -361,15 +425,45 @@ class Sync:
             ["enrichment " + ", ".join(f"{n} {s}" for s, n in sorted(enrichment.items()))] if enrichment else []))
         return Outcome("synced", number, refs, detail=detail)
 
+    def _sync_indicator(self, obs_id: str, case_id: str, indicator: IndicatorObject, runs,
+                        case_ref: Tuple[str, int], tags: Sequence[str], stored: _StoredIndicators) -> int:
+        """One indicator of an observable, under its lock: the stored id first, else the look-up by
+        value and type; a new one in one consume call, an existing one updated step by step."""
+        type_id = self.tq.indicator_type_id(indicator.type)
+        hit = stored.take(indicator.value, type_id) or self.tq.find_indicator(indicator.value, type_id, expand=True)
+        fresh = hit is None
+        if fresh:
+            # A new one: one call carries it all, where the instance has the consume endpoint.
+            result = self._consume(indicator, type_id, runs, case_ref, tags)
+            if result.tq_id is not None:
+                self.state.record(obs_id, "observable", "indicators", result.tq_id, case_id)
+                return result.tq_id
+            if result.answered:
+                hit = self.tq.find_indicator(indicator.value, type_id, expand=True)
+                fresh = hit is None
+        known = _inline(hit)
+        tq_id = self._upsert_indicator(indicator, type_id, hit, known)
+        self.state.record(obs_id, "observable", "indicators", tq_id, case_id)
+        self._sync_attributes("indicators", tq_id, indicator.attributes, INDICATOR_ATTRIBUTES, fresh, known=known)
+        self._link(case_ref[0], case_ref[1], tq_id, fresh)
+        touched = set(INDICATOR_ATTRIBUTES)
+        for run in runs:
+            if run.attributes:  # the snapshot only for names no earlier step changed
+                unchanged = not touched & set(run.attributes)
+                self.apply_enrichment("indicators", tq_id, run, known if unchanged else None)
+                touched |= set(run.attributes)
+        self._sync_tags(obs_id, "observable", "indicators", tq_id, fresh, tags, remember=False, known=known)
+        return tq_id
+
     def apply_enrichment(self, collection: str, tq_id: int, run, known: Optional[Dict[str, List[dict]]] = None
                          ) -> None:
         attributes = [Attribute(name, value) for name, value in run.attributes.items()]
         self._sync_attributes(collection, tq_id, attributes, set(run.attributes), source=run.plugin, known=known)
 
     def _consume(self, ind: IndicatorObject, type_id: int, runs, case_ref: Tuple[str, int],
-                 tags: Sequence[str]) -> Optional[int]:
+                 tags: Sequence[str]) -> _Consumed:
         """Create a new indicator with its attributes, enrichment, tags and case link in one
-        consume call; ``None`` when the instance has no consume endpoint."""
+        consume call."""
         status_id = self.tq.indicator_status_id(ind.status)
         item = consume_item(replace(ind, tags=tuple(tags)), type_id, status_id, self._source(ind.tlp_id),
                             [(run.plugin, run.attributes) for run in runs if run.attributes],
@@ -429,14 +523,39 @@ class Sync:
 
     def _sync_source(self, collection: str, tq_id: int, tlp_id: Optional[int],
                      known: Optional[Dict[str, List[dict]]] = None) -> None:
+        """Our source on the object, with TheHive's TLP where ThreatQ shows the source's TLP.
+
+        The TLP is set when the object is created or consumed. Many answers show sources
+        without it (link rows, SS): then it is left alone. Changing it (``PUT …/sources/{pivot}``)
+        has no public evidence: tried only where a TLP really changed, best effort. Unreadable
+        sources (not inline, ``GET …/sources`` refused) are left alone too."""
         name = self.cfg.threatq.source
-        sources = _or_read(known, "sources", lambda: self.tq.sources(collection, tq_id))
+        sources = _or_read_optional(known, "sources", lambda: self.tq.sources(collection, tq_id))
+        if sources is None:
+            return
         mine = next((s for s in sources if s.get("name") == name), None)
         if mine is None:
             self.tq.add_source(collection, tq_id, name, tlp_id)
-        elif tlp_id is not None and mine.get("tlp_id") != tlp_id:
-            pivot = (mine.get("pivot") or {}).get("id", mine.get("id"))
-            self.tq.set_source_tlp(collection, tq_id, pivot, tlp_id)
+            return
+        shown, pivot = source_tlp(mine), source_pivot_id(mine)
+        if tlp_id is None or shown is None or shown == tlp_id or pivot is None:
+            return
+        self._best_effort("source_tlp", f"{collection}/{tq_id}",
+                          lambda: self.tq.set_source_tlp(collection, tq_id, pivot, tlp_id))
+
+    @staticmethod
+    def _best_effort(step: str, where: str, call: Callable[[], object]) -> bool:
+        """Run an optional step; ``False`` when ThreatQ refused it. A refusal never fails the
+        event: 404/405 was logged once by the client, anything else (400, 403, 409…) is logged
+        here. An outage (``ThreatQUnavailable``) still retries the event, as for any call."""
+        try:
+            call()
+        except ThreatQStepRefused:
+            return False
+        except ThreatQPermanentError as exc:
+            log.warning("optional ThreatQ step %s failed for %s (%s); carrying on without it", step, where, exc)
+            return False
+        return True
 
     def _sync_attributes(self, collection: str, tq_id: int, desired: Iterable[Attribute],
                          managed: Iterable[str], fresh: bool = False, source: Optional[str] = None,
@@ -450,8 +569,9 @@ class Sync:
         have: Dict[str, List[dict]] = defaultdict(list)
         if not fresh:
             for attribute in _or_read(known, "attributes", lambda: self.tq.attributes(collection, tq_id)):
-                if attribute.get("name") in managed:
-                    have[attribute["name"]].append(attribute)
+                name = attribute_name(attribute)
+                if name in managed:
+                    have[name].append(attribute)
         for attribute in desired:
             current = have.pop(attribute.name, [])
             if not current:
@@ -475,15 +595,21 @@ class Sync:
     def _sync_tags(self, thehive_id: str, kind: str, collection: str, tq_id: int, fresh: bool,
                    desired: Sequence[str], remember: bool = True,
                    known: Optional[Dict[str, List[dict]]] = None) -> None:
-        """Add TheHive's tags; remove those we synced before and TheHive no longer has."""
+        """Add TheHive's tags; remove those we synced before and TheHive no longer has.
+
+        Reading tags with their own call and removing one have no public evidence: with tags
+        neither inline nor readable, the tags not synced before are added and none is removed;
+        with removal refused, the tags stay."""
         previous = set(self.state.synced_tags(thehive_id))
-        existing = {} if fresh else {t.get("name"): t.get("id")
-                                     for t in _or_read(known, "tags", lambda: self.tq.tags(collection, tq_id))}
-        missing = [t for t in desired if t not in existing]
+        tags = [] if fresh else _or_read_optional(known, "tags", lambda: self.tq.tags(collection, tq_id))
+        existing = None if tags is None else {t.get("name"): t.get("id") for t in tags}
+        missing = [t for t in desired if t not in (previous if existing is None else existing)]
         if missing:
             self.tq.add_tags(collection, tq_id, missing)
         for name in sorted(previous - set(desired)):
-            if name in existing:
-                self.tq.delete_tag(collection, tq_id, existing[name])
+            if existing and name in existing and not self._best_effort(
+                    "tag_delete", f"{collection}/{tq_id}",
+                    lambda tag_id=existing[name]: self.tq.delete_tag(collection, tq_id, tag_id)):
+                break
         if remember:
             self.state.set_synced_tags(thehive_id, kind, desired)

@@ -8,9 +8,50 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import List, Optional, Sequence, Tuple
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from tq_mw_thehive import state
+
+CAPABILITY_PREFIX = "threatq_capability:"
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What the daemon last learned about one optional ThreatQ step (``OPTIONAL_STEPS``)."""
+
+    step: str
+    supported: bool          # False: ThreatQ refused it (``status``), the sync goes without it
+    status: Optional[int]
+    at: float                # when it was learned (epoch seconds)
+
+
+def _capability(key: str, value: str) -> Optional[Capability]:
+    try:
+        data = json.loads(value)
+        return Capability(key[len(CAPABILITY_PREFIX):], data["state"] == "supported", data.get("status"),
+                          float(data["at"]))
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged row says nothing; the next event learns it again
+
+
+def read_capabilities(db: sqlite3.Connection) -> Dict[str, Capability]:
+    """Every optional step the daemon has learned about, by step name (table ``meta``)."""
+    rows = db.execute("SELECT key, value FROM meta WHERE key LIKE ?", (CAPABILITY_PREFIX + "%",))
+    found = (_capability(key, value) for key, value in rows)
+    return {c.step: c for c in found if c is not None}
+
+
+def threatq_capabilities(path: Union[str, Path]) -> Dict[str, Capability]:
+    """``read_capabilities`` of the state database at ``path``, for ``check`` and the status
+    page: which optional ThreatQ calls this instance serves, as the sync found out."""
+    db = state.connect(path)
+    try:
+        return read_capabilities(db)
+    finally:
+        db.close()
 
 
 class SyncState(state.Store):
@@ -108,6 +149,16 @@ class SyncState(state.Store):
             return None
         held = json.loads(row["held_case"])
         return held["case"], held["ts"]
+
+    def record_capability(self, step: str, supported: bool, status: Optional[int] = None) -> None:
+        """Remember whether ThreatQ serves an optional step (``meta``,
+        ``threatq_capability:<step>``): told once per worker process by the ThreatQ client."""
+        value = json.dumps({"state": "supported" if supported else "refused", "status": status, "at": time.time()})
+        self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                         (CAPABILITY_PREFIX + step, value)))
+
+    def capabilities(self) -> Dict[str, Capability]:
+        return read_capabilities(self.db)
 
     def release_case(self, case_id: str) -> None:
         self.write(lambda db: db.execute("UPDATE sync_state SET held_case = NULL WHERE thehive_id = ?",

@@ -1,4 +1,8 @@
-"""Sync end to end: the real daemon (gunicorn, 2 workers, a sync thread in each) against the simulators."""
+"""Sync end to end: the real daemon (gunicorn, 2 workers, a sync thread in each) against the simulators.
+
+The tests of the sync itself run against both answer shapes of the ThreatQ simulator (``strict``,
+the contract's reading; ``sdk``, the public captures' shapes without the calls that have no public
+evidence): ``@both_shapes``. No event may become a dead letter in either."""
 from __future__ import annotations
 
 import copy
@@ -26,8 +30,17 @@ CASE_ID, IP = "~8396848", "203.0.113.47"
 
 
 @pytest.fixture
-def simulators():
-    tq, hive = ThreatQSimulator(users={EMAIL: PASSWORD}), TheHiveSimulator(api_key=HIVE_KEY)
+def shapes() -> str:
+    """The ThreatQ simulator's answer shape; ``@both_shapes`` runs a test in each."""
+    return "strict"
+
+
+both_shapes = pytest.mark.parametrize("shapes", ["strict", "sdk"])
+
+
+@pytest.fixture
+def simulators(shapes):
+    tq, hive = ThreatQSimulator(users={EMAIL: PASSWORD}, shapes=shapes), TheHiveSimulator(api_key=HIVE_KEY)
     with LoopbackServer(tq.app) as tq_server, LoopbackServer(hive.app) as hive_server:
         tq.url, hive.url = tq_server.url, hive_server.url
         yield tq, hive
@@ -75,6 +88,7 @@ def attributes(tq: ThreatQSimulator, collection: str, object_id: int) -> dict:
     return found
 
 
+@both_shapes
 def test_every_shape_updates_duplicates_order_and_deletes(start, simulators):
     tq, _ = simulators
     daemon = start()
@@ -114,6 +128,7 @@ def test_every_shape_updates_duplicates_order_and_deletes(start, simulators):
     assert "sync audit=~2048112 case=#142 object=case:~8396848 action=create threatq=events/1 outcome=synced" in log
 
 
+@both_shapes
 def test_a_threatq_outage_then_an_expired_token_lose_and_duplicate_nothing(start, simulators):
     tq, _ = simulators
     daemon = start()
@@ -131,6 +146,7 @@ def test_a_threatq_outage_then_an_expired_token_lose_and_duplicate_nothing(start
     assert attributes(tq, "events", event["id"])["Severity"] == "CRITICAL"
 
 
+@both_shapes
 def test_incident_mode(start, simulators):
     tq, _ = simulators
     daemon = start(cases_as="incident")
@@ -143,6 +159,7 @@ def test_incident_mode(start, simulators):
     assert tq.links_of("incident", incident["id"], "indicators") == [indicator["id"]]
 
 
+@both_shapes
 def test_only_iocs_and_no_case_without_observables(start, simulators):
     tq, hive = simulators
     daemon = start(only_ioc=True, include_cases_without_observables=False)
@@ -153,6 +170,43 @@ def test_only_iocs_and_no_case_without_observables(start, simulators):
     drained(daemon)
     assert len(tq.events) == 1 and len(tq.find_indicators(IP)) == 1
     assert hive.requests == []  # the case came from the event itself
+
+
+def _case_change(audit: str, later_ms: int, **fields) -> dict:
+    update = sample("th5-case-update.json")
+    update["_id"], update["_createdAt"] = audit, update["_createdAt"] + later_ms
+    update["object"].update(fields)
+    return update
+
+
+def test_calls_without_public_evidence_refused_warn_once_per_worker_and_dead_letter_nothing(start, simulators,
+                                                                                            tmp_path):
+    """A ThreatQ that shows the TLP but refuses to change it and to remove tags: every event is
+    done, each worker process warns at most once per step, and the state database says so."""
+    from tq_mw_thehive.sync_state import threatq_capabilities
+
+    tq, _ = simulators
+    tq.refuse = {"source_tlp", "tag_delete"}
+    daemon = start()
+    changes = [sample("th5-case-create.json"),
+               _case_change("~2990001", 1000, tlpLabel="RED", tags=["phishing"]),
+               _case_change("~2990002", 2000, tlpLabel="GREEN", tags=["wave-2"]),
+               _case_change("~2990003", 3000, tlpLabel="AMBER", tags=[])]
+    for done, change in enumerate(changes, 1):  # one at a time: queued together they would coalesce
+        assert post(daemon, change) == ["queued"]
+        assert wait_for(lambda: (s := status(daemon))["done"] == done and s, 60, "the change to apply",
+                        0.2)["dead"] == 0
+    (event,) = tq.events.values()
+    assert sorted(tq.tags_of("events", event["id"])) == ["finance", "phishing", "wave-2"]
+    assert [(s["name"], s["tlp_id"]) for s in tq.sources_of("events", event["id"])] == [("TheHive", 2)]
+    log = daemon.log_text()
+    for consequence in ("the source keeps the TLP it was created with",
+                        "tags removed in TheHive stay on the ThreatQ object"):
+        assert 1 <= log.count(consequence) <= 2, consequence  # two worker processes
+    found = threatq_capabilities(tmp_path / "tq_mw_thehive.db")
+    assert (found["source_tlp"].supported, found["source_tlp"].status) == (False, 405)
+    assert (found["tag_delete"].supported, found["tag_delete"].status) == (False, 405)
+    assert found["consume:events"].supported
 
 
 def test_demo_runs_and_shows_what_threatq_holds(tmp_path):
@@ -231,6 +285,7 @@ def lookup(request):
 '''
 
 
+@both_shapes
 def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leaves(start, simulators, tmp_path):
     """The issue's proof: enriched attributes arrive, the second time the cache answers with zero
     network calls, and a TLP:RED value causes no outbound request at all."""
@@ -277,6 +332,7 @@ def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leav
         assert "fake-intel-key-77" not in daemon.log_text()
 
 
+@both_shapes
 def test_catch_up_at_start_brings_what_was_missed_while_down(start, simulators):
     tq, hive = simulators
     daemon = start()  # the first start only sets the mark

@@ -7,7 +7,8 @@ exactly one value, links are single, the inbox rows are ``done`` and nothing wen
 the events of a case were applied in TheHive's order.
 
 Each wait is a poll with a deadline (``wait_for``); every process started here is killed in
-a ``finally`` or fixture teardown; every listener is on 127.0.0.1.
+a ``finally`` or fixture teardown; every listener is on 127.0.0.1. Every test runs against both
+answer shapes of the ThreatQ simulator (``simulators``).
 """
 from __future__ import annotations
 
@@ -109,9 +110,12 @@ class Recorder:
             return list(self.calls)
 
 
-@pytest.fixture
-def simulators():
-    tq = ThreatQSimulator(users={EMAIL: PASSWORD})
+@pytest.fixture(params=["strict", "sdk"])
+def simulators(request):
+    """The ThreatQ simulator (behind the recorder) in each answer shape: ``strict``, the contract's
+    reading; ``sdk``, the public captures' shapes without the calls that have no public evidence.
+    Every guarantee below must hold in both."""
+    tq = ThreatQSimulator(users={EMAIL: PASSWORD}, shapes=request.param)
     recorder = Recorder(tq.app.wsgi_app)
     tq.app.wsgi_app = recorder
     with LoopbackServer(tq.app) as tq_server:

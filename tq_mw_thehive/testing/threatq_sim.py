@@ -18,8 +18,23 @@ Where each behaviour comes from (contract section, then the research notes behin
 - Indicators, events, incidents and ``/api/search`` (contract sections of those names; research
   §2-§4 and §6).
 - Attributes, tags, sources, links (contract "Sub-resources of any object"; research §5-§6).
-- Fault injection (``fail_next``, ``rate_limit_next``, ``delay_s``, ``down``, ``refresh_fails``)
-  and the inspection helpers are the simulator's own, for the client's tests: no ThreatQ source.
+- Fault injection (``fail_next``, ``rate_limit_next``, ``delay_s``, ``down``, ``refresh_fails``,
+  ``consume_records_limit``) and the inspection helpers are the simulator's own, for the client's
+  tests: no ThreatQ source.
+
+Two answer shapes (``shapes``), because the public sources disagree and the client must accept both:
+
+- ``strict``: the contract's reading. Sources carry ``tlp_id``; attribute rows ``name``; list
+  filters match literally; consume answers in the order sent; every call of the contract is served.
+- ``sdk``: what the public captures and ThreatQuotient's SDK show. Sources are link rows without a
+  TLP (``{id, source_id, name, published_at, pivot: {id}}``, stix-shifter's captures); attribute
+  rows name their attribute in ``attribute: {id, name}`` (SDK1 reads ``a["attribute"]["name"]``);
+  list filters read a comma as "or" and ``%`` as a wildcard, ignoring case (SDK2's ``find()``
+  rewrites a title with a comma to ``first_part%``); consume answers in an order of its own
+  (SDK2 matches records by value); and the calls without public evidence are not served:
+  ``PUT …/sources/{pivot}`` (405), ``GET …/tags`` (404), ``DELETE …/tags/{id}`` (405).
+
+``refuse`` turns off optional calls one by one in either shape (``OPTIONAL_ROUTES``).
 
 ``# [guess]`` marks code that implements a **[guess]** of the contract; ``# [sim choice]`` marks
 what the contract leaves open and this simulator decides (the strict reading, so client bugs show).
@@ -68,6 +83,12 @@ EVENT_TYPES = ("Spearphish", "Watering Hole", "SQL Injection Attack", "DoS Attac
 
 _DATETIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _MISSING = object()
+SHAPES = ("strict", "sdk")
+# Optional calls the simulator can refuse, with the status it answers then (a missing method on
+# a served path is 405, a missing path 404, as Laravel's router answers).
+OPTIONAL_ROUTES: Dict[str, int] = {"source_tlp": 405, "source_list": 404, "tag_list": 404, "tag_delete": 405,
+                                   "query": 404}
+_SDK_REFUSES = frozenset({"source_tlp", "tag_list", "tag_delete"})
 
 Key = Tuple[str, int]  # (collection, id): one object
 
@@ -216,6 +237,11 @@ def _page(items: List[Any]) -> Response:
                     "data": items[offset:offset + limit]})
 
 
+def _strict_source(entry: dict) -> dict:
+    """A source as the contract shows it: ``{id, name, tlp_id, pivot: {id}}``."""
+    return {"id": entry["id"], "name": entry["name"], "tlp_id": entry["tlp_id"], "pivot": dict(entry["pivot"])}
+
+
 def _json_body() -> Any:
     return request.get_json(silent=True)
 
@@ -225,7 +251,8 @@ class ThreatQSimulator:
 
     def __init__(self, users: Optional[Dict[str, str]] = None, client_id: str = "tq-client-id",
                  client_secrets: Optional[Dict[str, str]] = None, token_ttl: int = 3600,
-                 incident_object: bool = True, consume: bool = True, inline: bool = True) -> None:
+                 incident_object: bool = True, consume: bool = True, inline: bool = True,
+                 shapes: str = "strict", refuse: Sequence[str] = ()) -> None:
         self.users = dict(users or {"analyst@example.org": "correct horse battery staple"})
         self.client_id = client_id
         self.client_secrets = dict(client_secrets or {})
@@ -235,6 +262,11 @@ class ThreatQSimulator:
         self.consume = consume
         #: False: an instance that ignores ``with=`` (the sub-resources are read with their own calls).
         self.inline = inline
+        self.shapes = shapes
+        #: Optional calls refused in any shape (names of ``OPTIONAL_ROUTES``), besides the shape's own.
+        self.refuse = set(refuse)
+        #: At most this many records in a consume answer (0: none), for the client's fallbacks.
+        self.consume_records_limit: Optional[int] = None
         # Fault knobs: tests set these directly while the server runs.
         self.delay_s: float = 0.0
         self.down: bool = False
@@ -253,8 +285,29 @@ class ThreatQSimulator:
         self._tag_ids: Dict[str, int] = {}
         self._sources: Dict[Key, List[dict]] = defaultdict(list)
         self._source_ids: Dict[str, int] = {}
+        self._attribute_type_ids: Dict[str, int] = {}
         self._links: Dict[int, Tuple[Key, Key]] = {}
         self.app = self._build_app()
+
+    @property
+    def shapes(self) -> str:
+        """``strict`` or ``sdk`` (see the module's docstring); may be changed while serving."""
+        return self._shapes
+
+    @shapes.setter
+    def shapes(self, value: str) -> None:
+        if value not in SHAPES:
+            raise ValueError(f"shapes must be one of {SHAPES}, not {value!r}")
+        self._shapes = value
+
+    def refuses(self, step: str) -> bool:
+        """Whether the optional call ``step`` is refused (by ``refuse`` or by the shape)."""
+        return step in self.refuse or (self.shapes == "sdk" and step in _SDK_REFUSES)
+
+    def _served(self, step: str) -> None:
+        if self.refuses(step):
+            status = OPTIONAL_ROUTES[step]
+            raise ApiError(status, {"errors": ["Not found" if status == 404 else "Method Not Allowed"]})
 
     # ----------------------------------------------------------------- fault injection
 
@@ -351,8 +404,9 @@ class ThreatQSimulator:
             return [tag["name"] for tag in self._tags.get((self._canonical(collection), oid), [])]
 
     def sources_of(self, collection: str, oid: int) -> List[dict]:
-        """``[{id, name, tlp_id, pivot: {id}}]`` on one object."""
-        return self._copy(self._sources.get((self._canonical(collection), oid), []))
+        """``[{id, name, tlp_id, pivot: {id}}]`` on one object (with the TLP, whatever the shape)."""
+        with self._lock:
+            return [_strict_source(e) for e in self._sources.get((self._canonical(collection), oid), [])]
 
     def links_of(self, collection: str, oid: int, collection2: str) -> List[int]:
         """Ids of the ``collection2`` objects linked to one object, whichever side linked them."""
@@ -367,6 +421,15 @@ class ThreatQSimulator:
         with self._lock:
             return [copy.deepcopy(r) for r in self._objects["indicators"].values()
                     if r["value"] == value and (type_name is None or r["type_id"] == type_id)]
+
+    def delete_object(self, collection: str, oid: int) -> None:
+        """An analyst deletes an object in ThreatQ's UI: it and its links are gone (a stored id
+        of it now answers 404)."""
+        with self._lock:
+            key = (self._canonical(collection), oid)
+            del self._objects[key[0]][oid]
+            for pivot_id in [p for p, (a, b) in self._links.items() if key in (a, b)]:
+                del self._links[pivot_id]
 
     def _snapshot(self, collection: str) -> Dict[int, dict]:
         with self._lock:
@@ -405,18 +468,20 @@ class ThreatQSimulator:
                  "display_name_plural": k.display[1]} for k in self._kinds()])),
             ("GET", "/api/search", self._search),
             ("POST", "/api/<collection>/consume", self._consume),
+            ("POST", "/api/<collection>/query", self._query),
             ("GET", "/api/<collection>", self._list_objects),
             ("POST", "/api/<collection>", self._create_objects),
             ("GET", obj, lambda **url: _data(self._expanded(url["collection"], self._record(**url)))),
             ("PUT", obj, self._update_object),
-            ("GET", sub + "attributes", lambda **url: _page(self._attrs[self._key(**url)])),
+            ("GET", sub + "attributes", lambda **url: _page(
+                [self._render_attribute(a) for a in self._attrs[self._key(**url)]])),
             ("POST", sub + "attributes", self._add_attribute),
             ("PUT", sub + "attributes/<int:aid>", self._update_attribute),
             ("DELETE", sub + "attributes/<int:aid>", self._delete_attribute),
-            ("GET", sub + "tags", lambda **url: _page(self._tags[self._key(**url)])),
+            ("GET", sub + "tags", self._list_tags),
             ("POST", sub + "tags", self._add_tags),
             ("DELETE", sub + "tags/<int:tag_id>", self._delete_tag),
-            ("GET", sub + "sources", lambda **url: _page(self._sources[self._key(**url)])),
+            ("GET", sub + "sources", self._list_sources),
             ("POST", sub + "sources", self._add_source),
             ("PUT", sub + "sources/<int:pivot_id>", self._update_source),
             ("GET", sub + "<other>", self._list_links),
@@ -531,7 +596,7 @@ class ThreatQSimulator:
         kind = self._kind(collection)
         records = list(self._objects[kind.collection].values())
         if kind.key in request.args:
-            records = [r for r in records if r[kind.key] == request.args[kind.key]]
+            records = [r for r in records if self._matches(r[kind.key], request.args[kind.key])]
         return _page([self._expanded(kind.collection, r) for r in records])
 
     def _create_objects(self, collection: str) -> Any:
@@ -566,8 +631,90 @@ class ThreatQSimulator:
         if not wanted or not self.inline:
             return record
         key = (self._kind(collection).collection, record["id"])
-        stores = {"attributes": self._attrs, "sources": self._sources, "tags": self._tags}
-        return {**record, **{w: copy.deepcopy(stores[w][key]) for w in wanted}}
+        rendered = {"attributes": lambda: [self._render_attribute(a) for a in self._attrs[key]],
+                    "sources": lambda: [self._render_source(s) for s in self._sources[key]],
+                    "tags": lambda: copy.deepcopy(self._tags[key])}
+        return {**record, **{w: rendered[w]() for w in wanted}}
+
+    def _render_attribute(self, attribute: dict) -> dict:
+        """An attribute row as answered: ``strict`` ``{id, name, value, sources}``; ``sdk`` names it
+        only in ``attribute: {id, name}`` (with ``attribute_id``), as SDK1 reads it."""
+        if self.shapes == "strict":
+            return copy.deepcopy(attribute)
+        type_id = self._attribute_type_ids.setdefault(attribute["name"], len(self._attribute_type_ids) + 1)
+        return {"id": attribute["id"], "attribute_id": type_id, "value": attribute["value"],
+                "sources": copy.deepcopy(attribute.get("sources", [])),
+                "attribute": {"id": type_id, "name": attribute["name"]}}
+
+    def _render_source(self, entry: dict) -> dict:
+        """An object's source as answered: ``strict`` with its ``tlp_id``; ``sdk`` a link row
+        without any TLP (stix-shifter's captured answers, XSOAR's mocks)."""
+        if self.shapes == "strict":
+            return _strict_source(entry)
+        return {"id": entry["pivot"]["id"], "source_id": entry["id"], "name": entry["name"],
+                "published_at": entry["published_at"], "pivot": {"id": entry["pivot"]["id"]}}
+
+    def _list_sources(self, collection: str, oid: int) -> Response:
+        self._served("source_list")
+        return _page([self._render_source(s) for s in self._sources[self._key(collection, oid)]])
+
+    def _list_tags(self, collection: str, oid: int) -> Response:
+        self._served("tag_list")  # [guess] the list path; no public client reads tags this way
+        return _page(self._tags[self._key(collection, oid)])
+
+    def _matches(self, stored: Any, wanted: str) -> bool:
+        """One list-filter value against a stored key: literal in ``strict``; in ``sdk`` a comma
+        separates alternatives, ``%`` is a wildcard, case is ignored (SDK2 ``find()``)."""
+        if self.shapes == "strict":
+            return stored == wanted
+        if not isinstance(stored, str):
+            return False
+        for alternative in wanted.split(","):
+            pattern = ".*".join(re.escape(part) for part in alternative.split("%"))
+            if re.fullmatch(pattern, stored, flags=re.IGNORECASE | re.DOTALL):
+                return True
+        return False
+
+    def _criteria_match(self, kind: _Kind, record: dict, condition: Any) -> bool:
+        """A ``/query`` criteria or filters object: ``{field: value}``, ``{field: {"is": value}}``,
+        ``+or``/``+and`` lists; fields ``value``/``title``, ``type_name``/``type``, ``type_id``.
+        Values compare literally (``strict``) or ignoring case (``sdk``); a JSON body has no
+        special characters."""
+        if not isinstance(condition, dict):
+            return True
+        for key, wanted in condition.items():
+            if key in ("+or", "+and"):
+                parts = [self._criteria_match(kind, record, c) for c in (wanted or [])]
+                ok = (any(parts) if key == "+or" else all(parts)) if parts else True
+            else:
+                ok = self._field_is(kind, record, key, wanted.get("is") if isinstance(wanted, dict) else wanted)
+            if not ok:
+                return False
+        return True
+
+    def _field_is(self, kind: _Kind, record: dict, field: str, wanted: Any) -> bool:
+        if field in ("type_name", "type") and kind.collection == "indicators":
+            names = [n for n, _ in INDICATOR_TYPES]
+            field, wanted = "type_id", names.index(wanted) + 1 if wanted in names else -1
+        if field not in record:
+            return True  # [sim choice] criteria on fields a kind does not have are ignored
+        stored = record[field]
+        if self.shapes == "sdk" and isinstance(stored, str) and isinstance(wanted, str):
+            return stored.casefold() == wanted.casefold()
+        return stored == wanted
+
+    def _query(self, collection: str) -> Response:
+        """``POST /api/{collection}/query`` body ``{criteria, filters}`` (XSOAR, Siemplify,
+        stix-shifter; SDK1's threat library pages it with ``limit``/``offset``)."""
+        kind = self._kind(collection)
+        self._served("query")
+        body = _json_body()
+        if not isinstance(body, dict):
+            raise FieldError("body", "A JSON object with criteria is required.")
+        records = [r for r in self._objects[kind.collection].values()
+                   if self._criteria_match(kind, r, body.get("criteria"))
+                   and self._criteria_match(kind, r, body.get("filters"))]
+        return _page([self._expanded(kind.collection, r) for r in records])
 
     def _search(self) -> Response:
         query = request.args.get("query") or ""
@@ -617,6 +764,10 @@ class ThreatQSimulator:
             for target in targets:
                 self._link(key, target)
             answer.append(record)
+        if self.shapes == "sdk":
+            answer.reverse()  # an order of its own: the client matches records by value (SDK2)
+        if self.consume_records_limit is not None:
+            answer = answer[:self.consume_records_limit]
         return _data(answer, 201 if created else 200)
 
     def _consume_item(self, kind: _Kind, item: Any, prefix: str
@@ -690,13 +841,13 @@ class ThreatQSimulator:
         # [sim choice] no de-duplication of attributes: the contract does not promise any.
         attribute = {"id": next(self._ids["attribute"]), **self._attribute_fields(body)}
         self._attrs[key].append(attribute)
-        return _data([attribute], 201)
+        return _data([self._render_attribute(attribute)], 201)
 
     def _update_attribute(self, collection: str, oid: int, aid: int) -> Any:
         attribute = self._attribute(collection, oid, aid)
         body = _json_body()
         attribute["value"] = self._attribute_value(body if isinstance(body, dict) else {})
-        return _data(attribute)
+        return _data(self._render_attribute(attribute))
 
     def _delete_attribute(self, collection: str, oid: int, aid: int) -> Any:
         self._attrs[(collection, oid)].remove(self._attribute(collection, oid, aid))
@@ -736,6 +887,7 @@ class ThreatQSimulator:
         return tag, True
 
     def _delete_tag(self, collection: str, oid: int, tag_id: int) -> Any:
+        self._served("tag_delete")
         tags = self._tags[self._key(collection, oid)]  # [guess] the delete path
         for tag in tags:
             if tag["id"] == tag_id:
@@ -756,22 +908,24 @@ class ThreatQSimulator:
         if source["name"] not in self._source_ids:
             self._source_ids[source["name"]] = next(self._ids["source"])
         entry = {"id": self._source_ids[source["name"]], "name": source["name"],
-                 "tlp_id": source["tlp_id"], "pivot": {"id": next(self._ids["source_pivot"])}}
+                 "tlp_id": source["tlp_id"], "pivot": {"id": next(self._ids["source_pivot"])},
+                 "published_at": self._now()}
         self._sources[key].append(entry)
         return entry, True
 
     def _add_source(self, collection: str, oid: int) -> Any:
         # [sim choice] the contract gives no answer shape: `data` is an array, like attributes/tags.
         entry, added = self._attach_source(self._key(collection, oid), _source(_json_body()))
-        return _data([entry], 201 if added else 200)
+        return _data([self._render_source(entry)], 201 if added else 200)
 
     def _update_source(self, collection: str, oid: int, pivot_id: int) -> Any:
-        # [guess] how a source's TLP changes: PUT on the source pivot.
+        # [guess] how a source's TLP changes: PUT on the source pivot (no public evidence).
+        self._served("source_tlp")
         for entry in self._sources[self._key(collection, oid)]:
             if entry["pivot"]["id"] == pivot_id:
                 body = _json_body()
                 entry["tlp_id"] = _tlp(body if isinstance(body, dict) else {})
-                return _data(entry)
+                return _data(self._render_source(entry))
         raise _not_found()
 
     # ----------------------------------------------------------------- links

@@ -13,6 +13,14 @@ Why it is shaped this way:
 * Nothing secret (tokens, client secret, proxy credentials) may reach an exception text or
   a log line: request errors are reported by their type name only, because requests and
   urllib3 put URLs (with the refresh token in the query) and proxy URLs into their messages.
+* Some calls have no public evidence that a real ThreatQ serves them (``OPTIONAL_STEPS``, graded
+  in ``docs/threatq-api-subset.md``). They go through ``_optional``: a 404/405 answer turns the
+  step off for this client (one per worker process) with one warning, is reported to
+  ``on_capability`` (the sync stores it for ``check`` and the status page) and raises
+  ``ThreatQStepRefused``, which the sync treats as "carry on without it", never as a dead letter.
+* Answers come in more than one shape in the public captures (sources with or without a TLP,
+  attribute rows named by ``name`` or ``attribute.name``, consume records in any order): the
+  readers below (``source_tlp``, ``attribute_name``, ...) accept every shape seen.
 """
 from __future__ import annotations
 
@@ -47,6 +55,33 @@ EXPAND = "attributes,sources,tags"
 _RETRY_AFTER_STATUSES = (429, 503)
 _COLLECTION = re.compile(r"^[a-z][a-z0-9_]*$")
 _CONFIGURE = "re-run `tq-mw-thehive configure`"
+REFUSED_STATUSES = (404, 405)  # "this instance has no such call": an optional step is turned off
+# A /query body only plausible for events and incidents (``title``/``value`` criteria) may also
+# be refused for its content: the confirmed list filter then serves instead.
+QUERY_REFUSED_STATUSES = (400, 404, 405, 422)
+# ThreatQ's list filters (``GET /api/indicators?value=``) read a comma as "or" and ``%`` as a
+# wildcard (SDK2 ``find()`` rewrites a title with a comma to ``first_part%``).
+LIST_FILTER_SPECIALS = frozenset(",%")
+MAX_FILTER_CHARS = 1024  # a longer value may not fit a URL (414): a wildcard on its start backs it up
+URI_TOO_LONG = 414
+WILDCARD_PREFIX_CHARS = 256
+_TLP_NAMES = {"RED": 1, "AMBER": 2, "AMBER+STRICT": 1, "GREEN": 3, "WHITE": 4, "CLEAR": 4}
+_KEY_FIELD = {"events": "title", "adversaries": "name"}  # every other collection: value
+
+# The calls without public evidence (or version-dependent), by step name: what the sync does
+# without them. ``check`` and the status page show these with the state the daemon recorded.
+OPTIONAL_STEPS: Dict[str, str] = {
+    "source_tlp": "a changed TLP is not written to ThreatQ; the source keeps the TLP it was created with",
+    "source_list": "sources are read inline only; otherwise the source is added without reading it first",
+    "tag_list": "tags are read inline only; otherwise TheHive's tags are added and none is removed",
+    "tag_delete": "tags removed in TheHive stay on the ThreatQ object",
+    "query:indicators": "indicators are looked up with list filters instead (commas and % made safe)",
+    "query:events": "events are looked up with list filters instead (commas and % made safe)",
+    "query:incident": "incidents are looked up with list filters instead (commas and % made safe)",
+    "consume:indicators": "creating indicators call by call from now on (more API calls per object)",
+    "consume:events": "creating events call by call from now on (more API calls per object)",
+    "consume:incident": "creating incident call by call from now on (more API calls per object)",
+}
 
 T = TypeVar("T")
 
@@ -67,6 +102,15 @@ class ThreatQPermanentError(ThreatQError):
 class ThreatQUnavailable(ThreatQError):
     """ThreatQ could not be reached or kept failing (connection, timeout, 429, 5xx, auth):
     the same request may well succeed later."""
+
+
+class ThreatQStepRefused(ThreatQPermanentError):
+    """An optional call (``OPTIONAL_STEPS``) that this instance does not serve (it answered
+    404/405, now or earlier in this process): the caller carries on without the step."""
+
+    def __init__(self, step: str, status: Optional[int]) -> None:
+        super().__init__(f"ThreatQ does not serve the optional step {step} (HTTP {status})", status=status)
+        self.step = step
 
 
 class _Transient(Exception):
@@ -116,6 +160,81 @@ def _same_id(a: Any, b: Any) -> bool:
         return False
 
 
+def _int_or_none(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _tlp_of(value: Any) -> Optional[int]:
+    """A TLP given as an id (1-4), a name (``AMBER``) or an object ``{id, name}``."""
+    if isinstance(value, dict):
+        return _tlp_of(value.get("id")) or _tlp_of(value.get("name"))
+    if isinstance(value, str) and not value.strip().isdigit():
+        return _TLP_NAMES.get(value.strip().upper())
+    number = _int_or_none(value)
+    return number if number in (1, 2, 3, 4) else None
+
+
+def source_tlp(source: Dict[str, Any]) -> Optional[int]:
+    """The TLP of one of an object's sources, wherever the answer put it: ``tlp_id`` (SDK2,
+    XSOAR), ``pivot.tlp_id``, ``tlp: {id, name}``; ``None`` when the row carries none, as the
+    link rows of the public captures do (``{id, source_id, name, published_at, pivot}``, SS)."""
+    pivot = source.get("pivot") if isinstance(source.get("pivot"), dict) else {}
+    for value in (source.get("tlp_id"), pivot.get("tlp_id"), source.get("tlp")):
+        tlp = _tlp_of(value)
+        if tlp is not None:
+            return tlp
+    return None
+
+
+def source_pivot_id(source: Dict[str, Any]) -> Optional[int]:
+    """The id of the object-source link (``pivot.id``; a link row without a pivot is one itself)."""
+    pivot = source.get("pivot") if isinstance(source.get("pivot"), dict) else {}
+    return _int_or_none(pivot.get("id", source.get("id")))
+
+
+def attribute_name(attribute: Dict[str, Any]) -> Optional[str]:
+    """An attribute row's name: ``name`` (XSOAR, SS) or ``attribute.name`` (SDK1 asks
+    ``with=attribute`` and reads ``a["attribute"]["name"]``)."""
+    name = attribute.get("name")
+    if not isinstance(name, str):
+        inner = attribute.get("attribute")
+        name = inner.get("name") if isinstance(inner, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def record_type_id(record: Dict[str, Any]) -> Optional[int]:
+    """An indicator's type id: ``type_id``, or ``type: {id, name}`` as query answers add it."""
+    type_id = _int_or_none(record.get("type_id"))
+    if type_id is None and isinstance(record.get("type"), dict):
+        type_id = _int_or_none(record["type"].get("id"))
+    return type_id
+
+
+def key_field(collection: str) -> str:
+    """The field an object of ``collection`` is known by (SDK2 ``set_value``)."""
+    return _KEY_FIELD.get(collection, "value")
+
+
+def list_filters(value: str) -> List[str]:
+    """The list-filter values that together cannot miss ``value``, on an instance that reads
+    filters literally as well as on one where a comma means "or" and ``%`` is a wildcard: the
+    value itself, then, for a value with those characters or too long for a URL, a wildcard
+    around its longest plain part (``first_part%`` as SDK2 does). The caller keeps only exact
+    matches, read from every page."""
+    if not (set(value) & LIST_FILTER_SPECIALS) and len(value) <= MAX_FILTER_CHARS:
+        return [value]
+    parts = re.split(r"[,%]", value)
+    longest = max(parts, key=len)
+    wildcard = (parts[0][:WILDCARD_PREFIX_CHARS] + "%" if parts[0]
+                else "%" + longest[:WILDCARD_PREFIX_CHARS] + "%" if longest else "%")
+    return [value] if wildcard == value else [value, wildcard]
+
+
 def _collection(name: str) -> str:
     """Collections become URL path segments: refuse anything that is not a plain name."""
     if not isinstance(name, str) or not _COLLECTION.match(name):
@@ -145,8 +264,6 @@ class ThreatQClient:
     Safe to share between threads; each gunicorn worker process makes its own.
     """
 
-    _consume_missing: frozenset = frozenset()  # collections whose consume endpoint answered 404/405
-
     def __init__(self, base_url: str, client_id: str, *, client_secret: Optional[str] = None,
                  config_dir: Optional[Path] = None, verify: bool = True, proxy: Optional[str] = None,
                  timeout: Tuple[float, float] = (5.0, 30.0), attempts: int = 4,
@@ -170,6 +287,12 @@ class ThreatQClient:
         self._lookup_lock = threading.Lock()
         self._names: Dict[str, Dict[str, int]] = {}
         self._collections: Optional[Set[str]] = None
+        self._steps_lock = threading.Lock()
+        self._refused: Dict[str, Optional[int]] = {}  # optional step -> the status that refused it
+        self._served: Set[str] = set()                 # optional steps seen working in this process
+        #: Told ``(step, served, status)`` the first time this client learns whether an optional
+        #: step works; the sync stores it in the state database (``SyncState.record_capability``).
+        self.on_capability: Optional[Callable[[str, bool, Optional[int]], None]] = None
         logs.add_secrets([client_secret, proxy])
 
     @classmethod
@@ -187,21 +310,22 @@ class ThreatQClient:
     # ------------------------------------------------------------------ HTTP
 
     def request(self, method: str, path: str, *, params: Optional[Dict[str, Any]] = None,
-                json: Any = None) -> Any:
+                json: Any = None, reads: bool = False) -> Any:
         """One API call with a valid token: the parsed body, ``None`` for an empty answer (204).
 
         A 401 renews the token once and repeats the call once; a second 401 means the
         credentials are not usable right now, which is an outage, not a bad request.
+        ``reads``: a POST that only reads (``/query``), so it may be repeated like a GET.
         """
         method = method.upper()
         path = path if path.startswith("/") else f"/{path}"
         label = f"{method} {path}"
         token = self._access_token()
-        response = self._send(method, path, params, json, token)
+        response = self._send(method, path, params, json, token, reads)
         if response.status_code == 401:
             log.info("%s: ThreatQ answered 401; renewing the access token and trying once more", label)
             token = self._after_401(token)
-            response = self._send(method, path, params, json, token)
+            response = self._send(method, path, params, json, token, reads)
             if response.status_code == 401:
                 raise ThreatQUnavailable(f"{label}: ThreatQ rejected a renewed access token "
                                          f"({error_text(response)})", status=401)
@@ -222,14 +346,15 @@ class ThreatQClient:
         log.debug("%s %s %s %d ms", method, path, response.status_code, (time.monotonic() - start) * 1000)
         return response
 
-    def _send(self, method: str, path: str, params: Any, body: Any, token: str) -> requests.Response:
+    def _send(self, method: str, path: str, params: Any, body: Any, token: str,
+              reads: bool = False) -> requests.Response:
         """The request with in-call retries; returns any answer that is not worth retrying."""
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
 
         # A POST creates: repeating one that ThreatQ may have carried out (a read timeout, a
         # 500) could create a second object. Those surface at once as ThreatQUnavailable; the
         # event is retried later, and the sync looks the object up before creating it again.
-        creates = method == "POST"
+        creates = method == "POST" and not reads
 
         def attempt() -> requests.Response:
             try:
@@ -419,13 +544,17 @@ class ThreatQClient:
             raise ThreatQPermanentError(f"{label}: ThreatQ answered {type(data).__name__}, not a list")
         return data
 
-    def _get_all(self, path: str, params: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-        """Every item of a list, page by page, until ``offset + len(data) >= total``."""
+    def _get_all(self, path: str, params: Optional[Dict[str, Any]] = None,
+                 query: Any = None) -> List[Dict[str, Any]]:
+        """Every item of a list, page by page, until ``offset + len(data) >= total``; with
+        ``query``, of ``POST {path}`` carrying it (the ``/query`` endpoints page the same way)."""
         items: List[Dict[str, Any]] = []
         offset = 0
+        method = "GET" if query is None else "POST"
         while True:
-            body = self.request("GET", path, params={**(params or {}), "limit": PAGE_SIZE, "offset": offset})
-            page = self._list(body, f"GET {path}")
+            body = self.request(method, path, params={**(params or {}), "limit": PAGE_SIZE, "offset": offset},
+                                json=query, reads=True)
+            page = self._list(body, f"{method} {path}")
             items.extend(page)
             try:
                 total = int(body["total"])
@@ -434,6 +563,48 @@ class ThreatQClient:
             if not page or offset + len(page) >= total:
                 return items
             offset += len(page)
+
+    # --------------------------------------------------------- optional steps
+
+    def _optional(self, step: str, label: str, call: Callable[[], T],
+                  refused_by: Tuple[int, ...] = REFUSED_STATUSES) -> T:
+        """Run an optional call; an answer in ``refused_by`` (404/405) turns ``step`` off for this
+        client with one warning and raises ``ThreatQStepRefused`` (as does every later use of
+        the step). Every other error is the call's own."""
+        with self._steps_lock:
+            refused = step in self._refused
+            status = self._refused.get(step)
+        if refused:
+            raise ThreatQStepRefused(step, status)
+        try:
+            result = call()
+        except ThreatQPermanentError as exc:
+            if exc.status not in refused_by:
+                raise
+            self._learned(step, False, exc.status, label)
+            raise ThreatQStepRefused(step, exc.status) from None
+        self._learned(step, True, None, label)
+        return result
+
+    def _learned(self, step: str, served: bool, status: Optional[int], label: str) -> None:
+        with self._steps_lock:
+            known = step in self._refused or (served and step in self._served)
+            if not known:
+                if served:
+                    self._served.add(step)
+                else:
+                    self._refused[step] = status
+        if known:
+            return
+        if not served:
+            log.warning("ThreatQ answered %s to %s: %s", status, label, OPTIONAL_STEPS.get(step, step))
+        if self.on_capability is not None:
+            self.on_capability(step, served, status)
+
+    def refused_steps(self) -> Dict[str, Optional[int]]:
+        """The optional steps this client turned off, with the status that refused each."""
+        with self._steps_lock:
+            return dict(self._refused)
 
     # --------------------------------------------------------------- lookups
 
@@ -469,14 +640,50 @@ class ThreatQClient:
 
     # --------------------------------------------------------------- objects
 
+    def find(self, collection: str, key: str, expand: bool = False,
+             match: Optional[Callable[[Dict[str, Any]], bool]] = None) -> List[Dict[str, Any]]:
+        """Every object of ``collection`` whose identifying field (``key_field``) is exactly
+        ``key`` (and that ``match`` accepts), read from every page.
+
+        ``POST /api/{collection}/query`` with the value as criteria first (XSOAR, Siemplify,
+        stix-shifter; SDK1's threat library for any collection): a JSON body reads commas, ``%``,
+        quotes and any length literally. An instance without it (404/405), or that does not take
+        the criteria (400/422), is asked through the list filter instead, with ``list_filters``
+        so that neither a literal nor a comma/wildcard reading can miss. Either way only exact
+        matches count: ThreatQ's own matching may be looser (case, substrings, wildcards)."""
+        field = key_field(collection)
+        params = {"with": EXPAND} if expand else {}
+        path = f"/api/{_collection(collection)}"
+
+        def exact(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+            return [i for i in items if isinstance(i, dict) and i.get(field) == key and (match is None or match(i))]
+
+        try:
+            return exact(self._optional(f"query:{collection}", f"POST {path}/query", lambda: self._get_all(
+                f"{path}/query", params, query={"criteria": {field: key}}), QUERY_REFUSED_STATUSES))
+        except ThreatQStepRefused:
+            pass
+        for value in list_filters(key):
+            try:
+                found = exact(self._get_all(path, {field: value, **params}))
+            except ThreatQPermanentError as exc:
+                if exc.status != URI_TOO_LONG:
+                    raise
+                continue  # the value did not fit the URL: the wildcard on its start comes next
+            if found:
+                return found
+        return []
+
     def find_indicator(self, value: str, type_id: int, expand: bool = False) -> Optional[Dict[str, Any]]:
         """The indicator of this value and type; ``expand``: with its attributes, sources and tags
         inline (``with=``), where the instance puts them there."""
-        params = {"value": value, "with": EXPAND} if expand else {"value": value}
-        for item in self._get_all("/api/indicators", params):
-            if item.get("value") == value and _same_id(item.get("type_id"), type_id):
-                return item
-        return None
+        return _oldest(self.find("indicators", value, expand, lambda i: _same_id(record_type_id(i), type_id)))
+
+    def get(self, collection: str, object_id: int, expand: bool = False) -> Dict[str, Any]:
+        """One object by its id (``GET /api/{c}/{id}``, XSOAR ``search_by_id``): how the sync reads
+        an object whose id it stored, without any look-up by value. 404: it was deleted."""
+        path = self._sub(collection, object_id)
+        return self._one(self.request("GET", path, params={"with": EXPAND} if expand else None), f"GET {path}")
 
     def create_indicator(self, value: str, type_id: int, status_id: int, description: str,
                          sources: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -485,41 +692,37 @@ class ThreatQClient:
                 "sources": sources}
         return self._one(self.request("POST", "/api/indicators", json=body), "POST /api/indicators")
 
-    def consume(self, collection: str, items: List[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
+    def consume(self, collection: str, items: List[Dict[str, Any]]) -> Optional[List[Optional[Dict[str, Any]]]]:
         """Create objects with their sources, attributes, tags and relations in one call
-        (``POST /api/{collection}/consume``, reference §2): the answer's records, in order.
+        (``POST /api/{collection}/consume``, reference §2): per item sent, the answer's record for
+        it, matched by value (indicators: and type) or title as SDK2's ``bulk_upload`` does, never
+        by position; ``None`` for an item the answer does not name (the caller looks it up).
 
-        ``None`` when the instance has no such endpoint for the collection (404/405: older
-        versions name the indicators' one ``/consume/new``, and the reference cannot say which
-        version has which); the caller then creates call by call, and this process does not ask
-        again. [guess] consume merges into an existing object (indicators: value and type):
-        only call it for objects the look-up did not find, as the plain create path does.
+        ``None`` as a whole when the instance has no such endpoint for the collection (404/405:
+        older versions name the indicators' one ``/consume/new``): the caller then creates call by
+        call, and this process does not ask again. [guess] consume merges into an existing object:
+        only call it for objects the look-up did not find, as the plain create path does. Items
+        carry no ``normalize`` flag (see the contract): ThreatQ keeps the value as sent, so the
+        exact look-ups find it again.
         """
-        if collection in self._consume_missing:
-            return None
         path = f"/api/{_collection(collection)}/consume"
         label = f"POST {path}"
         try:
-            body = self.request("POST", path, json=items)
-        except ThreatQPermanentError as exc:
-            if exc.status not in (404, 405):
-                raise
-            self._consume_missing = self._consume_missing | {collection}
-            log.warning("ThreatQ answered %s to %s: creating %s call by call from now on "
-                        "(more API calls per object)", exc.status, label, collection)
+            body = self._optional(f"consume:{collection}", label,
+                                  lambda: self.request("POST", path, json=items))
+        except ThreatQStepRefused:
             return None
-        records = self._list(body, label)
-        if len(records) != len(items) or not all(isinstance(r, dict) and "id" in r for r in records):
-            raise ThreatQUnavailable(f"{label}: the answer does not carry one record with an id per "
-                                     "object sent")
-        return records
+        data = body.get("data") if isinstance(body, dict) else None
+        records = [r for r in data if isinstance(r, dict) and _int_or_none(r.get("id")) is not None] \
+            if isinstance(data, list) else []
+        return [_record_for(collection, item, records) for item in items]
 
     def update_indicator(self, indicator_id: int, **fields: Any) -> Dict[str, Any]:
         path = f"/api/indicators/{int(indicator_id)}"
         return self._one(self.request("PUT", path, json=fields), f"PUT {path}")
 
     def find_event(self, title: str) -> Optional[Dict[str, Any]]:
-        return next((e for e in self._get_all("/api/events", {"title": title}) if e.get("title") == title), None)
+        return _oldest(self.find("events", title))
 
     def create_event(self, title: str, type_id: int, happened_at: str, description: str,
                      sources: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -534,7 +737,7 @@ class ThreatQClient:
         return self._one(self.request("PUT", path, params=params, json=fields), f"PUT {path}")
 
     def find_incident(self, value: str) -> Optional[Dict[str, Any]]:
-        return next((i for i in self._get_all("/api/incident", {"value": value}) if i.get("value") == value), None)
+        return _oldest(self.find("incident", value))
 
     def create_incident(self, value: str, description: str, sources: List[Dict[str, Any]]) -> Dict[str, Any]:
         body = {"value": value, "description": description, "sources": sources}
@@ -558,7 +761,9 @@ class ThreatQClient:
         return "/api/" + "/".join(parts)
 
     def attributes(self, collection: str, object_id: int) -> List[Dict[str, Any]]:
-        return self._get_all(self._sub(collection, object_id, "attributes"))
+        """The object's attribute rows; ``with=attribute`` as SDK1 asks, so that a row names its
+        attribute either way (``attribute_name`` reads both)."""
+        return self._get_all(self._sub(collection, object_id, "attributes"), {"with": "attribute"})
 
     def add_attribute(self, collection: str, object_id: int, name: str, value: str,
                       sources: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
@@ -576,7 +781,9 @@ class ThreatQClient:
         self.request("DELETE", self._sub(collection, object_id, "attributes", int(attribute_id)))
 
     def tags(self, collection: str, object_id: int) -> List[Dict[str, Any]]:
-        return self._get_all(self._sub(collection, object_id, "tags"))
+        """Optional (``tag_list``, no public evidence): ``ThreatQStepRefused`` when not served."""
+        path = self._sub(collection, object_id, "tags")
+        return self._optional("tag_list", f"GET {path}", lambda: self._get_all(path))
 
     def add_tags(self, collection: str, object_id: int, names: List[str]) -> List[Dict[str, Any]]:
         path = self._sub(collection, object_id, "tags")
@@ -585,10 +792,14 @@ class ThreatQClient:
         return self._list(self.request("POST", path, json=[{"name": n} for n in names]), f"POST {path}")
 
     def delete_tag(self, collection: str, object_id: int, tag_id: int) -> None:
-        self.request("DELETE", self._sub(collection, object_id, "tags", int(tag_id)))
+        """Optional (``tag_delete``, no public evidence): ``ThreatQStepRefused`` when not served."""
+        path = self._sub(collection, object_id, "tags", int(tag_id))
+        self._optional("tag_delete", f"DELETE {path}", lambda: self.request("DELETE", path))
 
     def sources(self, collection: str, object_id: int) -> List[Dict[str, Any]]:
-        return self._get_all(self._sub(collection, object_id, "sources"))
+        """Optional (``source_list``, no public evidence): ``ThreatQStepRefused`` when not served."""
+        path = self._sub(collection, object_id, "sources")
+        return self._optional("source_list", f"GET {path}", lambda: self._get_all(path))
 
     def add_source(self, collection: str, object_id: int, name: str, tlp_id: Optional[int]) -> Dict[str, Any]:
         """Without a TLP the key is left out rather than sent as null, which validation may refuse."""
@@ -599,8 +810,10 @@ class ThreatQClient:
         return self._one(self.request("POST", path, json=body), f"POST {path}")
 
     def set_source_tlp(self, collection: str, object_id: int, pivot_id: int, tlp_id: int) -> Dict[str, Any]:
+        """Optional (``source_tlp``, no public evidence): ``ThreatQStepRefused`` when not served."""
         path = self._sub(collection, object_id, "sources", int(pivot_id))
-        return self._one(self.request("PUT", path, json={"tlp_id": tlp_id}), f"PUT {path}")
+        return self._optional("source_tlp", f"PUT {path}", lambda: self._one(
+            self.request("PUT", path, json={"tlp_id": tlp_id}), f"PUT {path}"))
 
     def links(self, collection: str, object_id: int, other: str) -> List[Dict[str, Any]]:
         return self._get_all(self._sub(collection, object_id, _collection(other)))
@@ -613,3 +826,26 @@ class ThreatQClient:
         path = self._sub(collection, object_id, _collection(other))
         if pivot_ids:
             self.request("DELETE", path, json=[int(p) for p in pivot_ids])
+
+
+def _oldest(hits: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Of several objects with the same key (made before this daemon, or by hand), the first made."""
+    return min(hits, key=lambda h: _int_or_none(h.get("id")) or 0) if hits else None
+
+
+def _record_for(collection: str, item: Dict[str, Any], records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The consume answer's record for one item sent: same key value (and, for an indicator, no
+    other type), exactly, else ignoring case (an instance that normalises case anyway)."""
+    field = key_field(collection)
+    sent, sent_type = item.get(field), _int_or_none(item.get("type_id"))
+
+    def same_type(record: Dict[str, Any]) -> bool:
+        answered = record_type_id(record)
+        return sent_type is None or answered is None or answered == sent_type
+
+    candidates = [r for r in records if same_type(r)]
+    exact = [r for r in candidates if r.get(field) == sent]
+    if exact or not isinstance(sent, str):
+        return exact[0] if exact else None
+    folded = [r for r in candidates if isinstance(r.get(field), str) and r[field].casefold() == sent.casefold()]
+    return folded[0] if folded else None
