@@ -154,7 +154,8 @@ def make_world(tmp_path, servers):
     def make(**sync) -> World:
         tq_box["sim"] = ThreatQSimulator(users={SYNC_EMAIL: SYNC_PASSWORD},
                                          incident_object=sync.pop("incident_object", True),
-                                         consume=sync.pop("consume", True), inline=sync.pop("inline", True))
+                                         consume=sync.pop("consume", True), inline=sync.pop("inline", True),
+                                         shapes=sync.pop("shapes", "strict"), refuse=sync.pop("refuse", ()))
         hive_box["sim"] = TheHiveSimulator(api_key=HIVE_KEY)
         return World(tmp_path, tq_url, hive_url, tq_box["sim"], hive_box["sim"], **sync)
 

@@ -20,12 +20,14 @@ from tq_mw_thehive import check, state
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive.cli import cli
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.testing.daemon import Daemon
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq import auth as tq_auth
+from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.web import create_app
 
-ALL = [name for name, _ in check.CHECKS]
+ALL = check.names()
 
 
 def free_port() -> int:
@@ -294,15 +296,46 @@ def test_all_green_against_the_simulators_and_a_real_daemon(daemon, tmp_path):
     assert code == 0, answer
     assert answer["ok"] is True
     assert all(r["ok"] for r in results.values()), results
-    assert [n for n, r in results.items() if r["skipped"]] == ["incident object"]  # event mode
+    skipped = [n for n, r in results.items() if r["skipped"]]
+    # event mode; steps that write have no probe and this daemon has not needed them yet
+    assert skipped == ["incident object", "step source_tlp", "step source_list", "step tag_list", "step tag_delete",
+                       "step query:incident", "step consume:indicators", "step consume:events",
+                       "step consume:incident"], skipped
+    assert "no indicator in ThreatQ to probe with" in results["step tag_list"]["detail"]
+    assert results["step query:indicators"]["detail"].startswith("served: look up indicators")
     hook = results["webhook"]["detail"]
     assert "stored as inbox #" in hook and "removed" in hook
     assert "outcome=self-test" in running.log_text()
     # The self-test row is gone, and nothing of it reached ThreatQ.
     assert self_test_rows(world.cfg.state_db) == 0
     assert Inbox(world.cfg.state_db).stats()["pending"] == 0
-    writes = [r for r in world.tq.requests[tq_calls:] if r[0] != "GET" and r[1] != "/api/token"]
+    writes = [r for r in world.tq.requests[tq_calls:]
+              if r[0] != "GET" and r[1] != "/api/token" and not r[1].endswith("/query")]  # /query only reads
     assert writes == []
+
+
+def test_each_optional_threatq_step_is_reported_from_a_probe_or_what_the_daemon_learned(make_world):
+    """A first real deployment shows its differences in one screen: read-only probes where one
+    exists, the daemon's own findings (the state database) for the steps that write."""
+    world = make_world(shapes="sdk", refuse=["query"])  # sdk: no GET/DELETE of tags, no PUT of a source TLP
+    write(world)
+    learned = SyncState(world.cfg.state_db)
+    learned.record_capability("source_tlp", False, 405)
+    learned.record_capability("consume:indicators", True)
+    # Any indicator will do for the read-only probes of its tags and sources.
+    ThreatQClient.from_config(world.cfg).create_indicator("198.51.100.7", 1, 1, "probe target", [])
+    code, results, _ = run_check(world.cfg.config_dir)
+    steps = {name[len("step "):]: r for name, r in results.items() if name.startswith("step ")}
+    assert all(r["ok"] for r in steps.values()), steps  # an optional step never fails the check
+    assert steps["query:indicators"]["detail"].startswith("not served: look up indicators")
+    assert "HTTP 404, probed now: indicators are looked up with list filters" in steps["query:indicators"]["detail"]
+    assert steps["tag_list"]["detail"].startswith("not served: read tags") and "probed now" in steps["tag_list"]["detail"]
+    assert steps["source_list"]["detail"].startswith("served: read sources (GET …/sources); probed now")
+    assert "HTTP 405, learned by the daemon just now" in steps["source_tlp"]["detail"]
+    assert steps["consume:indicators"]["detail"].startswith("served") and not steps["consume:indicators"]["skipped"]
+    assert steps["tag_delete"]["skipped"] and "not used yet" in steps["tag_delete"]["detail"]
+    human = CliRunner().invoke(cli, ["check", "-c", str(world.cfg.config_dir), "-p", str(free_port())]).stdout
+    assert sum(1 for line in human.splitlines() if " step " in f" {line}") == len(check.STEP_NAMES)
 
 
 def test_wrong_webhook_auth_is_caught(daemon):

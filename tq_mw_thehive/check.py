@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import click
 import requests
@@ -33,7 +33,7 @@ from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError
 from tq_mw_thehive.threatq import auth as tq_auth
-from tq_mw_thehive.threatq.api import ThreatQClient, ThreatQError
+from tq_mw_thehive.threatq.api import OPTIONAL_STEPS, ThreatQClient, ThreatQError
 from tq_mw_thehive.type_mapping import TypeMapping
 
 WEBHOOK_TIMEOUT_S = (3.0, 15.0)
@@ -242,6 +242,31 @@ def check_incident_object(ctx: Context) -> Result:
     return _ok(name, "ok (sync.cases_as: incident)")
 
 
+STEP_NAMES = [f"step {step}" for step in OPTIONAL_STEPS]
+
+
+def check_threatq_steps(ctx: Context) -> List[Result]:
+    """One line per optional ThreatQ step: served or not, probed now where a read-only probe
+    exists, else as the daemon learned it. Optional steps never fail the check: the line says
+    what the daemon does without the step."""
+    from tq_mw_thehive.sync_state import threatq_capabilities
+    from tq_mw_thehive.threatq import capabilities
+
+    if ctx.cfg is None or ctx.tq is None:
+        return [_skip(name, "skipped: needs ThreatQ authentication") for name in STEP_NAMES]
+    collections = ["indicators", "incident" if ctx.cfg.sync.cases_as == "incident" else "events"]
+    try:
+        probes = capabilities.probe(ctx.tq, collections)
+    except ThreatQError as exc:
+        return [_threatq_failed(name, ctx, exc) for name in STEP_NAMES]
+    try:
+        learned = threatq_capabilities(ctx.cfg.state_db) if Path(ctx.cfg.state_db).exists() else {}
+    except sqlite3.Error:
+        learned = {}  # the state db check says what is wrong with it
+    return [Result(f"step {r.step}", True, f"{r.state}: {r.label}; {r.detail}", skipped=r.state == "unknown")
+            for r in capabilities.reports(learned, probes)]
+
+
 def check_thehive_api(ctx: Context) -> Result:
     name = "thehive api"
     cfg = ctx.cfg
@@ -436,13 +461,14 @@ def _verify_and_remove(ctx: Context, url: str, item_id: Any, nonce: str, ms: flo
     return _ok(name, f"ok (self-test accepted at {url}, stored as inbox #{item_id} and removed; {ms:.0f} ms)")
 
 
-CHECKS: Tuple[Tuple[str, Check], ...] = (
+CHECKS: Tuple[Tuple[str, Callable[[Context], Union[Result, List[Result]]]], ...] = (
     ("config", check_config),
     ("threatq auth", check_threatq_auth),
     ("indicator types", check_indicator_types),
     ("indicator status", check_indicator_status),
     ("event type", check_event_type),
     ("incident object", check_incident_object),
+    ("threatq steps", check_threatq_steps),
     ("thehive api", check_thehive_api),
     ("state db", check_state_db),
     ("log dir", check_log_dir),
@@ -450,15 +476,27 @@ CHECKS: Tuple[Tuple[str, Check], ...] = (
 )
 
 
+def _lines(check_name: str) -> List[str]:
+    """The names of a check's lines: the optional ThreatQ steps have a line each."""
+    return STEP_NAMES if check_name == "threatq steps" else [check_name]
+
+
+def names() -> List[str]:
+    """Every line's name, in order."""
+    return [line for name, _ in CHECKS for line in _lines(name)]
+
+
 def run_checks(ctx: Context) -> List[Result]:
     """Every check in order; an unexpected exception fails that check only."""
     results = []
     for name, check in CHECKS:
         try:
-            results.append(check(ctx))
+            found = check(ctx)
+            results.extend(found if isinstance(found, list) else [found])
         except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others
-            results.append(_fail(name, f"unexpected error: {type(exc).__name__}: {logs.redact(str(exc))}",
-                                 "run again with -v 3 and report this with the output"))
+            failed = f"unexpected error: {type(exc).__name__}: {logs.redact(str(exc))}"
+            results.extend(_fail(line, failed, "run again with -v 3 and report this with the output")
+                           for line in _lines(name))
     return results
 
 
