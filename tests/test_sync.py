@@ -137,6 +137,26 @@ def test_an_older_update_arriving_late_never_overwrites_a_newer_one(world):
     assert world.attributes("events", world.event()["id"])["Severity"] == "LOW"
 
 
+def test_the_stale_check_compares_thehive_times_only_never_our_clock(world):
+    """An event without a TheHive time used to be stamped with our clock: a TheHive whose clock
+    is behind ours (or an old backlog) then had every later update thrown away as stale."""
+    create = sample("th5-case-create.json")
+    untimed = sample("th5-case-update.json")
+    del untimed["_createdAt"]  # no audit time: the object's own _updatedAt (TheHive's clock) counts
+    untimed["object"]["_updatedAt"] = create["_createdAt"] + 1_000
+    untimed["object"]["severity"], untimed["object"]["severityLabel"] = 1, "LOW"
+    later = copy.deepcopy(untimed)
+    later["_id"], later["_createdAt"] = "~2057001", create["_createdAt"] + 2_000  # hours behind our clock
+    later["object"]["severity"], later["object"]["severityLabel"] = 4, "CRITICAL"
+    world.deliver(create, untimed)
+    world.drain()
+    assert world.attributes("events", world.event()["id"])["Severity"] == "LOW"
+    world.deliver(later)
+    world.drain()
+    assert world.states() == ["done", "done", "done"]
+    assert world.attributes("events", world.event()["id"])["Severity"] == "CRITICAL"
+
+
 def test_tags_removed_in_thehive_are_removed_but_not_an_analysts_own(world, shapes, caplog):
     world.deliver(sample("th5-case-create.json"))
     world.drain()

@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import InboxItem
@@ -82,6 +82,18 @@ def _object_lock(directory: Path, key: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def thehive_time(obj: Any) -> Optional[int]:
+    """When TheHive last changed ``obj`` (ms, TheHive's clock): the time to order by when an
+    event carries none, or for a case read from TheHive's API. None when it does not say."""
+    if not isinstance(obj, dict):
+        return None
+    for key in ("_updatedAt", "updatedAt", "_createdAt", "createdAt"):
+        value = obj.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _digest(value) -> str:
@@ -199,20 +211,23 @@ class Sync:
             event = events.parse(payload)
         except (ValueError, events.PayloadError) as exc:
             raise PermanentSyncError(f"stored body is not a webhook event: {exc}") from None
-        ts = event.timestamp_ms if event.timestamp_ms is not None else int(item.received_at * 1000)
+        ts = event.timestamp_ms if event.timestamp_ms is not None else \
+            thehive_time(payload.get("object") or payload.get("details"))
         if event.object_type == "case":
             return self._case_event(event, payload, ts)
         if event.object_type == "observable":
             return self._observable_event(event, payload, ts)
         return Outcome("skipped", detail=f"{event.raw_object_type} events are not synced")
 
-    def _stale(self, thehive_id: str, ts: int) -> bool:
+    def _stale(self, thehive_id: str, ts: Optional[int]) -> bool:
+        """Older than what was applied, by TheHive's clock only: an event without a TheHive time
+        is never stale (our clock and TheHive's may differ by minutes, or by a time zone)."""
         applied = self.state.applied_ts(thehive_id)
-        return applied is not None and ts < applied
+        return ts is not None and applied is not None and ts < applied
 
     # --- cases ----------------------------------------------------------------------------------
 
-    def _case_event(self, event: events.WebhookEvent, payload: dict, ts: int) -> Outcome:
+    def _case_event(self, event: events.WebhookEvent, payload: dict, ts: Optional[int]) -> Outcome:
         case_id = event.object_id
         if event.action == "delete":
             return self._delete_case(case_id, payload.get("details") or {}, ts)
@@ -330,7 +345,7 @@ class Sync:
             return found, False, False
         return self._create_case_object(obj), True, False
 
-    def _delete_case(self, case_id: str, details: dict, ts: int) -> Outcome:
+    def _delete_case(self, case_id: str, details: dict, ts: Optional[int]) -> Outcome:
         number = details.get("number") if isinstance(details.get("number"), int) else None
         if self._stale(case_id, ts):
             return Outcome("stale", number)
@@ -349,25 +364,26 @@ class Sync:
         self.state.set_digest(case_id, "case", None)
         return Outcome("deleted", number, [f"{self.case_collection}/{tq_id}"])
 
-    def _ensure_case(self, case_id: str, embedded: Optional[dict], ts: int) -> Tuple[str, int]:
+    def _ensure_case(self, case_id: str, embedded: Optional[dict], ts: Optional[int]) -> Tuple[str, int]:
         """The case's ThreatQ object; created first from the freshest state we have if missing."""
         existing = self.state.tq_ids(case_id, self.case_collection)
         if existing:
             return existing[0]
         held = self.state.held_case(case_id)
-        if held is not None and (not embedded or held[1] >= ts):
+        if held is not None and (not embedded or ts is None or held[1] >= ts):
             obj, case_ts = held
         elif embedded:
             obj, case_ts = embedded, ts
         else:
-            obj, case_ts = self._fetch_case(case_id), int(time.time() * 1000)
+            obj = self._fetch_case(case_id)
+            case_ts = thehive_time(obj)
         ref = self._upsert_case(Case.from_thehive(obj))
         self.state.mark_applied(case_id, "case", case_ts)
         return ref
 
     # --- observables ------------------------------------------------------------------------------
 
-    def _observable_event(self, event: events.WebhookEvent, payload: dict, ts: int) -> Outcome:
+    def _observable_event(self, event: events.WebhookEvent, payload: dict, ts: Optional[int]) -> Outcome:
         obs_id = event.object_id
         if event.action == "delete":
             return self._delete_observable(obs_id, event.case_id, ts)
@@ -491,7 +507,7 @@ class Sync:
                 return
         self.tq.link(case_collection, case_tq_id, "indicators", indicator_id)
 
-    def _delete_observable(self, obs_id: str, case_id: Optional[str], ts: int) -> Outcome:
+    def _delete_observable(self, obs_id: str, case_id: Optional[str], ts: Optional[int]) -> Outcome:
         if self._stale(obs_id, ts):
             return Outcome("stale")
         case_id = case_id or self.state.case_of(obs_id)

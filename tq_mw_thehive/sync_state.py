@@ -103,12 +103,13 @@ class SyncState(state.Store):
         row = self._row(thehive_id)
         return None if row is None else row["applied_ts"]
 
-    def mark_applied(self, thehive_id: str, kind: str, ts: int) -> None:
-        """Remember that TheHive's state as of ``ts`` reached ThreatQ (never moves back)."""
+    def mark_applied(self, thehive_id: str, kind: str, ts: Optional[int]) -> None:
+        """Remember that TheHive's state as of ``ts`` reached ThreatQ (never moves back; an
+        unknown TheHive time, None, keeps what was there: it is never compared with our clock)."""
         self.write(lambda db: db.execute(
             "INSERT INTO sync_state (thehive_id, kind, applied_ts) VALUES (?, ?, ?) "
             "ON CONFLICT (thehive_id) DO UPDATE SET applied_ts = MAX(applied_ts, excluded.applied_ts)",
-            (thehive_id, kind, ts)))
+            (thehive_id, kind, ts or 0)))
 
     def synced_tags(self, thehive_id: str) -> List[str]:
         row = self._row(thehive_id)
@@ -130,16 +131,18 @@ class SyncState(state.Store):
             "INSERT INTO sync_state (thehive_id, kind, applied_ts, digest) VALUES (?, ?, 0, ?) "
             "ON CONFLICT (thehive_id) DO UPDATE SET digest = excluded.digest", (thehive_id, kind, digest)))
 
-    def hold_case(self, case_id: str, case: dict, ts: int) -> None:
-        """Keep the newest state of a case that waits for its first synced observable."""
+    def hold_case(self, case_id: str, case: dict, ts: Optional[int]) -> None:
+        """Keep the newest state of a case that waits for its first synced observable (one of
+        unknown TheHive time, None, came later in TheHive's order of the case: it replaces)."""
         def hold(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT applied_ts, held_case FROM sync_state WHERE thehive_id = ?",
                              (case_id,)).fetchone()
-            if row is not None and row["held_case"] and json.loads(row["held_case"])["ts"] > ts:
+            held = json.loads(row["held_case"]) if row is not None and row["held_case"] else None
+            if ts is not None and held is not None and held["ts"] > ts:
                 return
             db.execute("INSERT INTO sync_state (thehive_id, kind, applied_ts, held_case) VALUES (?, 'case', 0, ?) "
                        "ON CONFLICT (thehive_id) DO UPDATE SET held_case = excluded.held_case",
-                       (case_id, json.dumps({"ts": ts, "case": case})))
+                       (case_id, json.dumps({"ts": ts or 0, "case": case})))
 
         self.write(hold)
 
