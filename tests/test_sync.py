@@ -157,6 +157,21 @@ def test_the_stale_check_compares_thehive_times_only_never_our_clock(world):
     assert world.attributes("events", world.event()["id"])["Severity"] == "CRITICAL"
 
 
+def test_a_lone_surrogate_is_text_not_an_unexpected_error(world):
+    """JSON may carry "\\ud800" alone: it decodes to a string no UTF-8 encoder takes."""
+    case = sample("th5-case-create.json")
+    case["object"]["title"] = case["details"]["title"] = "Phish \ud800 wave"
+    obs = sample("th5-observable-create-ip.json")
+    obs["object"]["dataType"], obs["object"]["data"] = "domain", "evil\udfff.example"
+    obs["object"]["message"] = "seen \ud83d here"
+    obs["details"] = dict(obs["object"])
+    world.deliver(case, obs)
+    world.drain()
+    assert world.states() == ["done", "done"]
+    assert world.event()["title"].endswith("Phish \ufffd wave")
+    assert len(world.tq.find_indicators("evil\ufffd.example")) == 1
+
+
 def test_tags_removed_in_thehive_are_removed_but_not_an_analysts_own(world, shapes, caplog):
     world.deliver(sample("th5-case-create.json"))
     world.drain()

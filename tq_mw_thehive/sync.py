@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -82,6 +83,24 @@ def _object_lock(directory: Path, key: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def as_text(value: Any) -> Any:
+    """``value`` (a decoded payload) with every lone surrogate replaced by U+FFFD.
+
+    JSON may carry "\\ud800" alone; Python decodes it to a string that no UTF-8 encoder (SQLite,
+    a log file, ThreatQ) accepts. It is text all the same: keep the rest of it, replace only
+    what cannot be written."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {as_text(k): as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_text(v) for v in value]
+    return value
 
 
 def thehive_time(obj: Any) -> Optional[int]:
@@ -207,7 +226,7 @@ class Sync:
 
     def handle(self, item: InboxItem) -> Outcome:
         try:
-            payload = json.loads(item.body)
+            payload = as_text(json.loads(item.body))
             event = events.parse(payload)
         except (ValueError, events.PayloadError) as exc:
             raise PermanentSyncError(f"stored body is not a webhook event: {exc}") from None
