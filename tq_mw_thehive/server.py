@@ -23,14 +23,16 @@ from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
-from tq_mw_thehive import metrics, web
+from tq_mw_thehive import intake, metrics, web
 from tq_mw_thehive.backfill import catch_up_in_background
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.worker import Worker
 
 log = logging.getLogger(__name__)
-WORKER_CLASS = "gthread"  # threads per worker: a slow ThreatQ call never blocks the whole process
+# threads per worker: a slow ThreatQ call never blocks the whole process. _post_worker_init makes
+# it an intake.IntakeWorker (requests read whole in the event loop before a thread takes them).
+WORKER_CLASS = "gthread"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ _worker: Optional[Worker] = None
 def start_app(cfg: Config, name: str = "tq_mw_thehive"):
     """The WSGI app plus this process's sync worker thread, woken by each new event."""
     global _worker
+    intake.configure(int(cfg.webhook.max_body_mb * 1024 * 1024))  # bodies above it are not buffered
     metrics.enable_multiprocess(metrics.directory_for(cfg.state_db), master_pid=os.getppid())
     inbox = Inbox(cfg.state_db)
     _worker = Worker(cfg, inbox).start()
@@ -132,8 +135,11 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
 
 
 def _post_worker_init(gunicorn_worker: Any) -> None:
-    """After the worker's signal handlers and app are in place: from here a SIGTERM is graceful."""
+    """After the worker's signal handlers and app are in place: from here a SIGTERM is graceful.
+    The gthread worker becomes an ``intake.IntakeWorker`` here, before its loop starts: each
+    request is read whole without a thread, so slow clients cannot hold the threads."""
     gunicorn_util.write_error = _json_error  # gunicorn's workers call it through the module
+    intake.install(gunicorn_worker)
     log.info("worker ready pid=%d", gunicorn_worker.pid)
 
 
@@ -166,6 +172,7 @@ class DaemonApplication(BaseApplication):
             "workers": self.listen.workers,
             "worker_class": WORKER_CLASS,
             "threads": self.listen.threads,
+            "worker_connections": intake.WORKER_CONNECTIONS,
             "timeout": self.listen.timeout_s,
             "graceful_timeout": self.listen.graceful_timeout_s,
             "logger_class": RootLogger,

@@ -6,6 +6,10 @@ gunicorn calls ``run`` in every worker; it returns the WSGI app and starts that
 worker's sync thread. A configuration
 that cannot be used raises, so gunicorn stops with "worker failed to boot" after
 the message has been logged, instead of restarting workers forever.
+
+Add ``-c python:tq_mw_thehive.gunicorn_conf`` for the daemon's own worker and hooks: without
+them gunicorn's threads read requests themselves, and a few slow clients can hold them all
+(``intake.py``).
 """
 from __future__ import annotations
 
