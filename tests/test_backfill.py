@@ -110,7 +110,7 @@ def test_paging_stops_at_thehives_total(world, send_total, queries):
 
 
 def test_a_failing_thehive_stops_the_run_and_the_next_one_resumes(world):
-    cases = fill(world.hive, cases=3, observables=1)
+    fill(world.hive, cases=3, observables=1)
     world.hive.fail_next(1, 502)  # retried inside the client
     runner = backfill(world)
     runner.thehive._attempts = 1  # no retries: the failure stops the run
@@ -127,8 +127,7 @@ def test_a_failing_thehive_stops_the_run_and_the_next_one_resumes(world):
     with pytest.raises(TheHiveUnavailable):
         runner.run(everything=True)
     marks = Marks(world.cfg.state_db)
-    ordered = sorted(cases, key=lambda c: c["_updatedAt"])
-    assert marks.get() == ordered[0]["_updatedAt"]  # only past the case fully queued
+    assert marks.get() is None  # a run cut short never moves the mark
     result = backfill(world).run(since_ms=marks.get())
     world.drain()
     assert len(world.tq.events) == 3 and len(world.tq.indicators) == 3
@@ -167,3 +166,45 @@ def test_backfill_without_a_thehive_key_says_so(tmp_path):
     write_config(tmp_path, thehive={"api_key": None})
     result = CliRunner().invoke(cli, ["backfill", "-c", str(tmp_path), "--all"])
     assert result.exit_code == 2 and "thehive.api_key" in result.output
+
+
+@pytest.mark.parametrize("nulls_first", [True, False], ids=["nulls-first", "nulls-last"])
+def test_a_run_cut_short_never_moves_the_mark_past_cases_it_did_not_read(world, nulls_first):
+    """Where TheHive sorts never-updated cases (no ``_updatedAt``) is not documented: wherever they
+    sort, a run that stops half-way must leave every unread case to the next run."""
+    world.hive.nulls_first = nulls_first
+    marks = Marks(world.cfg.state_db)
+    start = world.hive._now_ms()
+    marks.advance(start)
+    step = 2 * OVERLAP_MS  # farther apart than the overlap a run goes back
+    made = {}
+    # (created, updated) after the mark; None: never updated.
+    for name, created, updated in (("new-a", 1, None), ("new-b", 4, None), ("upd-c", -9, 2), ("upd-d", -9, 3)):
+        case = world.hive.add_case(title=name)
+        stored = world.hive.cases[case["_id"]]
+        stored["_createdAt"] = start + created * step
+        if updated is not None:
+            stored["_updatedAt"] = start + updated * step
+        made[case["_id"]] = name
+    client = TheHiveClient.from_config(world.cfg, max_wait_s=0, page_size=2)
+    listed = [made[c["_id"]] for c in client.iter_cases(since_ms=start)]
+    expected = ["new-a", "new-b", "upd-c", "upd-d"] if nulls_first else ["upd-c", "upd-d", "new-a", "new-b"]
+    assert listed == expected  # the simulator plays both orders
+    runner = backfill(world)
+    original, calls = runner.thehive.iter_case_observables, {"n": 0}
+
+    def stops_at_the_third(case_id):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise TheHiveUnavailable("TheHive answered 503")
+        return original(case_id)
+
+    runner.thehive.iter_case_observables = stops_at_the_third
+    with pytest.raises(TheHiveUnavailable):
+        runner.run()
+    assert marks.get() == start
+    result = backfill(world).run()  # the next start: from the mark
+    assert result.cases == 4 and result.duplicates == 2
+    assert marks.get() == start + 4 * step  # a complete run moves it to the newest change read
+    world.drain()
+    assert sorted(e["title"].rsplit(" ", 1)[1] for e in world.tq.events.values()) == sorted(made.values())

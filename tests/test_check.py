@@ -218,6 +218,19 @@ def test_wrong_or_missing_thehive_key(make_world, key):
     assert "wrong-thehive-key" not in json.dumps(results)
 
 
+def test_a_user_outside_the_configured_organisation_is_named_not_just_the_key(make_world):
+    """TheHive answers a key whose user is not in thehive.organisation with 401, as a bad key."""
+    world = make_world()
+    world.hive.organisation = "acme-soc"
+    write(world, thehive={"organisation": "other-org"})
+    code, results, _ = run_check(world.cfg.config_dir)
+    assert code == 1
+    failed = assert_only_failure(results, "thehive api", [
+        "HTTP 401", "API key refused, or the user is not in organisation 'other-org'",
+        "thehive.organisation to one it belongs to"])
+    assert HIVE_KEY not in json.dumps(failed)
+
+
 @pytest.mark.parametrize("problem", ["corrupt", "cannot be opened", "no directory"])
 def test_unusable_state_db(make_world, problem):
     world = make_world()

@@ -53,6 +53,22 @@ SAMPLE_TABLE = [
      "~12734592", None, "~8396848", 1717434300141, "acme-soc"),
     ("th5v0-case-create.json", THEHIVE5_V0, "case", "create",
      "~8396848", "~2048116", "~8396848", 1717430400515, "acme-soc"),
+    # Real captures (tests/samples/README.md): TheHive 5, version 0.
+    ("ryu-v0-observable-create.json", THEHIVE5_V0, "observable", "create",
+     "~12336", "~40988832", "~40976512", 1683315003836, "sample-org"),
+    # Its context is a Share: the case is named only by rootId.
+    ("ryu-v0-observable-delete.json", THEHIVE5_V0, "observable", "delete",
+     "~12336", "~81940656", "~40976512", 1683360735682, "sample-org"),
+    # TheHive 5, version 1.
+    ("ryu-v1-observable-tag-update.json", THEHIVE5_V1, "observable", "update",
+     "~12336", "~40980528", "~40976512", 1683360607326, "sample-org"),
+    ("ryu-v1-observable-delete.json", THEHIVE5_V1, "observable", "delete",
+     "~12336", "~81940656", "~40976512", 1683360734678, "sample-org"),
+    # TheHive 3 (TheHiveDocs admin/webhooks.md): read as the TheHive 3-style version 0.
+    ("thehivedocs-th3-case-create.json", THEHIVE5_V0, "case", "create",
+     "AV6FZsTj0KeanEfOQfd_", None, "AV6FZsTj0KeanEfOQfd_", 1505476659427, None),
+    ("thehivedocs-th3-case-update.json", THEHIVE5_V0, "case", "update",
+     "AV6FZsTj0KeanEfOQfd_", None, "AV6FZsTj0KeanEfOQfd_", 1505477372601, None),
 ]
 
 
@@ -116,6 +132,17 @@ def test_thehive5_observable_case_id_falls_back_to_root_id():
     del payload["context"]["case"]
     payload["rootId"] = "~777"
     assert parse(payload).case_id == "~777"
+
+
+def test_thehive5_v0_observable_delete_is_ordered_with_its_case_by_root_id():
+    """TheHive 5 version 0 sends a delete's context as a Share and its case only as rootId."""
+    payload = sample("ryu-v0-observable-delete.json")
+    assert payload["context"]["_type"] == "Share" and "object" not in payload
+    event = parse(payload)
+    assert event.case_key == "case:~40976512"
+    # TheHive 4 version 0 sends the same delete with rootId = the observable: it names no case.
+    th4 = changed("ryu-v0-observable-delete.json", _id=..., operation="delete", rootId="~12336")
+    assert parse(th4).shape == THEHIVE4_V0 and parse(th4).case_id is None
 
 
 def test_thehive5_observable_case_id_from_case_context():
@@ -206,7 +233,11 @@ def test_thehive4_digest_changes_with_identifying_fields(key, value):
 
 def test_different_audits_have_different_dedup_keys():
     keys = {parse(sample(row[0])).dedup_key for row in SAMPLE_TABLE}
-    assert len(keys) == len(SAMPLE_TABLE)
+    # The same audit captured in both webhook versions (ryu-v0/v1 deletes) is one event.
+    audits = {row[5] or row[0] for row in SAMPLE_TABLE}
+    assert len(keys) == len(audits) < len(SAMPLE_TABLE)
+    assert parse(sample("ryu-v0-observable-delete.json")).dedup_key == \
+        parse(sample("ryu-v1-observable-delete.json")).dedup_key
 
 
 # --- ignored events -------------------------------------------------------------------------

@@ -322,3 +322,27 @@ def test_only_model_error_for_any_json(obj):
             cls.from_thehive(obj)
         except ModelError:
             pass
+
+
+# --- real captures (tests/samples/README.md) ------------------------------------------------------
+
+def test_thehive3_case_from_the_docs_capture_has_only_id_and_case_id():
+    case = Case.from_thehive(part("thehivedocs-th3-case-update.json", "object"))
+    assert (case.id, case.number, case.severity, case.tlp, case.pap, case.owner, case.status, case.updated_ms) == (
+        "AV6FZsTj0KeanEfOQfd_", 1445, 3, "AMBER", None, "me", "Open", 1505477372246)
+
+
+def test_thehive5_observable_from_the_capture_with_thehive5_case_fields():
+    observable = Observable.from_thehive(part("ryu-v1-observable-tag-update.json", "object"))
+    assert (observable.id, observable.data_type, observable.data, observable.tags, observable.case_id) == (
+        "~12336", "domain", "1.1.1.1", ("a-sample-tag", "new-tag"), "~40976512")
+    case = Case.from_thehive(part("ryu-v1-observable-tag-update.json", "object", "case"))
+    assert (case.number, case.status, case.owner) == (3, "InProgress", "user@thehive.local")
+
+
+@pytest.mark.parametrize("name", ["ryu-v1-observable-delete.json", "ryu-v0-observable-delete.json"])
+def test_a_captured_observable_delete_carries_no_observable(name):
+    payload = sample(name)
+    assert "object" not in payload
+    with pytest.raises(ModelError, match=r"observable\._id"):
+        Observable.from_thehive(payload["details"])

@@ -783,3 +783,128 @@ def test_every_optional_call_refused_at_once_dead_letters_nothing(make_world, re
     (indicator,) = world.tq.find_indicators("203.0.113.47", "IP Address")
     assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
     assert world.attributes("events", event["id"])["Severity"] == "CRITICAL"
+
+
+def test_a_thehive5_v0_observable_delete_waits_for_its_case_and_unlinks_the_indicator(world):
+    """TheHive 5 version 0 names a deleted observable's case only by rootId (its context is a
+    Share; ryukisec/TheHive-Webhooks v0/Observable.md): the delete is queued behind its case's
+    events, so it cannot overtake the create that is still waiting, and it unlinks."""
+    created, deleted = sample("ryu-v0-observable-create.json"), sample("ryu-v0-observable-delete.json")
+    world.deliver(created, deleted)
+    # The create waits to be retried (ThreatQ was down, say): the delete must wait behind it.
+    world.inbox.db.execute("UPDATE inbox SET next_attempt_at = next_attempt_at + 3600 WHERE object_id = ? "
+                           "AND action = 'create'", ("~12336",))
+    world.inbox.db.commit()
+    assert world.worker.run_once() is False
+    world.inbox.db.execute("UPDATE inbox SET next_attempt_at = 0")
+    world.inbox.db.commit()
+    world.drain()
+    assert world.states() == ["done", "done"]
+    event = world.event()
+    assert event["title"] == "Hive Case # ~40976512 Test 3"
+    assert len(world.tq.indicators) == 1
+    assert world.tq.links_of("events", event["id"], "indicators") == []
+
+
+# --- thin payloads: no object, details only the change (issue 19, item 2) ----------------------
+
+THIN_SHAPES = ["thehive5-v1", "thehive5-v0", "thehive4-v0", "thehive3"]
+
+
+def _thin(shape: str, kind: str, object_id: str, case_id: str, details: dict, ts: int, n: int,
+          empty_object: bool) -> dict:
+    """An update whose ``object`` is missing (or ``{}``) and whose ``details`` is the change alone."""
+    if shape == "thehive5-v1":
+        payload = {"_id": f"~thin{n}", "_type": "Audit", "action": "update", "objectType": kind.capitalize(),
+                   "objectId": object_id, "rootId": case_id, "_createdAt": ts, "requestId": f"req-thin-{n}",
+                   "details": details}
+    else:
+        v0_type = "case" if kind == "case" else "case_artifact"
+        # TheHive 4 v0: rootId is the observable itself (its own audit context); TheHive 3 and 5 v0: the case.
+        root = object_id if shape == "thehive4-v0" else case_id
+        payload = {"operation": "update" if shape == "thehive4-v0" else "Update", "objectType": v0_type,
+                   "objectId": object_id, "rootId": root, "startDate": ts, "requestId": f"req-thin-{n}",
+                   "base": True, "details": details}
+        if shape == "thehive5-v0":
+            payload.update(_id=f"~thin{n}", _type="audit", organisation={"organisation": "acme-soc"})
+    if empty_object:
+        payload["object"] = {}
+    return payload
+
+
+@pytest.mark.parametrize("empty_object", [False, True], ids=["no-object", "empty-object"])
+@pytest.mark.parametrize("shape", THIN_SHAPES)
+def test_a_thin_update_is_completed_by_reading_thehive_never_dead(world, shape, empty_object):
+    case = world.hive.add_case(title="Thin case", severity=2, tlp=2, pap=2)
+    observable = world.hive.add_observable(case["_id"], dataType="ip", data="198.51.100.7", tlp=2, pap=2)
+    world.hive.update_case(case["_id"], severity=4)
+    world.hive.update_observable(observable["_id"], ioc=True)
+    now = world.hive._now_ms()
+    thin_case = _thin(shape, "case", case["_id"], case["_id"], {"severity": 4}, now, 1, empty_object)
+    thin_obs = _thin(shape, "observable", observable["_id"], case["_id"], {"ioc": True}, now + 1, 2, empty_object)
+    assert {events.parse(p).shape for p in (thin_case, thin_obs)} == {
+        "thehive5-v0" if shape == "thehive3" else shape}
+    world.deliver(thin_case, thin_obs)
+    world.drain()
+    assert world.states() == ["done", "done"], world.last_error()
+    event = world.event()
+    assert event["title"] == f"Hive Case # {case['_id']} Thin case"
+    assert world.attributes("events", event["id"])["Severity"] == "CRITICAL"
+    (indicator,) = world.tq.find_indicators("198.51.100.7", "IP Address")
+    assert world.attributes("indicators", indicator["id"])["Indicator Of Compromise?"] == "Yes"
+    assert world.tq.links_of("events", event["id"], "indicators") == [indicator["id"]]
+
+
+def test_a_thin_update_waits_while_thehive_is_unreachable_then_completes(world):
+    case = world.hive.add_case(title="Thin case", severity=3)
+    world.deliver(_thin("thehive5-v1", "case", case["_id"], case["_id"], {"severity": 3},
+                        world.hive._now_ms(), 1, empty_object=False))
+    world.worker.sync.thehive.attempts = 1  # no retry inside the client: the worker's retry is what is tested
+    world.hive.fail_next(1, 503)
+    assert world.worker.run_once() is True
+    assert world.states() == ["pending"]
+    assert "TheHiveUnavailable" in world.last_error()
+    world.drain()
+    assert world.states() == ["done"]
+    assert world.attributes("events", world.event()["id"])["Severity"] == "HIGH"
+
+
+def test_a_thin_update_of_an_object_gone_from_thehive_is_skipped_not_dead(world):
+    world.deliver(_thin("thehive5-v1", "case", "~404404", "~404404", {"severity": 3}, 1_700_000_000_000, 1, False),
+                  _thin("thehive5-v1", "observable", "~404405", "~404404", {"ioc": True}, 1_700_000_000_001, 2,
+                        False))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    assert not world.tq.events and not world.tq.indicators
+
+
+def test_a_thin_update_of_an_alerts_observable_is_skipped(world):
+    alert = world.hive.add_alert()
+    observable = world.hive.add_alert_observable(alert["_id"], dataType="ip", data="192.0.2.9")
+    # TheHive 4 v0: rootId is the observable itself, so only TheHive can say where it lives.
+    world.deliver(_thin("thehive4-v0", "observable", observable["_id"], observable["_id"], {"ioc": True},
+                        world.hive._now_ms(), 1, False))
+    world.drain()
+    assert world.states() == ["done"]
+    assert not world.tq.indicators
+
+
+def test_the_captured_thehive3_case_bodies_sync(world):
+    """TheHiveDocs admin/webhooks.md: a TheHive 3 create, then an update (no audit _id, ``id`` only)."""
+    world.deliver(sample("thehivedocs-th3-case-create.json"), sample("thehivedocs-th3-case-update.json"))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    event = world.event()
+    assert event["title"] == "Hive Case # AV6FZsTj0KeanEfOQfd_ Test case for webhook"
+    assert world.attributes("events", event["id"])["Severity"] == "HIGH"
+
+
+def test_the_captured_thehive5_v1_observable_update_and_delete_sync(world):
+    world.deliver(sample("ryu-v1-observable-tag-update.json"), sample("ryu-v1-observable-delete.json"))
+    world.drain()
+    assert world.states() == ["done", "done"]
+    event = world.event()
+    assert event["title"] == "Hive Case # ~40976512 Test 3"
+    (indicator,) = world.tq.indicators.values()
+    assert sorted(world.tq.tags_of("indicators", indicator["id"])) == ["a-sample-tag", "new-tag"]
+    assert world.tq.links_of("events", event["id"], "indicators") == []

@@ -209,7 +209,7 @@ def test_zero_max_wait_does_not_wait():
 
 
 @pytest.mark.parametrize("status, exc, text", [
-    (401, TheHiveUnavailable, "API key was refused"),
+    (401, TheHiveUnavailable, "API key refused, or the user is not in organisation 'acme-soc'"),
     (403, TheHiveUnavailable, "lacks the permission.*organisation 'acme-soc'"),
     (404, TheHiveNotFound, "HTTP 404: Case ~1 not found"),
     (400, TheHiveError, "HTTP 400: Invalid filter"),
@@ -380,10 +380,48 @@ def test_sim_iter_observables_since_sees_observable_updates(sim, served):
 
 def test_sim_organisation_and_key_are_enforced(sim, served):
     case = sim.add_case()
+    # TheHive answers a user outside the organisation like a bad key: the message names both.
+    with pytest.raises(TheHiveUnavailable, match="HTTP 401: API key refused, or the user is not in "
+                                                 "organisation 'other-org'.*: Authentication failure"):
+        sim_client(served, organisation="other-org").get_case(case["_id"])
+    sim.wrong_organisation_status = 403
     with pytest.raises(TheHiveUnavailable, match="HTTP 403.*'other-org'"):
         sim_client(served, organisation="other-org").get_case(case["_id"])
-    with pytest.raises(TheHiveUnavailable, match="HTTP 401.*API key was refused"):
+    with pytest.raises(TheHiveUnavailable, match=r"HTTP 401: the API key was refused \(check thehive.api_key\): "
+                                                 "Authentication failure"):
         sim_client(served, api_key="wrong-key-0000").get_case(case["_id"])
+    http = sim.app.test_client()
+    for scheme, status in (("Bearer", 200), ("bearer", 401), ("BEARER", 401)):  # case-sensitive
+        answer = http.post("/api/v1/query", json={"query": [{"_name": "listCase"}]},
+                           headers={"Authorization": f"{scheme} {THEHIVE_KEY}"})
+        assert answer.status_code == status
+
+
+@pytest.mark.parametrize("body, shown", [
+    ({"type": "NotFoundError", "message": "Case ~1 not found"}, "HTTP 400: Case ~1 not found"),
+    ({"type": "AttributeCheckingError", "tableName": "case",
+      "errors": [{"name": "severity", "value": "x", "type": "InvalidFormatAttributeError"}]},
+     'HTTP 400: AttributeCheckingError: [{"name":"severity","value":"x","type":"InvalidFormatAttributeError"}]'),
+    ({"type": "MultiError", "error": "2 errors", "suberrors": []}, "HTTP 400: MultiError: 2 errors"),
+    ({"type": "BadRequest"}, "HTTP 400: BadRequest"),
+    ({}, "HTTP 400"),
+])
+@responses.activate
+def test_an_error_body_without_a_message_shows_its_type_or_errors(body, shown):
+    """ScalliGraph's ErrorHandler answers AttributeCheckingError with {type, errors} and MultiError
+    with {type, error, suberrors}: no message, yet the error must say what TheHive said."""
+    responses.post(QUERY, status=400, json=body)
+    with pytest.raises(TheHiveError) as info:
+        make_client().get_case("~1")
+    assert str(info.value).endswith(shown)
+
+
+@responses.activate
+def test_a_plain_text_error_body_is_shown_with_the_key_masked():
+    responses.post(QUERY, status=400, body=f"A client error occurred on POST /api/v1/query : bad {THEHIVE_KEY}\nmore")
+    with pytest.raises(TheHiveError) as info:
+        make_client().get_case("~1")
+    assert str(info.value).endswith("HTTP 400: A client error occurred on POST /api/v1/query : bad ***")
 
 
 def test_sim_fault_injection_is_retried(sim, served):

@@ -5,9 +5,12 @@ the cases (and their observables) created or updated since the last successful r
 ``_updatedAt`` order, page by page, and puts each into the inbox as a synthetic audit
 event. From there it takes the normal sync path: the same mapping, the same exactly-once
 effect, and the sync's time-order check keeps a late, older state from overwriting a
-newer one. The mark moves forward only past what was queued: a TheHive that fails
-mid-run leaves the mark at the last case fully queued, and the next run resumes there.
-Memory stays flat: one page of cases and one page of observables at a time.
+newer one. The mark moves only when a run completes, to the newest change it read: where
+TheHive sorts the objects that were never updated (no ``_updatedAt``) is not documented
+(first or last), so the order of a listing proves nothing about what a run cut short has not
+read yet. A TheHive that fails mid-run leaves the mark where it was; the next run reads again
+from it (what was queued is recognised as a duplicate). Memory stays flat: one page of cases
+and one page of observables at a time.
 """
 from __future__ import annotations
 
@@ -134,12 +137,16 @@ class Backfill:
             self._queue(payloads, result)
             result.cases += 1
             result.observables += len(payloads) - 1
-            # The whole case is queued: the mark may pass it.
-            result.mark_ms = max(result.mark_ms or 0, _updated(case))
-            self.marks.advance(result.mark_ms)
+            newest = max(_updated(p["object"]) for p in payloads)
+            result.mark_ms = max(result.mark_ms or 0, newest)
             if self.progress:
                 self.progress(result)
         self._changed_observables(since_ms, everything, queued_observables, result)
+        # Only now, the whole listing read: a null _updatedAt may sort first or last (TheHive 4
+        # sorts a missing value as null; TinkerPop puts nulls first [guess]), so a mark moved case
+        # by case could pass cases that a run cut short never read.
+        if result.mark_ms is not None:
+            self.marks.advance(result.mark_ms)
         return result
 
     def _changed_observables(self, since_ms, everything, already, result) -> None:
@@ -156,6 +163,7 @@ class Backfill:
                 continue
             self._queue([_event("Observable", observable, case_id)], result)
             result.observables += 1
+            result.mark_ms = max(result.mark_ms or 0, _updated(observable))
             if self.progress:
                 self.progress(result)
 
@@ -212,8 +220,8 @@ def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[]
             log.info("catch-up done cases=%d observables=%d queued=%d duplicates=%d ms=%.0f", result.cases,
                      result.observables, result.queued, result.duplicates, (time.monotonic() - started) * 1000)
         except TheHiveError as exc:
-            log.warning("catch-up stopped (the mark stays at the last case queued; it resumes at the next "
-                        "start or `tq-mw-thehive backfill`): %s", exc)
+            log.warning("catch-up stopped (the mark stays where it was: the next start or `tq-mw-thehive "
+                        "backfill` reads again from it; what was queued stays queued): %s", exc)
         except Exception:
             log.exception("catch-up failed")
         finally:

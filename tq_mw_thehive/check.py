@@ -283,7 +283,9 @@ def check_thehive_api(ctx: Context) -> Result:
     except TheHiveError as exc:
         text = str(exc)
         if "HTTP 401" in text or "HTTP 403" in text:
-            fix = key_fix + (" (and thehive.organisation to one it belongs to)" if "HTTP 403" in text else "")
+            # TheHive answers 401 both for a bad key and for a user outside thehive.organisation.
+            org_too = "HTTP 403" in text or bool(cfg.thehive.organisation)
+            fix = key_fix + (" (and thehive.organisation to one it belongs to)" if org_too else "")
         else:
             fix = (f"check that TheHive answers at {cfg.thehive.url} from this host (thehive.url; "
                    "-ds or thehive.verify_ssl: false for a self-signed certificate)")

@@ -33,6 +33,7 @@ from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_
                                    case_consume_item, consume_item, map_case, map_observable)
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
+from tq_mw_thehive.thehive.api import TheHiveNotFound
 from tq_mw_thehive.thehive.model import Case, Observable
 from tq_mw_thehive.threatq.api import (ThreatQClient, ThreatQPermanentError, ThreatQStepRefused, attribute_name,
                                        record_type_id, source_pivot_id, source_tlp)
@@ -112,6 +113,20 @@ def thehive_time(obj: Any) -> Optional[int]:
         value = obj.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    return None
+
+
+def carried_object(payload: dict) -> Optional[dict]:
+    """The case or observable an event carries: ``object`` when not empty, else ``details`` when it
+    is a whole object (a create's, with its ``_id``); None for a thin update, whose ``details`` hold
+    only the changed fields (TheHive 4's audits, TheHive 5 without ``object``): the sync then reads
+    the object from TheHive instead of failing on a partial one."""
+    obj = payload.get("object")
+    if isinstance(obj, dict) and obj:
+        return obj
+    details = payload.get("details")
+    if isinstance(details, dict) and (details.get("_id") or details.get("id")):
+        return details
     return None
 
 
@@ -250,7 +265,13 @@ class Sync:
         case_id = event.object_id
         if event.action == "delete":
             return self._delete_case(case_id, payload.get("details") or {}, ts)
-        obj = payload.get("object") or payload.get("details") or self._fetch_case(case_id)
+        obj = carried_object(payload)
+        if obj is None:
+            # A thin update (no object, details only the change): read the case as it is now.
+            try:
+                obj = self._fetch_case(case_id)
+            except TheHiveNotFound:
+                return Outcome("skipped", detail=f"case {case_id} is no longer in TheHive")
         case = Case.from_thehive(obj)
         if self._stale(case_id, ts):
             return Outcome("stale", case.number, detail="a newer change of this case was applied")
@@ -262,6 +283,17 @@ class Sync:
         ref = self._upsert_case(case)
         self.state.mark_applied(case_id, "case", ts)
         return Outcome("synced", case.number, [f"{ref[0]}/{ref[1]}"])
+
+    def _fetch_observable(self, obs_id: str, case_id: Optional[str]) -> Tuple[dict, Optional[str]]:
+        """The observable as TheHive holds it now, and its case's id when it had to be asked for
+        (``case_id`` unknown from the event and the state)."""
+        if self.thehive is None:
+            raise PermanentSyncError(f"observable {obs_id} is not in the event and no TheHive API key is "
+                                     "configured (thehive.api_key)")
+        obj = self.thehive.get_observable(obs_id)
+        if case_id or self.state.case_of(obs_id):
+            return obj, None
+        return obj, self.thehive.case_of_observable(obs_id)
 
     def _fetch_case(self, case_id: str) -> dict:
         if self.thehive is None:
@@ -406,11 +438,18 @@ class Sync:
         obs_id = event.object_id
         if event.action == "delete":
             return self._delete_observable(obs_id, event.case_id, ts)
-        obj = payload.get("object") or payload.get("details")
-        if not obj:
-            raise PermanentSyncError(f"observable {obs_id}: the event carries no observable")
+        obj = carried_object(payload)
+        fetched_case_id = None
+        if obj is None:
+            # A thin update (no object, details only the change): read the observable as it is now.
+            try:
+                obj, fetched_case_id = self._fetch_observable(obs_id, event.case_id)
+            except TheHiveNotFound:
+                return Outcome("skipped", detail=f"observable {obs_id} is no longer in TheHive")
+            if fetched_case_id is None and not event.case_id and not self.state.case_of(obs_id):
+                return Outcome("skipped", detail=f"observable {obs_id} is in no case (an alert's)")
         observable = Observable.from_thehive(obj)
-        case_id = observable.case_id or event.case_id or self.state.case_of(obs_id)
+        case_id = observable.case_id or event.case_id or self.state.case_of(obs_id) or fetched_case_id
         embedded_case = obj.get("case") if isinstance(obj.get("case"), dict) else None
         number = embedded_case.get("number", embedded_case.get("caseId")) if embedded_case else None
         if not case_id:

@@ -1,11 +1,21 @@
 """A TheHive 5 API v1 simulator: the read side that ``thehive.api`` uses (reference §4, §5).
 
 ``POST /api/v1/query`` understands the sources ``getCase``, ``listCase``, ``getAlert``,
-``listAlert`` and ``listObservable``, the traversal ``observables`` (from cases or
-alerts), ``filter`` (``_gte``, ``_lte``, ``_eq``, ``_and``, ``_or``), ``sort`` on one
-field and ``page`` (``from`` inclusive, ``to`` exclusive), and answers a bare JSON array
-like TheHive. Errors use TheHive's ``{"type", "message"}`` body.
-``GET /api/v1/case/{idOrName}`` and ``GET /api/v1/observable/{id}`` answer one object or 404.
+``listAlert``, ``getObservable`` and ``listObservable``, the traversals ``observables``
+(from cases or alerts) and ``case`` (from observables), ``filter`` with every operator
+thehive4py 2.x builds (TheHive-Project/TheHive4py ``thehive4py/query/filters.py``: ``_lt``,
+``_gt``, ``_lte``, ``_gte``, ``_eq``, ``_ne``, ``_is``, ``_in``, ``_between``, ``_id``,
+``_has``, ``_contains``, ``_like``, ``_match``, ``_startsWith``, ``_endsWith``, ``_and``,
+``_or``, ``_not``), ``sort`` on one field or several (``query/sort.py``: ``Asc(a) & Desc(b)``)
+and ``page`` (``from`` inclusive, ``to`` exclusive), and answers a bare JSON array like
+TheHive. Errors use TheHive's ``{"type", "message"}`` body (ScalliGraph ``ErrorHandler``),
+unknown routes and methods too. ``GET /api/v1/case/{idOrName}`` and
+``GET /api/v1/observable/{id}`` answer one object or 404. ``queries`` records every query's
+operations, so a test can compare what two clients send.
+
+Objects carry the fields of thehive4py's ``OutputCase``/``OutputObservable``
+(``thehive4py/types/case.py``, ``types/observable.py``): TheHive 5's ``newDate``,
+``timeToDetect``, ``access``, ``userPermissions`` on cases, ``external`` on observables.
 
 Alerts hold observables too, and ``listObservable`` returns them with the case ones, as
 TheHive's does (``controllers/v1/ObservableCtrl.scala``), so a test can prove that a
@@ -17,13 +27,16 @@ sends it.
 
 Choices where the reference has no source ([guess]):
 - A never-updated object has no ``_updatedAt`` (as in the TheHive 5 captures);
-  sorting puts objects without the field last in both directions, like Elasticsearch.
+  sorting puts objects without the field last in both directions, like Elasticsearch, or
+  first with ``nulls_first = True`` (TheHive 4 sorts a missing value as null, and TinkerPop
+  probably orders nulls first): a reader must be right with either.
 - ``getCase`` of an unknown case answers ``[]`` (its traversal is empty), not 404.
 - Adding an observable bumps its case's ``_updatedAt`` (seen in the captures).
 """
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -55,7 +68,12 @@ class TheHiveSimulator:
         self.alerts: Dict[str, dict] = {}
         self.observables: Dict[str, dict] = {}  # of cases and of alerts
         self.send_total = True  # False: no X-Total, even for a page asking extraData ["total"]
+        self.nulls_first = False  # True: a sort puts objects without the field first, not last
+        # A key whose user is not in the X-Organisation asked for: TheHive answers it like a bad key
+        # (401 AuthenticationError); 403 plays an AuthorizationError instead.
+        self.wrong_organisation_status = 401
         self.requests: List[Tuple[str, str]] = []
+        self.queries: List[Any] = []  # the "query" of each POST /api/v1/query, as sent
         self.delay_s: float = 0.0
         self._failures: List[int] = []
         self._lock = threading.RLock()
@@ -91,7 +109,10 @@ class TheHiveSimulator:
                     "number": number, "title": f"Simulated case {number}", "description": "",
                     "severity": 2, "startDate": now, "tags": [], "flag": False, "tlp": 2, "pap": 2,
                     "status": "New", "stage": "New", "assignee": SIM_USER, "customFields": [],
-                    "customFieldValues": {}, "extraData": {}}
+                    "customFieldValues": {}, "extraData": {},
+                    # TheHive 5 (thehive4py OutputCase); access and userPermissions values [guess]
+                    "newDate": now, "timeToDetect": 0, "access": {"kind": "organisation"},
+                    "userPermissions": ["manageCase/update", "manageObservable"]}
             case.update(fields)
             _label(case)
             self.cases[case["_id"]] = case
@@ -141,7 +162,8 @@ class TheHiveSimulator:
         observable = {"_id": self._new_id(), "_type": "Observable", "_createdBy": SIM_USER,
                       "_createdAt": now, "dataType": "other", "data": f"sim-observable-{now}",
                       "startDate": now, "tlp": 2, "pap": 2, "tags": [], "ioc": False, "sighted": False,
-                      "reports": {}, "message": "", "extraData": {}, "ignoreSimilarity": False}
+                      "reports": {}, "message": "", "extraData": {}, "ignoreSimilarity": False,
+                      "external": False}
         observable.update(fields)
         observable[link] = parent_id
         _label(observable)
@@ -198,6 +220,9 @@ class TheHiveSimulator:
             return [alert] if alert else []
         if name == "listAlert":
             return list(self.alerts.values())
+        if name == "getObservable":
+            observable = self.observables.get(op.get("idOrName"))
+            return [observable] if observable else []
         if name == "listObservable":
             return list(self.observables.values())  # case and alert observables alike, as TheHive
         raise QueryError(f"Unknown query source: {name}")
@@ -209,26 +234,42 @@ class TheHiveSimulator:
                 raise QueryError("observables applies to cases and alerts only")
             ids = {item["_id"] for item in items}
             return [o for o in self.observables.values() if any(o.get(link) in ids for link in _LINKS)]
+        if name == "case":
+            if any(item.get("_type") != "Observable" for item in items):
+                raise QueryError("case applies to observables only")
+            ids = [item.get(_CASE_LINK) for item in items]
+            return [self.cases[i] for i in dict.fromkeys(ids) if i in self.cases]
         if name == "filter":
             expr = {k: v for k, v in op.items() if k != "_name"}
             return [item for item in items if _matches(expr, item)]
         if name == "sort":
             fields = op.get("_fields")
-            if not (isinstance(fields, list) and len(fields) == 1 and isinstance(fields[0], dict)
-                    and len(fields[0]) == 1):
-                raise QueryError("sort takes _fields with exactly one {field: asc|desc}")
-            (field, order), = fields[0].items()
-            if order not in ("asc", "desc"):
-                raise QueryError(f"sort order must be asc or desc, not {order!r}")
-            present = [i for i in items if i.get(field) is not None]
-            missing = [i for i in items if i.get(field) is None]
-            return sorted(present, key=lambda i: i[field], reverse=order == "desc") + missing
+            if not (isinstance(fields, list) and fields and all(isinstance(f, dict) and len(f) == 1
+                                                                  for f in fields)):
+                raise QueryError("sort takes _fields: a list of {field: asc|desc}")
+            keys = [next(iter(f.items())) for f in fields]
+            for _, order in keys:
+                if order not in ("asc", "desc"):
+                    raise QueryError(f"sort order must be asc or desc, not {order!r}")
+            ordered = list(items)
+            for field, order in reversed(keys):  # stable sorts, the last field first
+                ordered = self._sorted(ordered, field, order)
+            return ordered
         if name == "page":
             start, end = op.get("from", 0), op.get("to")
             if not isinstance(start, int) or not isinstance(end, int) or start < 0 or end < start:
                 raise QueryError("page needs integers 0 <= from <= to")
             return items[start:end]
         raise QueryError(f"Unknown query operation: {name}")
+
+    def _sorted(self, items: List[dict], field: str, order: str) -> List[dict]:
+        present = [i for i in items if i.get(field) is not None]
+        missing = [i for i in items if i.get(field) is None]
+        try:
+            ordered = sorted(present, key=lambda i: i[field], reverse=order == "desc")
+        except TypeError:
+            raise QueryError(f"cannot sort on {field}: values of different types") from None
+        return missing + ordered if self.nulls_first else ordered + missing
 
     def _find_case(self, id_or_name: Any) -> Optional[dict]:
         """A case by ``~id`` or by number (int or digits), as TheHive resolves ``idOrName``."""
@@ -253,11 +294,16 @@ class TheHiveSimulator:
             if failure is not None:
                 return _error(failure, "InternalError", f"simulated failure (HTTP {failure})")
             scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
-            if scheme.lower() != "bearer" or key != self.api_key:
+            # Case-sensitive, as TheHive's header authentication ("Bearer " prefix; thehive4py
+            # sends exactly that: TheHive4py thehive4py/session.py).
+            if scheme != "Bearer" or key != self.api_key:
                 return _error(401, "AuthenticationError", "Authentication failure")
             wanted = request.headers.get("X-Organisation")
             if self.organisation and wanted and wanted != self.organisation:
-                return _error(403, "AuthorizationError", f"Organisation {wanted} not found or not accessible")
+                if self.wrong_organisation_status == 401:
+                    return _error(401, "AuthenticationError", "Authentication failure")
+                return _error(self.wrong_organisation_status, "AuthorizationError",
+                              f"Organisation {wanted} not found or not accessible")
             return None
 
         @app.post("/api/v1/query")
@@ -265,6 +311,8 @@ class TheHiveSimulator:
             body = request.get_json(silent=True)
             if not isinstance(body, dict):
                 return _error(400, "BadRequest", "Invalid JSON body")
+            with self._lock:
+                self.queries.append(copy.deepcopy(body.get("query")))
             try:
                 items, total = self.query_page(body.get("query"))
             except QueryError as exc:
@@ -291,6 +339,16 @@ class TheHiveSimulator:
                 return jsonify(_served(observable))
 
         self._add_config_routes(app)
+
+        # [guess] TheHive's statuses for these; its body shape is ScalliGraph's {type, message}.
+        @app.errorhandler(404)
+        def no_route(_exc):
+            return _error(404, "NotFoundError", f"No route for {request.method} {request.path}")
+
+        @app.errorhandler(405)
+        def no_method(_exc):
+            return _error(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path}")
+
         return app
 
     # -- TheHive 4 organisation configuration (`tq-mw-thehive thehive-setup`) --------------------------
@@ -353,10 +411,33 @@ def _label(obj: dict) -> None:
             obj[label] = names.get(obj[number], str(obj[number]))
 
 
+def _like(value: Any, pattern: Any) -> bool:
+    """``_like``: ``*`` is a wildcard; without one, a substring (case-insensitive) [guess]."""
+    if not isinstance(value, str) or not isinstance(pattern, str):
+        return False
+    value, pattern = value.lower(), pattern.lower()
+    if "*" not in pattern:
+        return pattern in value
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, value) is not None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    # A list field (tags) equals a value it holds, as TheHive's filters on multi-valued fields.
+    return b in a if isinstance(a, list) and not isinstance(b, list) else a == b
+
+
 _COMPARE: Dict[str, Callable[[Any, Any], bool]] = {
     "_gte": lambda a, b: a >= b,
     "_lte": lambda a, b: a <= b,
-    "_eq": lambda a, b: a == b,
+    "_gt": lambda a, b: a > b,
+    "_lt": lambda a, b: a < b,
+    "_eq": _equal,
+    "_is": _equal,
+    "_like": _like,
+    "_match": lambda a, b: isinstance(a, str) and isinstance(b, str) and b.lower() in a.lower(),
+    "_startsWith": lambda a, b: isinstance(a, str) and isinstance(b, str) and a.startswith(b),
+    "_endsWith": lambda a, b: isinstance(a, str) and isinstance(b, str) and a.endswith(b),
 }
 
 
@@ -370,6 +451,31 @@ def _matches(expr: Any, item: dict) -> bool:
             raise QueryError(f"{operator} takes a list of filters")
         results: Iterable[bool] = (_matches(sub, item) for sub in arg)
         return all(results) if operator == "_and" else any(results)
+    if operator == "_not":
+        return not _matches(arg, item)
+    if operator == "_id":
+        return item.get("_id") == arg
+    if operator in ("_has", "_contains"):
+        if not isinstance(arg, str):
+            raise QueryError(f"{operator} takes a field name")
+        return item.get(arg) is not None
+    if operator == "_in":
+        if not isinstance(arg, dict) or "_field" not in arg or not isinstance(arg.get("_values"), list):
+            raise QueryError("_in takes {_field, _values: [...]}")
+        value = item.get(arg["_field"])
+        return value is not None and any(_equal(value, v) for v in arg["_values"])
+    if operator == "_between":
+        if not isinstance(arg, dict) or not {"_field", "_from", "_to"} <= set(arg):
+            raise QueryError("_between takes {_field, _from, _to}")
+        value = item.get(arg["_field"])
+        try:  # from inclusive, to exclusive (thehive4py query/filters.py Between)
+            return value is not None and arg["_from"] <= value < arg["_to"]
+        except TypeError:
+            return False
+    if operator == "_ne":
+        if not isinstance(arg, dict) or "_field" not in arg or "_value" not in arg:
+            raise QueryError("_ne takes {_field, _value}")
+        return not _equal(item.get(arg["_field"]), arg["_value"])
     if operator in _COMPARE:
         if not isinstance(arg, dict) or "_field" not in arg or "_value" not in arg:
             raise QueryError(f"{operator} takes {{_field, _value}}")

@@ -10,7 +10,9 @@ TheHive's logs.
 
 Observables are always read through a case (``getCase``/``listCase`` then
 ``observables``), never from ``listObservable``: that source also returns alert
-observables, which have no case to sync into. Each ``page`` asks for
+observables, which have no case to sync into. The one exception is a single observable named by
+a thin webhook (``get_observable``, then ``case_of_observable`` when nothing else says which
+case it is in; an alert's has none). Each ``page`` asks for
 ``extraData: ["total"]``; where TheHive answers with an ``X-Total`` header, paging
 stops at that total instead of fetching a last, empty page.
 
@@ -21,6 +23,7 @@ network, 5xx after retries, or a key that TheHive refuses) and ``TheHiveError``
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -104,6 +107,24 @@ class TheHiveClient:
         if not found:
             raise TheHiveNotFound(f"TheHive has no case {case_id}")
         return found[0]
+
+    def get_observable(self, observable_id: str) -> dict:
+        """The observable in API v1 form (``getObservable``, TheHive-Project/TheHive
+        ``controllers/v1/ObservableCtrl.scala`` ``initialQueries``; thehive4py
+        ``endpoints/observable.py`` ``get``); an unknown id raises TheHiveNotFound."""
+        found = self._query("get-observable", [{"_name": "getObservable", "idOrName": observable_id}])
+        if not found:
+            raise TheHiveNotFound(f"TheHive has no observable {observable_id}")
+        return found[0]
+
+    def case_of_observable(self, observable_id: str) -> Optional[str]:
+        """The ``_id`` of the observable's case, None for an alert's observable (the ``case``
+        traversal of ``ObservableCtrl.scala`` ``extraQueries``: ``Query[Traversal.V[Observable],
+        Traversal.V[Case]]("case", ...)``)."""
+        found = self._query("observable-case", [{"_name": "getObservable", "idOrName": observable_id},
+                                                 {"_name": "case"}])
+        case_id = found[0].get("_id") if found and isinstance(found[0], dict) else None
+        return case_id if isinstance(case_id, str) else None
 
     def iter_case_observables(self, case_id: str) -> Iterator[dict]:
         """The case's observables, oldest first, one page in memory at a time.
@@ -255,8 +276,14 @@ class TheHiveClient:
         status = response.status_code
         where = f"TheHive {method} {path}"
         if status in (401, 403):
-            problem = ("the API key was refused (check thehive.api_key)" if self._api_key
-                       else "no API key is configured (thehive.api_key)")
+            if not self._api_key:
+                problem = "no API key is configured (thehive.api_key)"
+            elif self.organisation:
+                # TheHive answers a user outside the X-Organisation it names with 401, like a bad key.
+                problem = (f"API key refused, or the user is not in organisation {self.organisation!r} "
+                           "(check thehive.api_key and thehive.organisation)")
+            else:
+                problem = "the API key was refused (check thehive.api_key)"
             if status == 403:
                 problem = ("the API key lacks the permission"
                            + (f", or cannot act in organisation {self.organisation!r}" if self.organisation else ""))
@@ -276,13 +303,19 @@ class TheHiveClient:
             raise TheHiveError(f"{where}: HTTP {status} with a body that is not JSON") from None
 
     def _detail(self, response: requests.Response) -> str:
-        """``": <TheHive's message>"`` when the body has one, with the key masked in case it is echoed."""
+        """``": <what TheHive said>"``, with the key masked in case it is echoed: its ``message``; else
+        its ``type`` with ``errors`` (``AttributeCheckingError``) or ``error`` (``MultiError``), the
+        bodies of ScalliGraph's ``ErrorHandler`` that have no message; else a short plain-text body
+        (Play's client errors: "A client error occurred on ...")."""
         try:
             body = response.json()
         except ValueError:
-            return ""
-        message = body.get("message") if isinstance(body, dict) else None
-        if not isinstance(message, str) or not message:
+            body = None
+            text = (response.text or "").strip()
+            message = text.splitlines()[0][:200] if text else ""
+        else:
+            message = _error_text(body)
+        if not message:
             return ""
         if self._api_key:
             message = message.replace(self._api_key, _MASK)
@@ -291,6 +324,21 @@ class TheHiveClient:
     @staticmethod
     def _log(method: str, path: str, status: Any, started: float) -> None:
         logger.debug("%s %s -> %s in %d ms", method, path, status, (time.monotonic() - started) * 1000)
+
+
+def _error_text(body: Any) -> str:
+    """What an error body says: ``message``; else ``type`` plus ``errors`` or ``error``; else ``type``."""
+    if not isinstance(body, dict):
+        return ""
+    message = body.get("message")
+    if isinstance(message, str) and message:
+        return message
+    kind = body.get("type") if isinstance(body.get("type"), str) else ""
+    more = body.get("errors", body.get("error"))
+    if more in (None, "", [], {}):
+        return kind
+    shown = more if isinstance(more, str) else json.dumps(more, separators=(",", ":"), default=str)
+    return f"{kind}: {shown}" if kind else shown
 
 
 def _page_op(start: int, end: int) -> Dict[str, Any]:

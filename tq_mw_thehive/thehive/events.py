@@ -135,9 +135,11 @@ def _case_id(shape: str, object_type: str, object_id: Optional[str], root_id: Op
         return embedded
     if str(context.get("_type", "")).lower() == "case" and isinstance(context.get("_id"), str):
         return _text(context["_id"], "context._id")
-    # In TheHive 5 v1 an observable's rootId is its case (for case observables);
-    # in TheHive 4 v0 it is the observable itself, so it says nothing there.
-    if shape == THEHIVE5_V1 and object_type == "observable" and root_id != object_id:
+    # In TheHive 5 (version 1 and version 0 alike) an observable's rootId is its case (for case
+    # observables): an observable delete carries its case only there, its context being a Share
+    # (ryukisec/TheHive-Webhooks v0/Observable.md and v1/Observable.md, "Observable deleted").
+    # In TheHive 4 v0 rootId is the observable itself, so it says nothing there.
+    if shape in (THEHIVE5_V0, THEHIVE5_V1) and object_type == "observable" and root_id != object_id:
         return root_id
     return None
 
