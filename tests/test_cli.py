@@ -411,3 +411,102 @@ def test_replay_puts_dead_letters_back(config_dir):
     result = runner.invoke(cli, ["replay", "-c", str(config_dir)])
     assert result.exit_code == 0 and "replayed 1 dead letter(s)" in result.output
     assert inbox.get(ids[1])["state"] == "pending" and inbox.get(ids[1])["attempts"] == 0
+
+
+# --- purge (issue 13 item 7) ---------------------------------------------------------------------
+
+def aged_inbox(db_path: Path) -> Dict[str, List[int]]:
+    """Done events finished 40 and 10 days ago, a dead letter, a pending event."""
+    import time as _time
+
+    inbox = Inbox.open(db_path)
+    ids: Dict[str, List[int]] = {"old": [], "recent": [], "dead": [], "pending": []}
+    try:
+        for i, kind in enumerate(["old", "old", "old", "recent", "dead", "pending"]):
+            payload = sample("th5-case-update.json")
+            case = f"~91000{i}"
+            payload.update({"_id": f"~purge-{i}", "objectId": case, "rootId": case})
+            ids[kind].append(inbox.put(events.parse(payload), json.dumps(payload)).id)
+            if kind != "pending":
+                item = inbox.claim("test")
+                assert inbox.dead(item.id, "test", "refused") if kind == "dead" else inbox.done(item.id, "test")
+        days = {"old": 40, "recent": 10}
+        for kind, age in days.items():
+            inbox.db.executemany("UPDATE inbox SET finished_at = ? WHERE id = ?",
+                                 [(_time.time() - age * 86400, i) for i in ids[kind]])
+    finally:
+        inbox.close()
+    return ids
+
+
+def states(db_path: Path) -> Dict[int, str]:
+    inbox = Inbox(db_path)
+    try:
+        return {r["id"]: r["state"] for r in inbox.db.execute("SELECT id, state FROM inbox")}
+    finally:
+        inbox.close()
+
+
+def test_purge_deletes_done_events_older_than_keep_done_and_dead_letters_only_when_asked(config_dir):
+    db_path = config_mod.load(config_dir).state_db
+    ids = aged_inbox(db_path)
+    result = invoke(["purge", "-c", str(config_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "purged 3 done event(s) finished more than 30d ago\n"
+    assert sorted(states(db_path)) == sorted(ids["recent"] + ids["dead"] + ids["pending"])
+
+    result = invoke(["purge", "--done-older-than", "7d", "--dead", "-c", str(config_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "purged 1 done event(s) finished more than 7d ago, 1 dead letter(s)\n"
+    assert states(db_path) == {ids["pending"][0]: "pending"}  # never a pending event
+
+    result = invoke(["purge", "--done-older-than", "0", "--dead", "-c", str(config_dir)])
+    assert result.stdout == "purged 0 done event(s) finished more than 0s ago, 0 dead letter(s)\n"
+    assert status_json(["status", "-c", str(config_dir), "--json"])["pending"] == 1
+
+
+def test_purge_follows_inbox_keep_done_and_its_zero(tmp_path):
+    write_config(tmp_path, inbox={"keep_done": "45d"})
+    db_path = config_mod.load(tmp_path).state_db
+    aged_inbox(db_path)
+    assert invoke(["purge", "-c", str(tmp_path)]).stdout == "purged 0 done event(s) finished more than 45d ago\n"
+    write_config(tmp_path, inbox={"keep_done": 0})
+    result = invoke(["purge", "-c", str(tmp_path)])
+    assert result.exit_code == 0 and "inbox.keep_done is 0" in result.stdout
+    assert len(states(db_path)) == 6
+
+
+@pytest.mark.parametrize("args", [["purge"], ["purge", "--dead", "--vacuum"]])
+def test_purge_refuses_a_missing_config_dir_or_state_database_with_exit_2(tmp_path, args):
+    missing = tmp_path / "no-such-dir"
+    assert "configuration directory" in one_error(invoke(args + ["-c", str(missing)]))
+    assert not missing.exists()
+    write_config(tmp_path, state_db="data/inbox.db")
+    (tmp_path / "data").mkdir()
+    error = one_error(invoke(args + ["-c", str(tmp_path)]))
+    assert f"state database {tmp_path / 'data' / 'inbox.db'} does not exist" in error
+    assert os.listdir(tmp_path / "data") == []
+
+
+@pytest.mark.parametrize("value", ["soon", "-3d", ""])
+def test_purge_with_a_bad_duration_exits_2(config_dir, value):
+    started(config_dir)
+    error = one_error(invoke(["purge", "--done-older-than", value, "-c", str(config_dir)]))
+    assert "--done-older-than" in error
+
+
+def test_purge_vacuum_converts_an_old_database_once_then_releases_in_place(config_dir, monkeypatch):
+    db_path = config_mod.load(config_dir).state_db
+    with monkeypatch.context() as patched:  # a database as the versions before migration 7 made it
+        patched.setattr(state, "_incremental_vacuum_mode", lambda db: None)
+        aged_inbox(db_path)
+    assert Inbox(db_path).vacuum_mode() == "none"
+    result = invoke(["purge", "--vacuum", "-c", str(config_dir)])
+    assert result.exit_code == 0, result.output
+    assert "the database was rewritten, in incremental auto-vacuum mode" in result.stdout
+    assert Inbox(db_path).vacuum_mode() == "incremental"
+    result = invoke(["purge", "--vacuum", "-c", str(config_dir)])
+    assert result.exit_code == 0 and re.search(r"^released \d+\.\d MB$", result.stdout, re.M), result.stdout
+    monkeypatch.setattr("tq_mw_thehive.inbox.REWRITE_FREE_BYTES", -1)  # a long free list: one rewrite is quicker
+    assert "the database was rewritten" in invoke(["purge", "--vacuum", "-c", str(config_dir)]).stdout
+    assert len(states(db_path)) == 3

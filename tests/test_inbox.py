@@ -556,3 +556,96 @@ def test_put_many_stores_a_batch_in_one_transaction_with_put_s_results(inbox: In
     assert [r.created for r in results] == [True, False, True, True]  # ~m-1 was already there
     assert results[1].id == 1 and len({r.id for r in results}) == 4
     assert inbox.put_many([]) == []
+
+
+# --- issue 13: a replay is a fresh start; counts that do not grow with the history ---------------
+
+def test_replay_restarts_the_age_that_max_age_counts_from(inbox: Inbox, clock: FakeClock) -> None:
+    item_id = put(inbox, "~old")
+    kill(inbox, item_id)
+    clock.advance(3 * 86400)  # replayed days later, once the cause is fixed
+    assert inbox.replay([item_id]) == 1
+    item = inbox.claim("w")
+    assert item.received_at == T0 and item.replayed_at == T0 + 3 * 86400
+    assert item.age_from == T0 + 3 * 86400 and item.attempts == 1
+    assert inbox.claim("w") is None
+    fresh = put(inbox, "~fresh", CASE_B)
+    never_replayed = inbox.claim("w2")
+    assert never_replayed.id == fresh and never_replayed.replayed_at is None
+    assert never_replayed.age_from == never_replayed.received_at == clock()
+
+
+LEGACY_STATS = """SELECT COALESCE(SUM(state = 'pending'), 0) AS pending, COALESCE(SUM(state = 'done'), 0) AS done,
+                         COALESCE(SUM(state = 'dead'), 0) AS dead FROM inbox"""
+
+
+def test_counts_kept_by_triggers_match_a_full_count_through_every_change(inbox: Inbox, clock: FakeClock) -> None:
+    def check() -> None:
+        full = dict(inbox.db.execute(LEGACY_STATS).fetchone())
+        assert {k: inbox.stats()[k] for k in full} == full
+
+    ids = [put(inbox, f"~c{i}", f"~case-{i}") for i in range(8)]
+    check()
+    assert inbox.put(*make_event("~c0", "~case-0", 1_000)).created is False  # a duplicate counts nothing
+    check()
+    for i, action in enumerate(["done", "done", "dead", "dead", "retry", "done"]):
+        item = inbox.claim("w")
+        getattr(inbox, action)(*((item.id, "w") + {"done": (), "dead": ("x",), "retry": ("x", 0)}[action]))
+        check()
+    assert inbox.replay([ids[2]]) == 1
+    check()
+    inbox.db.execute("UPDATE inbox SET state = 'done', finished_at = 0 WHERE id = ?", (ids[7],))  # a hand edit too
+    check()
+    clock.advance(10)
+    assert inbox.purge(done_older_than_s=5, dead=True)["done"] == 4
+    check()
+    inbox.db.execute("DELETE FROM inbox WHERE state = 'pending'")
+    check()
+
+
+def test_stats_and_the_chart_read_no_row_of_the_history(inbox: Inbox) -> None:
+    """A scan of `inbox` costs 1-2 s at a million rows: every query of the figures uses an index."""
+    plans = []
+    real = inbox.db
+
+    class Spy:
+        def execute(self, sql, params=()):
+            plans.extend(r[3] for r in real.execute("EXPLAIN QUERY PLAN " + sql, params))
+            return real.execute(sql, params)
+
+    inbox._local.db = Spy()
+    try:
+        inbox.stats()
+        inbox.hourly_counts(24)
+    finally:
+        inbox._local.db = real
+    assert plans and not [p for p in plans if p.startswith("SCAN inbox")], plans
+
+
+def test_purge_deletes_only_done_rows_older_than_the_cutoff_in_batches(inbox: Inbox, clock: FakeClock) -> None:
+    old_done = []
+    for i in range(7):
+        old_done.append(put(inbox, f"~old-{i}", f"~case-old-{i}"))
+        assert inbox.done(inbox.claim("w").id, "w")
+    dead = put(inbox, "~dead", "~case-dead")
+    kill(inbox, dead)
+    pending = put(inbox, "~pending", "~case-pending")
+    clock.advance(31 * 86400)
+    recent = put(inbox, "~recent", "~case-recent")
+    assert inbox.claim("w").id == pending and inbox.retry(pending, "w", "x", 3600)
+    assert inbox.claim("w").id == recent and inbox.done(recent, "w")
+
+    pauses, seen = [], []
+    assert inbox.purgeable(30 * 86400) == 7
+    deleted = inbox.purge(30 * 86400, batch=3, pause_s=0.25, progress=seen.append, sleep=pauses.append)
+    assert deleted == {"done": 7, "dead": 0}
+    assert seen == [3, 6, 7] and pauses == [0.25, 0.25]  # three transactions, a pause between
+    assert all(inbox.get(i) is None for i in old_done)
+    assert [row(inbox, i)["state"] for i in (dead, pending, recent)] == ["dead", "pending", "done"]
+
+    assert inbox.purge(30 * 86400) == {"done": 0, "dead": 0}
+    clock.advance(1)
+    assert inbox.purgeable(0, dead=True) == 2
+    assert inbox.purge(dead=True) == {"done": 0, "dead": 1}
+    assert inbox.purge(0) == {"done": 1, "dead": 0}
+    assert [r["id"] for r in inbox.db.execute("SELECT id FROM inbox")] == [pending]

@@ -252,3 +252,99 @@ def test_short_secrets_are_ignored(tmp_path: Path, log) -> None:
 def test_four_character_secret_is_masked() -> None:
     logs.add_secrets(["wxyz"])
     assert logs.redact("key=wxyz") == "key=***"
+
+
+# --- control characters ------------------------------------------------------------------------
+
+def test_no_code_point_survives_escaping_as_a_line_break_or_a_control() -> None:
+    """Exhaustive over Unicode: whatever a payload holds, the escaped text is one line for every
+    reader (str.splitlines knows the most line ends: VT, FF, FS/GS/RS, NEL, U+2028, U+2029) and
+    holds no control character at all (C0, DEL, C1), nor a bidi override."""
+    import unicodedata
+
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    escaped = logs.escape_controls(every)
+    assert len(("a" + escaped + "b").splitlines()) == 1
+    assert not [c for c in set(escaped) if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+    assert not set(escaped) & {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+    # Only the controls change: everything else is written as it came.
+    printable = "".join(c for c in every[:0x3000] if unicodedata.category(c) not in ("Cc", "Zl", "Zp", "Cf"))
+    assert logs.escape_controls(printable) == printable
+
+
+def test_a_lone_surrogate_is_written_as_an_escape_not_lost_with_its_line(tmp_path: Path, log) -> None:
+    """JSON's "\\ud800" decodes to a string a UTF-8 file cannot hold: logging would drop the line."""
+    logs.setup(tmp_path, "2")
+    log.warning("event object=%s", "~1\ud800x")
+    assert "event object=~1\\ud800x" in log_text(tmp_path)
+
+
+FORGED = "1999-12-31 23:59:59,999 WARNING [1] tq_mw_thehive.web: rejected outcome=unauthorized"
+
+
+@pytest.mark.parametrize("char, shown", [
+    ("\x00", "\\x00"), ("\x1b", "\\x1b"), ("\x0b", "\\x0b"), ("\x0c", "\\x0c"), ("\r", "\\r"), ("\n", "\\n"),
+    ("\t", "\\t"), ("\x1c", "\\x1c"), ("\x7f", "\\x7f"), ("\x85", "\\x85"), ("\x9b", "\\x9b"),
+    ("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\u202e", "\\u202e"),
+])
+def test_a_control_character_in_a_value_cannot_forge_a_line(tmp_path: Path, log, char, shown) -> None:
+    logs.setup(tmp_path, "2")
+    log.warning("event object=%s", f"~1{char}{FORGED}")
+    log.warning("event object=%r", f"~2{char}{FORGED}")
+    text = log_text(tmp_path)
+    lines = text.splitlines()
+    assert len(lines) == 2 and not [line for line in lines if line.startswith("1999-12-31")]
+    assert f"object=~1{shown}{FORGED}" in text
+    assert all(char not in line for line in text.split("\n"))
+
+
+def test_an_exception_text_keeps_its_traceback_but_cannot_forge_a_line(tmp_path: Path, log) -> None:
+    logs.setup(tmp_path, "2")
+    try:
+        raise RuntimeError(f"bad value\n{FORGED}\x1b[2J\u2028{FORGED}")
+    except RuntimeError:
+        log.exception("failed")
+    lines = log_text(tmp_path).splitlines()
+    assert lines[0].endswith("failed") and lines[1].strip() == "Traceback (most recent call last):"
+    assert all(line.startswith("  ") for line in lines[1:])  # every traceback line indented
+    assert not [line for line in lines if line.startswith("1999-12-31")]
+    assert "\\x1b[2J\\u2028" in lines[-1]
+
+
+def test_a_traceback_another_handler_formatted_first_is_escaped_too(tmp_path: Path, log) -> None:
+    """logging caches a record's exc_text: ours must not reuse another formatter's raw one."""
+    logs.setup(tmp_path, "2")
+    plain = logging.StreamHandler(open(os.devnull, "w"))
+    plain.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers.insert(0, plain)
+    try:
+        try:
+            raise RuntimeError(f"x\n{FORGED}")
+        except RuntimeError:
+            log.exception("failed")
+    finally:
+        root.removeHandler(plain)
+        plain.stream.close()
+    assert not [line for line in log_text(tmp_path).splitlines() if line.startswith("1999-12-31")]
+
+
+# --- the log directory -------------------------------------------------------------------------
+
+def test_a_log_directory_the_daemon_creates_is_0700_whatever_the_umask(tmp_path: Path, log, umask) -> None:
+    log_dir = tmp_path / "var" / "log" / "tq"
+    logs.setup(log_dir, "2")
+    log.info("hello")
+    assert file_mode(log_dir) == 0o700
+    assert file_mode(tmp_path / "var") == 0o700 and file_mode(tmp_path / "var" / "log") == 0o700
+    assert file_mode(log_dir / logs.LOG_FILE) == 0o600
+
+
+def test_an_existing_log_directory_keeps_the_mode_it_has(tmp_path: Path, log) -> None:
+    """An operator who made /var/log/tq_labs 0750 for a log reader group chose that."""
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    log_dir.chmod(0o750)
+    logs.setup(log_dir, "2")
+    log.info("hello")
+    assert file_mode(log_dir) == 0o750

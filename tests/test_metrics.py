@@ -3,6 +3,7 @@ and the multiprocess files add up across forked processes the way gunicorn worke
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -297,3 +298,46 @@ def test_forked_workers_add_up_keep_dead_ones_and_a_new_master_starts_from_zero(
         assert value(samples, "events_received_total") == 8
         assert value(samples, "events_processed_total", outcome="synced") == 8
     assert len(list(directory.glob("counter_*.db"))) == 3
+
+
+# ------------------------------------------------------------------ web.metrics_token (issue 13 item 8)
+
+METRICS_TOKEN = "metrics-token-5f0c1e9a7b3d"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token", f"Basic {METRICS_TOKEN}", METRICS_TOKEN,
+                                    f"Bearer {METRICS_TOKEN}x", f"Bearer {WEBHOOK_TOKEN}"])
+def test_metrics_token_is_required_when_set(tmp_path, header, caplog):
+    app, _, cfg = make_app(tmp_path, web={"metrics_token": METRICS_TOKEN})
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING):
+        refused = client.get("/metrics", headers={"Authorization": header} if header else {})
+    assert refused.status_code == 401
+    assert refused.json == {"status": "error", "error": "authentication required"}
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    assert P not in refused.get_data(as_text=True)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("rejected outcome=unauthorized remote=127.0.0.1 path=/metrics reason=")
+    assert METRICS_TOKEN not in caplog.text
+
+    scraped = client.get("/metrics", headers={"Authorization": f"bearer  {METRICS_TOKEN} "})
+    assert scraped.status_code == 200 and P + "inbox_depth" in scraped.get_data(as_text=True)
+
+
+def test_metrics_token_is_a_secret_like_the_others(tmp_path):
+    cfg = config_mod.from_dict(minimal_config(web={"metrics_token": METRICS_TOKEN}), tmp_path)
+    assert METRICS_TOKEN not in repr(cfg) and METRICS_TOKEN not in repr(cfg.web)
+    assert METRICS_TOKEN in cfg.secrets()  # what startup registers for redaction in every log line
+    with pytest.raises(config_mod.ConfigError) as error:
+        config_mod.from_dict(minimal_config(web={"metrics_token": 12345}), tmp_path)
+    assert "web.metrics_token" in str(error.value) and "12345" not in str(error.value)
+
+
+def test_metrics_refusals_count_in_the_rejection_log_limit(tmp_path, caplog):
+    app, _, _ = make_app(tmp_path, web={"metrics_token": METRICS_TOKEN})
+    app.extensions[web.EXTENSION]["rejections"] = web.RejectionLog(burst=2, interval_s=60)
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(16):
+            assert client.get("/metrics").status_code == 401
+    assert len(caplog.records) == 2

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 from html import unescape
 
 import pytest
@@ -15,7 +16,7 @@ from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, startup, state
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.inbox import Inbox
-from tq_mw_thehive.status_page import COOKIE, AdminAuth, age_text
+from tq_mw_thehive.status_page import COOKIE, EXTENSION, AdminAuth, age_text
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.web import create_app
@@ -144,7 +145,8 @@ def test_wrong_token_is_refused_and_logged_without_it(make, caplog):
     wrong = "guessed-token-123456"
     with caplog.at_level(logging.INFO):
         assert client.get("/status", headers={"Authorization": f"Bearer {wrong}"}).status_code == 403
-        assert client.get("/status", headers={"Authorization": f"Basic {ADMIN_TOKEN}"}).status_code == 403
+        # Another scheme is not an attempt at the admin token (a proxy's own header): the login form.
+        assert client.get("/status", headers={"Authorization": f"Basic {ADMIN_TOKEN}"}).status_code == 401
         response = client.post("/status/login", data={"token": wrong})
     assert response.status_code == 403
     assert "Wrong admin token" in response.get_data(as_text=True)
@@ -243,6 +245,18 @@ def test_cache_hit_rate_and_plugin_states(make):
     assert re.search(r'data-plugin="geoip">.*?class="plugin-state">enabled<', html, re.S)
 
 
+def test_threatq_optional_steps_as_the_daemon_learned_them(make):
+    cfg, inbox, client = make()
+    learned = SyncState(cfg.state_db)
+    learned.record_capability("tag_delete", False, 405)
+    learned.record_capability("consume:indicators", True)
+    html = client.get("/status", headers=BEARER).get_data(as_text=True)
+    rows = dict(re.findall(r'<tr data-step="([^"]+)">.*?class="step-state">([^<]+)<', html, re.S))
+    assert rows["tag_delete"] == "not served" and rows["consume:indicators"] == "served"
+    assert rows["source_tlp"] == "unknown"
+    assert "tags removed in TheHive stay on the ThreatQ object" in unescape(html)
+
+
 def test_hourly_counts_fill_empty_hours(tmp_path):
     clock = Clock(1_800_000_000.0 - 1_800_000_000.0 % 3600 + 1800)  # half past an hour
     inbox = Inbox.open(tmp_path / "db.sqlite", clock=clock)
@@ -329,3 +343,174 @@ def test_a_database_error_is_a_503_page(make, monkeypatch):
     response = client.get("/status", headers=BEARER)
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert "state database cannot be read" in response.get_data(as_text=True)
+
+
+# --- login limits ---------------------------------------------------------------------------------
+
+def from_address(client, address: str):
+    """A test client whose requests come from ``address`` (its own cookie jar)."""
+    other = client.application.test_client()
+    other.environ_base["REMOTE_ADDR"] = address
+    return other
+
+
+def wrong_login(client) -> int:
+    return client.post("/status/login", data={"token": "guessed-token-123456"}).status_code
+
+
+def test_five_failed_logins_from_a_client_lock_it_out_for_the_window_then_it_logs_in(make, caplog):
+    clock = Clock()
+    _, _, client = make(clock=clock)
+    with caplog.at_level(logging.INFO):
+        assert [wrong_login(client) for _ in range(5)] == [403] * 5
+        response = client.post("/status/login", data={"token": ADMIN_TOKEN})  # the right one, too late
+    assert response.status_code == 429 and response.headers["Retry-After"] == "60"
+    body = response.get_data(as_text=True)
+    assert "Too many failed logins: try again in 60 seconds." in body and 'name="token"' in body
+    assert COOKIE not in response.headers.get("Set-Cookie", "")
+    assert caplog.text.count("status page login limit reached scope=client remote=127.0.0.1") == 1
+    assert ADMIN_TOKEN not in caplog.text
+    # Another address is not locked out; this one is, for exactly the window.
+    assert from_address(client, "10.0.0.7").post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 303
+    clock.now += 59.5
+    response = client.post("/status/login", data={"token": ADMIN_TOKEN})
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+    clock.now += 0.5
+    assert client.post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 303
+    assert client.get("/status").status_code == 200
+
+
+def test_refused_attempts_do_not_extend_the_lockout(make):
+    clock = Clock()
+    _, _, client = make(clock=clock)
+    for _ in range(5):
+        wrong_login(client)
+        clock.now += 1
+    for _ in range(20):  # hammering while locked out is not recorded
+        assert wrong_login(client) == 429
+    clock.now += 55  # the first failure is now 60 s old: one more guess is allowed
+    assert wrong_login(client) == 403
+    assert wrong_login(client) == 429
+
+
+def test_bearer_guesses_count_and_are_limited_too(make):
+    _, _, client = make()
+    wrong = {"Authorization": "Bearer guessed-token-123456"}
+    assert [client.get("/status", headers=wrong).status_code for _ in range(5)] == [403] * 5
+    response = client.get("/status", headers=BEARER)
+    assert response.status_code == 429 and int(response.headers["Retry-After"]) == 60
+    assert wrong_login(client) == 429  # the form shares the limit
+
+
+def test_right_tokens_are_not_counted(make):
+    _, _, client = make()
+    for _ in range(20):
+        assert client.get("/status", headers=BEARER).status_code == 200
+    assert [wrong_login(client) for _ in range(5)] == [403] * 5
+
+
+def test_fifty_failures_from_many_addresses_lock_out_everyone(make, caplog):
+    clock = Clock()
+    _, _, client = make(clock=clock)
+    with caplog.at_level(logging.WARNING):
+        for i in range(50):
+            assert wrong_login(from_address(client, f"198.51.100.{i}")) == 403
+    assert "status page login limit reached scope=overall remote=198.51.100.49" in caplog.text
+    fresh = from_address(client, "10.0.0.7")
+    response = fresh.post("/status/login", data={"token": ADMIN_TOKEN})
+    assert response.status_code == 429 and response.headers["Retry-After"] == "60"
+    clock.now += 60
+    assert fresh.post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 303
+
+
+def test_the_limit_is_shared_by_every_worker_process(make):
+    """Each gunicorn worker builds its own app: the limit lives in the state database, not in one."""
+    cfg, inbox, client = make()
+    other_worker = create_app(cfg, inbox=Inbox(cfg.state_db, clock=inbox.clock)).test_client()
+    assert [wrong_login(client) for _ in range(3)] == [403] * 3
+    assert [wrong_login(other_worker) for _ in range(2)] == [403] * 2
+    assert client.post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 429
+    assert other_worker.post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 429
+
+
+def test_concurrent_guesses_cannot_slip_past_the_count(make):
+    """The failure is recorded in the transaction that counts: 20 guesses at once, 5 get checked."""
+    cfg, inbox, client = make()
+    barrier = threading.Barrier(20)
+    codes = []
+
+    def guess() -> None:
+        mine = client.application.test_client()
+        barrier.wait()
+        codes.append(wrong_login(mine))
+
+    threads = [threading.Thread(target=guess) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == [403] * 5 + [429] * 15
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+def cookie_of(response) -> str:
+    return response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+
+
+def test_logout_revokes_the_session_for_every_copy_of_the_cookie(make):
+    _, _, client = make()
+    copied = cookie_of(client.post("/status/login", data={"token": ADMIN_TOKEN}))
+    second = from_address(client, "10.0.0.8")  # another browser, logged in on its own
+    second.post("/status/login", data={"token": ADMIN_TOKEN})
+    fresh = client.application.test_client(use_cookies=False)
+    assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={copied}"}).status_code == 200
+    html = client.get("/status").get_data(as_text=True)
+    assert client.post("/status/logout", data={"csrf_token": csrf_of(html)}).status_code == 303
+    assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={copied}"}).status_code == 401
+    csrf = AdminAuth(ADMIN_TOKEN).csrf_token(AdminAuth(ADMIN_TOKEN).session_id(copied) or "x")
+    assert fresh.post("/status/replay/1", headers={"Cookie": f"{COOKIE}={copied}"},
+                      data={"csrf_token": csrf}).status_code == 401
+    assert second.get("/status").status_code == 200  # only the session that logged out ended
+
+
+def test_a_signed_cookie_without_its_session_row_is_refused(make):
+    """A cookie signed with the right key but never issued here (or issued, then revoked) is no session."""
+    cfg, inbox, client = make()
+    forged = client.application.extensions[EXTENSION].auth.new_session()
+    fresh = client.application.test_client(use_cookies=False)
+    assert fresh.get("/status", headers={"Cookie": f"{COOKIE}={forged}"}).status_code == 401
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwcm94eS1wYXNzd29yZA==", "Bearer proxy-sso-token-0f3a9c1e",
+                                    "Negotiate YIIabc", "garbage"])
+def test_a_valid_cookie_wins_over_whatever_authorization_a_proxy_adds(make, header):
+    _, _, client = make()
+    html = login(client)
+    response = client.get("/status", headers={"Authorization": header})
+    assert response.status_code == 200
+    assert client.post("/status/logout", headers={"Authorization": header},
+                       data={"csrf_token": csrf_of(html)}).status_code == 303
+    # The proxy's header was not a guess at the admin token: nothing counted against the limit.
+    assert [wrong_login(client) for _ in range(5)] == [403] * 5
+
+
+def test_sessions_are_stored_as_digests_and_expire(make):
+    clock = Clock()
+    cfg, _, client = make(clock=clock)
+    value = cookie_of(client.post("/status/login", data={"token": ADMIN_TOKEN}))
+    nonce = value.split(".")[1]
+    rows = sqlite3.connect(cfg.state_db).execute("SELECT digest FROM status_sessions").fetchall()
+    assert len(rows) == 1 and nonce not in rows[0][0]
+    clock.now += 12 * 3600 + 1
+    assert client.get("/status").status_code == 401
+
+
+def test_an_ipv6_client_is_counted_by_its_slash_64(make):
+    """One host usually holds a whole /64: fresh addresses from it are the same client."""
+    _, _, client = make()
+    codes = [wrong_login(from_address(client, f"2001:db8:1:2::{i:x}")) for i in range(6)]
+    assert codes == [403] * 5 + [429]
+    assert wrong_login(from_address(client, "2001:db8:1:3::1")) == 403  # another /64
+    assert wrong_login(from_address(client, "::ffff:192.0.2.1")) == 403  # IPv4-mapped: that IPv4 address
+    assert [wrong_login(from_address(client, "192.0.2.1")) for _ in range(5)] == [403] * 4 + [429]

@@ -291,3 +291,63 @@ def test_no_body_ever_gets_a_500(client, body):
     response = client.post("/cases", data=body, headers=BEARER)
     assert response.status_code in (200, 400)
     assert response.json["status"] in ("queued", "duplicate", "ignored", "error")
+
+
+# --- issue 13 item 8: unauthenticated noise is bounded -----------------------------------------
+
+class Ticking:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rejection_lines(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == "tq_mw_thehive.web" and r.levelno == logging.WARNING]
+
+
+def test_a_flood_of_rejections_logs_the_first_few_then_one_summary_per_interval(tmp_path, caplog):
+    app, inbox = make_app(tmp_path, webhook={"max_body_mb": 0.01})
+    clock = Ticking()
+    app.extensions[web.EXTENSION]["rejections"] = web.RejectionLog(burst=3, interval_s=60, clock=clock)
+    client = app.test_client()
+    with caplog.at_level(logging.INFO, logger="tq_mw_thehive.web"):
+        for _ in range(1500):
+            assert client.post("/cases", data=b"{}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        for _ in range(30):
+            assert client.post("/cases", data=b"{bad", headers=BEARER).status_code == 400
+        for _ in range(2):
+            assert client.post("/cases", data=b"x" * 20_000, headers=BEARER).status_code == 413
+        assert len(rejection_lines(caplog)) == 3  # the first three, one by one
+        clock.now += 59
+        client.get("/healthz")
+        assert len(rejection_lines(caplog)) == 3  # the interval is not over
+        clock.now += 1
+        client.get("/healthz")  # any request after the interval writes its summary
+        client.get("/healthz")
+    lines = rejection_lines(caplog)
+    assert all("outcome=unauthorized" in line for line in lines[:3])
+    assert lines[3:] == ["rejected 1532 requests in the last 60 s (400: 30, 401: 1500, 413: 2)"]
+    assert all(WEBHOOK_TOKEN not in line for line in lines)
+    assert rows(inbox) == []
+
+
+def test_a_few_rejections_are_each_logged_and_need_no_summary(caplog):
+    clock = Ticking()
+    limiter = web.RejectionLog(burst=3, interval_s=60, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="tq_mw_thehive.web"):
+        assert [limiter.allow(401) for _ in range(3)] == [True, True, True]
+        clock.now += 61
+        limiter.flush()
+        assert limiter.allow(413) is True  # a new interval: logged on its own again
+        assert [limiter.allow(401) for _ in range(3)] == [True, True, False]
+        clock.now += 120
+        limiter.flush()
+    assert [r.getMessage() for r in caplog.records] == ["rejected 4 requests in the last 120 s (401: 3, 413: 1)"]
+
+
+def test_the_shipped_logrotate_rotates_by_size_too():
+    text = (Path(__file__).resolve().parent.parent / "config" / "logrotate").read_text()
+    directives = [line.split() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert any(d[0] == "maxsize" and d[1][-1] in "kMG" and d[1][:-1].isdigit() for d in directives)

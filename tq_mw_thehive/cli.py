@@ -40,6 +40,7 @@ class Options:
     disable_ssl: bool = False
     workers: Optional[int] = None
     threads: Optional[int] = None
+    graceful_timeout: Optional[int] = None
 
     def merged(self, **given: Any) -> "Options":
         """These options with the ones given after a subcommand's name taking precedence."""
@@ -60,7 +61,8 @@ class Options:
         return server.Listen(ip=self.listener_ip or DEFAULT_LISTENER,
                              port=DEFAULT_PORT if self.port is None else self.port,
                              workers=self.workers or defaults.workers,
-                             threads=self.threads or defaults.threads)
+                             threads=self.threads or defaults.threads,
+                             graceful_timeout_s=self.graceful_timeout or defaults.graceful_timeout_s)
 
 
 def _config_option(fn: Callable) -> Callable:
@@ -90,6 +92,9 @@ def _server_options(fn: Callable) -> Callable:
                      help="gunicorn worker processes (default 2)."),
         click.option("--threads", type=click.IntRange(1, 256),
                      help="Threads per worker (default 4)."),
+        click.option("--graceful-timeout", type=click.IntRange(1, 3600), metavar="SECONDS",
+                     help="On SIGTERM, how long an event in progress may take to finish before it is "
+                          "abandoned to its lease (default 30; keep it under systemd's TimeoutStopSec)."),
     )):
         fn = decorator(fn)
     return fn
@@ -303,6 +308,61 @@ def _follow_replayed(inbox: Inbox, ids: List[int], tty: bool) -> int:
     if counts.get("dead"):
         click.echo("some replayed events are dead again: `tq-mw-thehive status` and the log say why", err=True)
     return counts.get("dead", 0)
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+@cli.command("purge")
+@_config_option
+@_logging_options
+@click.option("--done-older-than", "older_than", metavar="DURATION",
+              help="Delete done events finished more than this long ago (30d, 12h; 0: all of them). "
+                   "Default: inbox.keep_done.")
+@click.option("--dead", is_flag=True, help="Also delete every dead letter (otherwise kept until replayed).")
+@click.option("--vacuum", is_flag=True,
+              help="Then give the freed space back to the file system. With more than 100 MB free, or "
+                   "a database created before this version, the file is rewritten: stop the daemon first.")
+@click.pass_obj
+def purge_command(obj: Options, older_than: Optional[str], dead: bool, vacuum: bool, **given: Any) -> None:
+    """Delete done events older than inbox.keep_done (the daemon also does it hourly), and the
+    dead letters with --dead. Pending events are never deleted.
+
+    Deletes in small batches, one short transaction each, so it can run beside the daemon.
+    """
+    from tq_mw_thehive.inbox import PURGE_PAUSE_S, REWRITE_FREE_BYTES
+    from tq_mw_thehive.progress import Progress
+
+    seconds = config_mod.Duration.parse(older_than) if older_than is not None else None
+    if older_than is not None and (seconds is None or seconds < 0):
+        _fail(f"--done-older-than: not a duration: {older_than!r} (e.g. 30d, 12h; 0 for every done event)", 2)
+    opts = obj.merged(**given)
+    tty = _progress_logging(opts)
+    cfg = _load(opts)
+    if older_than is None:
+        seconds = cfg.inbox.keep_done or None  # 0: keep done events forever
+    inbox = Inbox(cfg.state_db)
+    try:
+        with Progress("purge", total=inbox.purgeable(seconds, dead), interactive=tty) as shown:
+            deleted = inbox.purge(seconds, dead, pause_s=PURGE_PAUSE_S, progress=shown.update)
+        # In place, step by step, while little is free; otherwise one rewrite (VACUUM), which is far
+        # quicker for a long free list and is the only way to switch a file made before to that mode.
+        rewrite = vacuum and (inbox.vacuum_mode() != "incremental" or inbox.free_bytes() > REWRITE_FREE_BYTES)
+        released = (inbox.vacuum() if rewrite else inbox.release_free_pages()) if vacuum else 0
+    except sqlite3.Error as exc:
+        _fail(f"state database {cfg.state_db}: {exc}", 1)
+    finally:
+        inbox.close()
+    done = (f"purged {deleted['done']} done event(s) finished more than {_duration_text(seconds)} ago"
+            if seconds is not None else "purged no done event (inbox.keep_done is 0: give --done-older-than)")
+    click.echo(done + (f", {deleted['dead']} dead letter(s)" if dead else ""))
+    if vacuum:
+        click.echo(f"released {released / 1e6:.1f} MB" + (" (the database was rewritten, in incremental "
+                   "auto-vacuum mode: from now on the daemon gives freed space back by itself)" if rewrite else ""))
 
 
 def _progress_logging(opts: Options) -> bool:

@@ -172,6 +172,27 @@ class EnrichmentConfig:
 class WebConfig:
     # Protects GET /status; while it is unset the status page is disabled (404).
     admin_token: Optional[str] = _opt(str, secret=True, check=_non_empty)
+    # When set, GET /metrics asks for `Authorization: Bearer <token>` (401 otherwise): the
+    # scrape is served on the webhook listener, which may be reachable by more than Prometheus.
+    metrics_token: Optional[str] = _opt(str, secret=True, check=_non_empty)
+
+
+def _not_negative(value: float) -> Optional[str]:
+    return None if value >= 0 else "must be 0 (keep forever) or more"
+
+
+@dataclass(frozen=True)
+class InboxConfig:
+    # Done events older than this are deleted by the daemon (4 KB each: months of traffic would
+    # be gigabytes); 0 keeps them forever. Pending events and dead letters are never deleted by it.
+    keep_done: float = _opt(Duration, 30 * 86400.0, check=_not_negative)
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    # Observable values whose TLP is above this (or missing) are withheld from every log line:
+    # a log file travels further (tickets, shippers, support bundles) than RED data may.
+    max_tlp_values: str = _opt(str, "AMBER", choices=TLP_ORDER)
 
 
 _SECTIONS = {
@@ -181,6 +202,8 @@ _SECTIONS = {
     "sync": SyncConfig,
     "enrichment": EnrichmentConfig,
     "web": WebConfig,
+    "inbox": InboxConfig,
+    "logs": LogsConfig,
 }
 _REQUIRED_SECTIONS = ("threatq", "thehive")
 
@@ -193,6 +216,8 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     enrichment: EnrichmentConfig = field(default_factory=EnrichmentConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    inbox: InboxConfig = field(default_factory=InboxConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
     state_db: Path = Path(DEFAULT_STATE_DB)
     config_dir: Path = Path(".")
 

@@ -9,9 +9,15 @@ worker that lost its lease cannot overwrite the outcome of the one that took ove
 Events of one case are handed out one at a time, in TheHive's time order: an
 event is claimable only when no earlier event of its case is still pending and
 none of its case is leased.
+
+Months of traffic: the counts by state are kept by triggers (migration 7), the figures that
+depend on the time read small partial indexes, and ``Retention`` deletes done events older
+than ``inbox.keep_done`` in the daemon, so every figure costs the same at 10,000 rows as at
+a million.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -22,7 +28,17 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 from tq_mw_thehive import state
 from tq_mw_thehive.thehive.events import WebhookEvent
 
+log = logging.getLogger(__name__)
+
 DEFAULT_LEASE_S = 300.0
+PURGE_BATCH = 200               # rows per delete transaction: about 15 ms of write lock each
+PURGE_PAUSE_S = 0.05            # between batches, so that webhooks waiting for the lock get it
+RELEASE_STEP_S = 0.02           # write lock per step of giving free pages back (the step adapts)
+RELEASE_BUDGET_S = 30.0         # per retention pass; the rest of the free pages wait for the next
+REWRITE_FREE_BYTES = 100e6      # more free than this: no release in place (`purge --vacuum` rewrites)
+RETENTION_INTERVAL_S = 3600.0   # one retention pass per hour, in one process
+RETENTION_CHECK_S = 300.0       # how often each process looks whether a pass is due
+RETENTION_FIRST_S = 60.0        # after a worker starts: never while it boots
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,12 @@ class InboxItem:
     received_at: float
     lease_until: float
     order_ts: Optional[int] = None
+    replayed_at: Optional[float] = None
+
+    @property
+    def age_from(self) -> float:
+        """Where ``sync.max_age`` counts from: a replay is a fresh start, with the full budget."""
+        return self.replayed_at if self.replayed_at is not None else self.received_at
 
 
 class _Put:
@@ -179,7 +201,8 @@ class Inbox(state.Store):
             return InboxItem(id=row["id"], dedup_key=row["dedup_key"], object_type=row["object_type"],
                              action=row["action"], object_id=row["object_id"], audit_id=row["audit_id"],
                              case_key=row["case_key"], body=row["body"], attempts=row["attempts"] + 1,
-                             received_at=row["received_at"], lease_until=until, order_ts=row["order_ts"])
+                             received_at=row["received_at"], lease_until=until, order_ts=row["order_ts"],
+                             replayed_at=row["replayed_at"])
 
         return self.write(take, durable=False)
 
@@ -253,15 +276,20 @@ class Inbox(state.Store):
         return self.write(release, durable=False)
 
     def replay(self, ids: Optional[Iterable[int]] = None) -> int:
-        """Put dead events (all, or those in ``ids``) back to pending, due now, attempts reset."""
+        """Put dead events (all, or those in ``ids``) back to pending, due now, with a fresh start.
+
+        Attempts are reset and ``replayed_at`` becomes the reference of ``sync.max_age``: an
+        operator replays once the cause is fixed, often days later, and an event older than
+        ``max_age`` would otherwise be dead again ("too old") after its first failed attempt.
+        """
         now = self.clock()
 
         def update(db: sqlite3.Connection) -> int:
-            sql = ("UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+            sql = ("UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at = ?, replayed_at = ?, "
                    "finished_at = NULL, lease_owner = NULL, lease_until = NULL WHERE state = 'dead'")
             if ids is None:
-                return db.execute(sql, (now,)).rowcount
-            return sum(db.execute(sql + " AND id = ?", (now, i)).rowcount for i in ids)
+                return db.execute(sql, (now, now)).rowcount
+            return sum(db.execute(sql + " AND id = ?", (now, now, i)).rowcount for i in ids)
 
         return self.write(update)
 
@@ -287,6 +315,118 @@ class Inbox(state.Store):
     def get(self, item_id: int) -> Optional[sqlite3.Row]:
         return self.db.execute("SELECT * FROM inbox WHERE id = ?", (item_id,)).fetchone()
 
+    # --- retention: done events do not stay forever ---------------------------------------------
+
+    _PURGE_DONE = ("DELETE FROM inbox WHERE id IN (SELECT id FROM inbox INDEXED BY inbox_done_finished "
+                   "WHERE state = 'done' AND finished_at < ? LIMIT ?)")
+    _PURGE_DEAD = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE state = 'dead' LIMIT ?)"
+
+    def purgeable(self, done_older_than_s: Optional[float] = None, dead: bool = False) -> int:
+        """How many rows ``purge`` with the same arguments would delete now (for its progress)."""
+        n = 0
+        if done_older_than_s is not None:
+            n += self.db.execute("SELECT COUNT(*) FROM inbox INDEXED BY inbox_done_finished WHERE state = 'done' "
+                                 "AND finished_at < ?", (self.clock() - done_older_than_s,)).fetchone()[0]
+        if dead:
+            n += self.db.execute("SELECT n FROM inbox_counts WHERE state = 'dead'").fetchone()[0]
+        return n
+
+    def purge(self, done_older_than_s: Optional[float] = None, dead: bool = False, batch: int = PURGE_BATCH,
+              pause_s: float = 0.0, progress: Optional[Callable[[int], None]] = None,
+              sleep: Callable[[float], None] = time.sleep) -> Dict[str, int]:
+        """Delete ``done`` events finished more than ``done_older_than_s`` ago and, with ``dead``,
+        every dead letter; the numbers deleted, by state. Never a pending event.
+
+        ``batch`` rows per transaction, ``pause_s`` between transactions: the write lock is
+        the one every webhook waits for, so a purge of months of history never holds it for
+        longer than one small batch. A power cut may undo the last batches (they are committed
+        without waiting for the disk), which only means they are deleted again next time.
+        """
+        steps = []
+        if done_older_than_s is not None:
+            steps.append(("done", self._PURGE_DONE, (self.clock() - done_older_than_s, batch)))
+        if dead:
+            steps.append(("dead", self._PURGE_DEAD, (batch,)))
+        deleted = {"done": 0, "dead": 0}
+        for state_name, sql, params in steps:
+            while True:
+                n = self.write(lambda db: db.execute(sql, params).rowcount, durable=False)
+                deleted[state_name] += n
+                self._checkpoint()
+                if progress is not None:
+                    progress(deleted["done"] + deleted["dead"])
+                if n < batch:
+                    break
+                sleep(pause_s)
+        return deleted
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL back into the file here, without the write lock (PASSIVE): otherwise the
+        commit that crosses SQLite's auto-checkpoint size, often a webhook's put, does it and
+        answers hundreds of milliseconds late after a purge's megabytes of deletes."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def vacuum_mode(self) -> str:
+        """SQLite's ``auto_vacuum`` of this file: ``incremental`` (created by this version) or ``none``."""
+        return {0: "none", 1: "full", 2: "incremental"}[self.db.execute("PRAGMA auto_vacuum").fetchone()[0]]
+
+    def free_bytes(self) -> int:
+        """Space inside the file that deletes freed and new events will reuse."""
+        return (self.db.execute("PRAGMA freelist_count").fetchone()[0]
+                * self.db.execute("PRAGMA page_size").fetchone()[0])
+
+    def release_free_pages(self, pause_s: float = 0.0, budget_s: Optional[float] = None,
+                           sleep: Callable[[float], None] = time.sleep) -> int:
+        """Give the pages that deletes freed back to the file system; the bytes released.
+
+        Only a file in incremental auto-vacuum mode can (see ``vacuum``); in any other mode
+        this releases nothing, and the free pages are reused by new events instead: the file
+        stops growing but keeps its size. Each step moves pages from the end of the file into
+        the free ones under the write lock, and a page costs more the longer the free list is
+        (milliseconds each with gigabytes free), so the step is sized to hold the lock about
+        ``RELEASE_STEP_S``, and ``budget_s`` bounds the whole (the rest waits for next time).
+        """
+        db = self.db
+        if self.vacuum_mode() != "incremental":
+            return 0
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        released, step = 0, 64
+        while deadline is None or time.monotonic() < deadline:
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            if not free:
+                break
+            started = time.monotonic()
+            # executescript steps the pragma to its end (execute would free one page only).
+            db.executescript(f"PRAGMA incremental_vacuum({min(free, step)});")
+            took = time.monotonic() - started
+            left = db.execute("PRAGMA freelist_count").fetchone()[0]
+            if left >= free:
+                break
+            released += (free - left) * page_size
+            step = max(8, min(4096, int(step * min(2.0, RELEASE_STEP_S / max(took, 1e-4)))))
+            self._checkpoint()
+            sleep(pause_s)
+        return released
+
+    def vacuum(self) -> int:
+        """Rewrite the whole file in incremental auto-vacuum mode (``VACUUM``); the bytes released.
+
+        For a database created before migration 7, once: SQLite can switch an existing file to
+        that mode only by rewriting it, which holds the write lock throughout (webhooks get 503,
+        and TheHive does not re-send) and needs free disk space about the size of the file; so
+        this is ``tq-mw-thehive purge --vacuum`` with the daemon stopped, never the daemon's own.
+        """
+        before = self._file_bytes()
+        self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return max(0, before - self._file_bytes())
+
+    def _file_bytes(self) -> int:
+        return sum(Path(f"{self.path}{suffix}").stat().st_size
+                   for suffix in ("", "-wal") if Path(f"{self.path}{suffix}").exists())
+
     @staticmethod
     def empty_stats() -> Dict[str, object]:
         """``stats()`` of a database that does not exist yet."""
@@ -294,18 +434,26 @@ class Inbox(state.Store):
                 "dead": 0, "oldest_pending_age_s": None}
 
     def stats(self) -> Dict[str, object]:
-        """Counts by state; ``pending`` covers queued, in progress and waiting to retry."""
+        """Counts by state; ``pending`` covers queued, in progress and waiting to retry.
+
+        Read by every ``/healthz``, ``/metrics`` scrape, ``/status`` and ``status``, which anyone
+        who reaches the listener can call in a loop: the totals come from ``inbox_counts``
+        (kept by triggers), the rest from partial indexes as small as the backlog, so the cost
+        does not grow with the history kept (one statement: one consistent snapshot).
+        """
         now = self.clock()
         row = self.db.execute(
             """SELECT
-                 COALESCE(SUM(state = 'pending'), 0) AS pending,
-                 COALESCE(SUM(state = 'pending' AND lease_until > :now), 0) AS in_progress,
-                 COALESCE(SUM(state = 'pending' AND next_attempt_at > :now
-                              AND NOT IFNULL(lease_until > :now, 0)), 0) AS waiting_retry,
-                 COALESCE(SUM(state = 'done'), 0) AS done,
-                 COALESCE(SUM(state = 'dead'), 0) AS dead,
-                 MIN(CASE WHEN state = 'pending' THEN received_at END) AS oldest_pending
-               FROM inbox""", {"now": now}).fetchone()
+                 (SELECT n FROM inbox_counts WHERE state = 'pending') AS pending,
+                 (SELECT COUNT(*) FROM inbox INDEXED BY inbox_leased
+                   WHERE lease_until > :now AND state = 'pending') AS in_progress,
+                 (SELECT COUNT(*) FROM inbox INDEXED BY inbox_due
+                   WHERE state = 'pending' AND next_attempt_at > :now
+                     AND NOT IFNULL(lease_until > :now, 0)) AS waiting_retry,
+                 (SELECT n FROM inbox_counts WHERE state = 'done') AS done,
+                 (SELECT n FROM inbox_counts WHERE state = 'dead') AS dead,
+                 (SELECT MIN(received_at) FROM inbox INDEXED BY inbox_pending_received
+                   WHERE state = 'pending') AS oldest_pending""", {"now": now}).fetchone()
         oldest = row["oldest_pending"]
         return {
             "pending": row["pending"],
@@ -347,7 +495,7 @@ class Inbox(state.Store):
         first = current - (hours - 1) * 3600
         counts = {row["hour"]: row["n"] for row in self.db.execute(
             "SELECT CAST(received_at / 3600 AS INTEGER) * 3600 AS hour, COUNT(*) AS n FROM inbox "
-            "WHERE received_at >= ? GROUP BY hour", (first,))}
+            "INDEXED BY inbox_received WHERE received_at >= ? GROUP BY hour", (first,))}
         return [(first + i * 3600, counts.get(int(first + i * 3600), 0)) for i in range(hours)]
 
     # --- the self-test of `tq-mw-thehive check` (events.SELF_TEST_OBJECT_TYPE) -----------------
@@ -377,3 +525,82 @@ class Inbox(state.Store):
 
         return self.write(lambda db: db.execute("DELETE FROM inbox WHERE id = ? AND object_type = ?",
                                                 (item_id, SELF_TEST_OBJECT_TYPE)).rowcount == 1)
+
+
+class Retention:
+    """Deletes done events older than ``inbox.keep_done`` inside the daemon, a batch at a time.
+
+    Each gunicorn worker runs one in a background thread, but a pass is claimed in ``meta``
+    (``retention_next_at``, in a write transaction), so one process does it per
+    ``interval_s``. A pass is ``Inbox.purge`` in small batches with pauses (webhooks never wait
+    long for the write lock), then the freed pages go back to the file system where the file's
+    mode allows it and little is free, for at most ``RELEASE_BUDGET_S``. Pending events and dead
+    letters are never deleted here.
+    """
+
+    def __init__(self, inbox: Inbox, keep_done_s: float, interval_s: float = RETENTION_INTERVAL_S,
+                 batch: int = PURGE_BATCH, pause_s: float = PURGE_PAUSE_S,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.inbox = inbox
+        self.keep_done_s = keep_done_s
+        self.interval_s = interval_s
+        self.batch = batch
+        self.pause_s = pause_s
+        self.sleep = sleep
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _claim(self) -> bool:
+        """Whether this process runs the pass that is due now (at most one per interval)."""
+        now = self.inbox.clock()
+
+        def claim(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT value FROM meta WHERE key = 'retention_next_at'").fetchone()
+            if row is not None and float(row["value"]) > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('retention_next_at', ?)",
+                       (repr(now + self.interval_s),))
+            return True
+
+        return self.inbox.write(claim, durable=False)
+
+    def run_once(self) -> Optional[Dict[str, int]]:
+        """One pass if one is due and ``keep_done`` is not 0: what it deleted, else None."""
+        if self.keep_done_s <= 0 or not self._claim():
+            return None
+        started = time.monotonic()
+        deleted = self.inbox.purge(self.keep_done_s, batch=self.batch, pause_s=self.pause_s, sleep=self.sleep)
+        # Above REWRITE_FREE_BYTES (the first pass over months of history) moving pages one by one
+        # would take hours of CPU: new events reuse the space, and `purge --vacuum` rewrites the file.
+        released = 0
+        if deleted["done"] and self.inbox.free_bytes() <= REWRITE_FREE_BYTES:
+            released = self.inbox.release_free_pages(self.pause_s, RELEASE_BUDGET_S, self.sleep)
+        if deleted["done"]:
+            log.info("retention purged done=%d older_than_days=%g released_mb=%.1f free_mb=%.1f ms=%.0f",
+                     deleted["done"], self.keep_done_s / 86400, released / 1e6, self.inbox.free_bytes() / 1e6,
+                     (time.monotonic() - started) * 1000)
+        return {"done": deleted["done"], "released_bytes": released}
+
+    def _loop(self, first_s: float, check_s: float) -> None:
+        delay = first_s
+        while not self._stop.wait(delay):
+            delay = check_s
+            try:
+                self.run_once()
+            except sqlite3.Error as exc:  # locked or full: what is deleted stays deleted; next pass goes on
+                log.warning("retention pass stopped (the next one goes on): %s", exc)
+            except Exception:  # a bug must not end the thread: retention would silently stop
+                log.exception("retention pass failed")
+
+    def start(self, first_s: float = RETENTION_FIRST_S, check_s: float = RETENTION_CHECK_S) -> "Retention":
+        """Run passes in a daemon thread: the first after ``first_s``, then look every ``check_s``."""
+        if self.keep_done_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, args=(first_s, check_s), name="tq-retention",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -3,8 +3,15 @@
 Every line passes through ``RedactingFormatter``, which replaces each registered
 secret (webhook token, API keys, ThreatQ tokens) and any ``Bearer``/``Basic``
 credential with ``***``, so a secret that slips into a message or an exception
-text still never reaches a log file. The file itself is created 0600: its lines carry case
-titles, observable values and addresses, which other local users have no business reading.
+text still never reaches a log file. The file itself is created 0600 (and a directory the
+daemon creates for it 0700): its lines carry case titles, observable values and addresses,
+which other local users have no business reading.
+
+Payload text is hostile: every control character (C0, DEL, C1, the Unicode line and
+paragraph separators, bidi overrides) is escaped, so a value can neither break a line,
+forge another, nor rewrite the terminal an operator tails the file in. Observable values
+above ``logs.max_tlp_values`` are withheld: a log file travels further (tickets, log
+shippers, support bundles) than the data's TLP allows.
 """
 from __future__ import annotations
 
@@ -14,8 +21,13 @@ import os
 import re
 import sys
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Iterator, Optional, Pattern
+
+from tq_mw_thehive.config import TLP_ORDER
+from tq_mw_thehive.enrichment.gate import rank
 
 LOG_FILE = "tq_mw_thehive.log"
 VERBOSITY_CHOICES = ("1", "2", "3", "stdout")
@@ -52,14 +64,147 @@ def redact(text: str) -> str:
     return _CREDENTIAL.sub(lambda m: f"{m.group(1)} {MASK}", text)
 
 
+# Every character that can end a line for some reader (str.splitlines, a terminal, a log
+# shipper) or change what a terminal shows: C0, DEL, C1 (NEL is U+0085), the line and
+# paragraph separators, and the bidi embeddings, overrides and isolates; and lone surrogates
+# (JSON's "\ud800" decodes to one), which no UTF-8 log file can hold.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: "re.Match[str]") -> str:
+    char = match.group(0)
+    return _SHORT.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_block(text: str) -> str:
+    """A traceback or stack: its own line breaks kept, every other control escaped, and every
+    line indented, so an exception message carrying a newline cannot start a forged line."""
+    return "\n".join("  " + escape_controls(line) for line in text.split("\n"))
+
+
+def _withheld(text: str) -> str:
+    scope = _scope.get()
+    return scope.scrub(text) if scope is not None else text
+
+
 class RedactingFormatter(logging.Formatter):
+    """Escapes, withholds and redacts what a record carries; the line's own prefix stays as it is."""
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         # One record, one line: text from a payload (an id with a newline) cannot forge log lines.
-        record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        record.message = _withheld(escape_controls(record.message))
         return super().formatMessage(record)
 
+    def formatException(self, ei) -> str:
+        return _withheld(_escape_block(super().formatException(ei)))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _withheld(_escape_block(super().formatStack(stack_info)))
+
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        # logging.Formatter.format would reuse an exc_text another handler's formatter cached
+        # on the record, unescaped: the traceback is formatted here, every time.
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        elif record.exc_text:
+            text += "\n" + _withheld(_escape_block(record.exc_text))
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return redact(text)
+
+
+# --- observable values above logs.max_tlp_values --------------------------------------------
+
+def tlp_allows(tlp: Optional[str], max_tlp: str) -> bool:
+    """Whether a value of TLP ``tlp`` may be logged; a missing or unknown TLP may not (fail closed)."""
+    label = (tlp or "").strip().upper()
+    return label in TLP_ORDER and rank(label) <= rank(max_tlp)
+
+
+def withheld_label(tlp: Optional[str]) -> str:
+    """What a log line shows instead of a withheld value (no payload text: an odd label is ``unknown``)."""
+    label = (tlp or "").strip().upper()
+    return f"<TLP:{label if label in TLP_ORDER else 'unknown'} value withheld>"
+
+
+def loggable(value: str, tlp: Optional[str], max_tlp: str) -> str:
+    """``value`` if its TLP may be logged, else the placeholder; for fields that always carry it."""
+    return value if tlp_allows(tlp, max_tlp) else withheld_label(tlp)
+
+
+class Withheld:
+    """The observable values the log lines of one piece of work (an event, a watch) must not show.
+
+    The fields that carry a value use ``loggable``; this catches the rest: a value quoted in an
+    exception, a ThreatQ error, a plugin's own log line. Matched case-insensitively, as written
+    raw, escaped or by ``%r``, and not inside a longer word (a short value would shred the line).
+    """
+
+    def __init__(self, max_tlp: str, parent: Optional["Withheld"] = None) -> None:
+        self.max_tlp = max_tlp
+        self._labels: Dict[str, str] = dict(parent._labels) if parent is not None else {}
+        self._pattern: Optional[Pattern[str]] = None
+        self._lock = threading.Lock()  # plugin threads log in the same scope
+
+    def add(self, values: Iterable[Optional[str]], tlp: Optional[str]) -> None:
+        """Withhold ``values`` when ``tlp`` is above the maximum (or missing)."""
+        if tlp_allows(tlp, self.max_tlp):
+            return
+        label = withheld_label(tlp)
+        with self._lock:
+            for value in values:
+                if isinstance(value, str) and value.strip():
+                    for form in (value, value.strip(), escape_controls(value.strip()), repr(value.strip())[1:-1]):
+                        self._labels.setdefault(form.lower(), label)
+            self._pattern = None
+
+    def scrub(self, text: str) -> str:
+        with self._lock:
+            if not self._labels:
+                return text
+            if self._pattern is None:
+                forms = sorted(self._labels, key=len, reverse=True)  # a value inside another: the longer
+                self._pattern = re.compile("|".join(map(_whole, forms)), re.IGNORECASE)
+            pattern, labels = self._pattern, self._labels
+        return pattern.sub(lambda m: labels.get(m.group(0).lower(), withheld_label(None)), text)
+
+
+def _whole(form: str) -> str:
+    """A regex for ``form`` not inside a longer word (``10.0.0.1`` is not in ``10.0.0.10``)."""
+    before = r"(?<!\w)" if re.match(r"\w", form) else ""
+    after = r"(?!\w)" if re.search(r"\w\Z", form) else ""
+    return before + re.escape(form) + after
+
+
+_scope: ContextVar[Optional[Withheld]] = ContextVar("tq_mw_thehive_withheld", default=None)
+
+
+@contextmanager
+def withholding(max_tlp: str) -> Iterator[Withheld]:
+    """A scope whose log lines (this thread, and tasks run in a copy of its context) withhold
+    the values added to it; nested scopes keep the outer one's values."""
+    token = _scope.set(Withheld(max_tlp, _scope.get()))
+    try:
+        yield _scope.get()
+    finally:
+        _scope.reset(token)
+
+
+def withhold(values: Iterable[Optional[str]], tlp: Optional[str]) -> None:
+    """Add ``values`` to the innermost scope (the worker learns of a coalesced event's values late)."""
+    scope = _scope.get()
+    if scope is not None:
+        scope.add(values, tlp)
 
 
 class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
@@ -80,6 +225,23 @@ class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
             raise
 
 
+def _private_dir(path: Path) -> None:
+    """Create ``path`` and its missing parents 0700 whatever the umask (mkdir's mode is masked
+    by it, chmod's is not). A directory that exists is left as it is: its mode is the operator's."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # another process made it first: theirs
+            continue
+        os.chmod(directory, 0o700)
+
+
 def level_for(verbosity: str) -> int:
     return _LEVELS[verbosity]
 
@@ -97,7 +259,7 @@ def setup(log_dir: Optional[Path], verbosity: Optional[str]) -> None:
     if log_dir is not None:
         log_dir = Path(log_dir)
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
+            _private_dir(log_dir)
             handlers.append(PrivateWatchedFileHandler(str(log_dir / LOG_FILE), encoding="utf-8"))
         except OSError as exc:
             raise LogSetupError(f"log directory {log_dir}: {exc.strerror or exc}") from exc

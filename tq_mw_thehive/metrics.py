@@ -16,6 +16,8 @@ Why it is shaped this way:
   the default in-process values.
 * Inbox depth is read from the database at scrape time, so it is right whichever worker
   answers and never drifts.
+* ``web.metrics_token``, when set, is required as ``Authorization: Bearer <token>``: the
+  scrape is served on the webhook listener, which may be reachable by more than Prometheus.
 * Labels are low-cardinality on purpose: ThreatQ paths become templates
   (``/api/indicators/{id}``), rejection reasons and outcomes are fixed words.
 
@@ -25,6 +27,7 @@ interest), never through the metric objects, which are replaced on the switch.
 from __future__ import annotations
 
 import fcntl
+import hmac
 import logging
 import os
 import re
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import requests
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -283,10 +286,24 @@ def exposition(inbox: Any = None) -> bytes:
     return generate_latest(registry)
 
 
+def _token_presented(token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time compare)."""
+    scheme, _, credential = (request.headers.get("Authorization") or "").strip().partition(" ")
+    ok = hmac.compare_digest(credential.strip().encode("utf-8", "replace"), token.encode("utf-8"))
+    return ok and scheme.lower() == "bearer"
+
+
 @bp.route("/metrics", methods=["GET"])
 def scrape() -> Response:
-    """No authentication, like Prometheus exporters: it is on the webhook listener (see README)."""
-    from tq_mw_thehive.web import EXTENSION  # web imports this module
+    """Open like Prometheus exporters unless ``web.metrics_token`` is set (see README)."""
+    from tq_mw_thehive.web import EXTENSION, _error, rejections  # web imports this module
 
-    inbox = current_app.extensions[EXTENSION]["inbox"]
-    return Response(exposition(inbox), mimetype=None, content_type=CONTENT_TYPE)
+    ext = current_app.extensions[EXTENSION]
+    token = ext["config"].web.metrics_token
+    if token and not _token_presented(token):
+        if rejections().allow(401):
+            log.warning("rejected outcome=unauthorized remote=%s path=/metrics reason=%r", request.remote_addr,
+                        "missing Authorization header" if "Authorization" not in request.headers
+                        else "wrong credentials")
+        return _error(401, "authentication required", WWW_Authenticate='Bearer realm="tq-mw-thehive metrics"')
+    return Response(exposition(ext["inbox"]), mimetype=None, content_type=CONTENT_TYPE)

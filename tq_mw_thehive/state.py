@@ -7,6 +7,7 @@ not only a crash of the process.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -120,6 +121,47 @@ _M005_CLAIM_INDEX = [
     "CREATE INDEX inbox_pending_order ON inbox (state, order_ts, id)",
 ]
 
+_M006_STATUS_LOGIN = [
+    # The status page's failed logins, shared by every gunicorn worker so the limit holds per
+    # client and overall whichever process answers; rows older than the window are pruned.
+    """CREATE TABLE status_login_failures (
+            client      TEXT    NOT NULL,            -- the remote address
+            at          REAL    NOT NULL
+        )""",
+    "CREATE INDEX status_login_failures_client ON status_login_failures (client, at)",
+    "CREATE INDEX status_login_failures_at ON status_login_failures (at)",
+    # Its sessions (a digest of the cookie's nonce): logout deletes the row, so a copied cookie
+    # is worthless afterwards.
+    """CREATE TABLE status_sessions (
+            digest      TEXT    PRIMARY KEY,
+            expires_at  REAL    NOT NULL
+        )""",
+]
+
+_M007_RETENTION = [
+    # A replayed dead letter gets a fresh start: sync.max_age counts from here when it is set.
+    "ALTER TABLE inbox ADD COLUMN replayed_at REAL",
+    # Counts by state, kept by triggers in the same transactions as the rows: status, /healthz,
+    # /metrics and /status read three rows instead of scanning months of done events.
+    "CREATE TABLE inbox_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    "INSERT INTO inbox_counts (state, n) SELECT s, (SELECT COUNT(*) FROM inbox WHERE state = s) "
+    "FROM (SELECT 'pending' AS s UNION ALL SELECT 'done' UNION ALL SELECT 'dead')",
+    """CREATE TRIGGER inbox_counts_insert AFTER INSERT ON inbox BEGIN
+           UPDATE inbox_counts SET n = n + 1 WHERE state = NEW.state; END""",
+    """CREATE TRIGGER inbox_counts_delete AFTER DELETE ON inbox BEGIN
+           UPDATE inbox_counts SET n = n - 1 WHERE state = OLD.state; END""",
+    """CREATE TRIGGER inbox_counts_update AFTER UPDATE OF state ON inbox WHEN OLD.state != NEW.state BEGIN
+           UPDATE inbox_counts SET n = n - 1 WHERE state = OLD.state;
+           UPDATE inbox_counts SET n = n + 1 WHERE state = NEW.state; END""",
+    # Small partial indexes for the figures that depend on the time: they hold pending or
+    # leased rows only, so they stay as small as the backlog however long the history is.
+    "CREATE INDEX inbox_pending_received ON inbox (received_at) WHERE state = 'pending'",
+    "CREATE INDEX inbox_leased ON inbox (lease_until) WHERE lease_until IS NOT NULL",
+    # Retention walks done events by the time they were finished; the chart counts by arrival.
+    "CREATE INDEX inbox_done_finished ON inbox (finished_at) WHERE state = 'done'",
+    "CREATE INDEX inbox_received ON inbox (received_at)",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
@@ -128,6 +170,8 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (3, "enrichment", _M003_ENRICHMENT),
     (4, "digest", _M004_DIGEST),
     (5, "claim index", _M005_CLAIM_INDEX),
+    (6, "status page login", _M006_STATUS_LOGIN),
+    (7, "inbox retention and counts", _M007_RETENTION),
 ]
 
 BUSY_TIMEOUT_S = 5.0
@@ -152,12 +196,25 @@ def _enable_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
             time.sleep(0.01)
 
 
+def _incremental_vacuum_mode(db: sqlite3.Connection) -> None:
+    # Possible only before the first page is written (before WAL and the first table): pages
+    # freed by inbox retention can then be given back with `PRAGMA incremental_vacuum`. An
+    # existing file keeps its mode until `tq-mw-thehive purge --vacuum` rewrites it once.
+    try:
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    except sqlite3.OperationalError:
+        pass  # another process is creating the file right now, with this same setting
+
+
 def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open the database with the settings every connection needs (autocommit; explicit BEGIN)."""
+    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
     db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
                          check_same_thread=False)
     try:
         db.row_factory = sqlite3.Row
+        if new_file:
+            _incremental_vacuum_mode(db)
         _enable_wal(db, busy_timeout)
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")

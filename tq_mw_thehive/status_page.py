@@ -9,40 +9,52 @@ The page lets its user put events back in the queue, so it is off until
 ``web.admin_token`` is set (404 until then). A script authenticates with
 ``Authorization: Bearer <token>``; a browser logs in once through a small form and
 gets a session cookie (HttpOnly, SameSite=Strict) signed with a key derived from the
-token, so changing the token ends every session and nothing needs to be stored. Every
-POST carries a CSRF token bound to the session. Payload text is hostile: everything
-is escaped by Jinja's autoescape, and a strict Content-Security-Policy forbids scripts.
+token, so changing the token ends every session. The session is also a row in the state
+database, which logout deletes: a cookie copied before logout is worthless after it.
+Failed tokens (form or Bearer) are limited per client address and overall, in the state
+database too, so the limit holds whichever gunicorn worker answers. Every POST carries a
+CSRF token bound to the session. Payload text is hostile: everything is escaped by
+Jinja's autoescape, and a strict Content-Security-Policy forbids scripts.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import ipaddress
 import logging
+import math
 import re
 import secrets
 import sqlite3
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jinja2
 from flask import Blueprint, Flask, Response, current_app, redirect, request, url_for
 from markupsafe import Markup
 
-from tq_mw_thehive import __version__
+from tq_mw_thehive import __version__, state
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.enrichment.keys import KeyStore
 from tq_mw_thehive.enrichment.registry import Registry, plugin_state
 from tq_mw_thehive.inbox import Inbox
-from tq_mw_thehive.sync_state import SyncState
+from tq_mw_thehive.sync_state import SyncState, read_capabilities
+from tq_mw_thehive.threatq import capabilities
 
 log = logging.getLogger(__name__)
 bp = Blueprint("status_page", __name__)
 EXTENSION = "tq_mw_thehive.status_page"
 COOKIE = "tq_mw_status"
 SESSION_MAX_AGE_S = 12 * 3600
+# Failed admin tokens allowed per minute from one address, and from all addresses together
+# (someone guessing from many addresses); beyond either, every attempt gets 429 until the
+# oldest failure leaves the window, the right token too: otherwise guessing would go on.
+LOGIN_WINDOW_S = 60.0
+LOGIN_FAILURES_PER_CLIENT = 5
+LOGIN_FAILURES_OVERALL = 50
 RECENT_LIMIT = 50
 DEAD_LIMIT = 100
 CHART_HOURS = 24
@@ -139,6 +151,13 @@ _PAGE = """{% extends "layout" %}{% block body %}
 (<code>tq-mw-thehive replay</code> handles them all).</p>{% endif %}
 {% else %}<p class="muted">No dead letters.</p>{% endif %}
 
+<h2 id="threatq-steps">ThreatQ optional steps</h2>
+<p class="muted">Calls with no public evidence that every ThreatQ serves them, as this daemon found out
+(<code>tq-mw-thehive check</code> also probes the read-only ones).</p>
+<table id="threatq-steps-table"><tr><th>step</th><th>state</th><th>how it is known, what is done without it</th></tr>
+{% for s in steps %}<tr data-step="{{ s.step }}"><td>{{ s.label }}</td><td class="step-state">{{ s.state }}</td>
+<td class="muted">{{ s.detail }}</td></tr>{% endfor %}</table>
+
 <h2 id="enrichment">Enrichment</h2>
 <p>Cache hit rate: <strong id="cache-hit-rate" data-hits="{{ cache.hits }}" data-misses="{{ cache.misses }}">
 {{- cache.rate }}</strong> ({{ cache.hits }} hits, {{ cache.misses }} misses, {{ cache.errors }} errors)</p>
@@ -163,9 +182,10 @@ _templates = jinja2.Environment(
 class AdminAuth:
     """The admin token, the session cookies and CSRF tokens derived from it.
 
-    A session is ``<issued>.<nonce>.<mac>``: nothing is stored server-side, so every
-    gunicorn worker accepts the cookie another worker issued. The CSRF token is a MAC
-    of the session nonce (``bearer`` for a script), so it is useless in another session.
+    A session is ``<issued>.<nonce>.<mac>``: the MAC makes a forged or foreign cookie fail
+    without a database read, and a new admin token ends every session; whether the session
+    is still open (not logged out) is ``Sessions``'s row. The CSRF token is a MAC of the
+    session nonce (``bearer`` for a script), so it is useless in another session.
     """
 
     def __init__(self, token: str, clock: Callable[[], float] = time.time) -> None:
@@ -206,14 +226,101 @@ class AdminAuth:
                                    self.csrf_token(session).encode("ascii"))
 
 
+class Attempt(NamedTuple):
+    """One admin-token attempt as the limiter answered it."""
+
+    row: Optional[int] = None          # the failure recorded in advance; forgotten if the token is right
+    retry_after_s: Optional[int] = None  # set: refused, a limit is reached
+    fills: Optional[str] = None        # "client" / "overall": this attempt, if wrong, reaches that limit
+
+
+class LoginLimiter(state.Store):
+    """Failed admin tokens per client and overall in a sliding window (table ``status_login_failures``).
+
+    Each attempt is recorded as a failure *before* the token is checked, in the transaction that
+    counts the window, and forgotten when the token is right: concurrent guesses in several
+    gunicorn workers cannot slip past the count between a check and a record. Its writes are
+    not durable (synchronous=NORMAL): a power cut forgetting a few failures is harmless.
+    """
+
+    def __init__(self, path, clock: Callable[[], float] = time.time, window_s: float = LOGIN_WINDOW_S,
+                 per_client: int = LOGIN_FAILURES_PER_CLIENT, overall: int = LOGIN_FAILURES_OVERALL) -> None:
+        super().__init__(path)
+        self.clock, self.window_s, self.per_client, self.overall = clock, window_s, per_client, overall
+
+    def attempt(self, client: str) -> Attempt:
+        now = self.clock()
+        since = now - self.window_s
+
+        def reserve(db: sqlite3.Connection) -> Attempt:
+            db.execute("DELETE FROM status_login_failures WHERE at <= ?", (since,))
+            fills = None
+            for scope, where, args, limit in (("client", "client = ? AND", (client,), self.per_client),
+                                              ("overall", "", (), self.overall)):
+                # The limit-th newest failure in the window: while it is there, a limit is reached.
+                row = db.execute(f"SELECT at FROM status_login_failures WHERE {where} at > ? "
+                                 "ORDER BY at DESC LIMIT 1 OFFSET ?", (*args, since, limit - 1)).fetchone()
+                if row is not None:
+                    return Attempt(retry_after_s=max(1, math.ceil(row[0] + self.window_s - now)))
+                if fills is None and db.execute(f"SELECT COUNT(*) FROM status_login_failures WHERE {where} at > ?",
+                                                (*args, since)).fetchone()[0] == limit - 1:
+                    fills = scope
+            cursor = db.execute("INSERT INTO status_login_failures (client, at) VALUES (?, ?)", (client, now))
+            return Attempt(row=cursor.lastrowid, fills=fills)
+
+        return self.write(reserve, durable=False)
+
+    def forget(self, row: int) -> None:
+        """The token was right: the attempt recorded in advance is no failure."""
+        self.write(lambda db: db.execute("DELETE FROM status_login_failures WHERE rowid = ?", (row,)),
+                   durable=False)
+
+
+class Sessions(state.Store):
+    """Live status page sessions (table ``status_sessions``), by a digest of the cookie's nonce.
+
+    The signed cookie alone cannot be revoked before it expires; this row can, so logout ends
+    the session for every copy of the cookie, in every worker.
+    """
+
+    def __init__(self, path, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(path)
+        self.clock = clock
+
+    @staticmethod
+    def _digest(nonce: str) -> str:
+        return hashlib.sha256(nonce.encode("utf-8")).hexdigest()
+
+    def add(self, nonce: str) -> None:
+        now = self.clock()
+
+        def add(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM status_sessions WHERE expires_at <= ?", (now,))
+            db.execute("INSERT OR REPLACE INTO status_sessions VALUES (?, ?)",
+                       (self._digest(nonce), now + SESSION_MAX_AGE_S))
+
+        self.write(add)
+
+    def live(self, nonce: str) -> bool:
+        return self.db.execute("SELECT 1 FROM status_sessions WHERE digest = ? AND expires_at > ?",
+                               (self._digest(nonce), self.clock())).fetchone() is not None
+
+    def revoke(self, nonce: str) -> None:
+        self.write(lambda db: db.execute("DELETE FROM status_sessions WHERE digest = ?", (self._digest(nonce),)))
+
+
 class StatusPage:
     """What the page reads, built once per app: the stores on the state database, the plugins."""
 
-    def __init__(self, cfg: Config, inbox: Inbox, on_replayed: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, cfg: Config, inbox: Inbox, on_replayed: Optional[Callable[[], None]] = None,
+                 clock: Optional[Callable[[], float]] = None) -> None:
         self.cfg = cfg
         self.inbox = inbox
         self.on_replayed = on_replayed
-        self.auth = AdminAuth(cfg.web.admin_token) if cfg.web.admin_token else None
+        clock = clock or inbox.clock  # one clock for the page's figures, sessions and the limiter
+        self.auth = AdminAuth(cfg.web.admin_token, clock) if cfg.web.admin_token else None
+        self.limiter = LoginLimiter(cfg.state_db, clock)
+        self.sessions = Sessions(cfg.state_db, clock)
         self.sync_state = SyncState(cfg.state_db)
         self.cache = ResultCache(cfg.state_db)
         self.keys = KeyStore(cfg.state_db)
@@ -365,7 +472,8 @@ def _view(page: StatusPage, session: str, notice: Optional[str]) -> Response:
                  session=session != "bearer", csrf=page.auth.csrf_token(session),
                  url_logout=url_for("status_page.logout"), stats=stats,
                  oldest=age_text(stats["oldest_pending_age_s"]), chart=chart_svg(inbox.hourly_counts(CHART_HOURS)),
-                 recent=recent, dead=dead, cache=cache, plugins=plugins)
+                 recent=recent, dead=dead, cache=cache, plugins=plugins,
+                 steps=capabilities.reports(read_capabilities(inbox.db), now=now))
 
 
 # --- authentication -----------------------------------------------------------------------------
@@ -388,19 +496,56 @@ def _reject(status: int, reason: str) -> Response:
     return _message(status, reason[:1].upper() + reason[1:] + ".", login=True)
 
 
+def _client() -> str:
+    """Who a failed login is counted against: the TCP peer, never X-Forwarded-For (anyone can
+    write that; behind a reverse proxy every client shares the proxy's limit, which errs on the
+    safe side). An IPv6 peer counts by its /64: one host usually holds the whole /64."""
+    address = request.remote_addr or "-"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        return str(mapped) if mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _try_token(page: StatusPage, presented: str) -> Optional[Response]:
+    """Check an admin token under the login limits: None when it is right, else the refusal."""
+    attempt = page.limiter.attempt(_client())
+    if attempt.retry_after_s is not None:
+        log.debug("status page rejected outcome=rate_limited remote=%s path=%s retry_after_s=%d",
+                  _client(), request.path, attempt.retry_after_s)
+        return _message(429, f"Too many failed logins: try again in {attempt.retry_after_s} seconds.",
+                        login=True, Retry_After=str(attempt.retry_after_s))
+    if page.auth.check_token(presented):
+        page.limiter.forget(attempt.row)
+        return None
+    if attempt.fills is not None:
+        limit = page.limiter.per_client if attempt.fills == "client" else page.limiter.overall
+        log.warning("status page login limit reached scope=%s remote=%s failures=%d window_s=%g: every "
+                    "attempt gets 429 until the oldest failure is older than the window", attempt.fills,
+                    _client(), limit, page.limiter.window_s)
+    return _reject(403, "wrong admin token")
+
+
 def _session(page: StatusPage) -> Tuple[Optional[str], Optional[Response]]:
-    """Who is asking: a session nonce, ``bearer`` for a script, or the answer that refuses them."""
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, credential = header.strip().partition(" ")
-        if scheme.lower() == "bearer" and page.auth.check_token(credential.strip()):
-            return "bearer", None
-        return None, _reject(403, "wrong admin token")
-    session = page.auth.session_id(request.cookies.get(COOKIE))
-    if session is None:
-        reason = "session expired or invalid" if COOKIE in request.cookies else "not logged in"
-        return None, _reject(401, reason)
-    return session, None
+    """Who is asking: a session nonce, ``bearer`` for a script, or the answer that refuses them.
+
+    A live session cookie wins over any ``Authorization`` header: a reverse proxy may add its
+    own (Basic, or a Bearer of its single sign-on), which must not log the operator out. Only a
+    Bearer header is an attempt at the admin token (limited); another scheme is not ours.
+    """
+    nonce = page.auth.session_id(request.cookies.get(COOKIE))
+    if nonce is not None and page.sessions.live(nonce):
+        return nonce, None
+    scheme, _, credential = (request.headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        refused = _try_token(page, credential.strip())
+        return (None, refused) if refused is not None else ("bearer", None)
+    reason = "session expired or invalid" if COOKIE in request.cookies else "not logged in"
+    return None, _reject(401, reason)
 
 
 def _set_cookie(response: Response, value: str, max_age: int) -> None:
@@ -428,11 +573,17 @@ def login():
     status = _page()
     if status.auth is None:
         return _disabled()
-    if not status.auth.check_token(request.form.get("token", "")):
-        return _reject(403, "wrong admin token" if request.form.get("token") else "no admin token given")
+    token = request.form.get("token", "")
+    if not token:  # no guess: not counted
+        return _reject(403, "no admin token given")
+    refused = _try_token(status, token)
+    if refused is not None:
+        return refused
+    cookie = status.auth.new_session()
+    status.sessions.add(status.auth.session_id(cookie))
     log.info("status page login remote=%s", request.remote_addr)
     response = redirect(url_for("status_page.page"), 303)
-    _set_cookie(response, status.auth.new_session(), SESSION_MAX_AGE_S)
+    _set_cookie(response, cookie, SESSION_MAX_AGE_S)
     return response
 
 
@@ -453,9 +604,13 @@ def _checked(status: StatusPage) -> Tuple[Optional[str], Optional[Response]]:
 
 @bp.route("/status/logout", methods=["POST"])
 def logout():
-    _, refused = _checked(_page())
+    status = _page()
+    session, refused = _checked(status)
     if refused is not None:
         return refused
+    if session != "bearer":
+        status.sessions.revoke(session)
+        log.info("status page logout remote=%s", request.remote_addr)
     response = redirect(url_for("status_page.page"), 303)
     _set_cookie(response, "", 0)
     return response

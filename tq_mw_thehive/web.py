@@ -15,7 +15,9 @@ import hmac
 import json
 import logging
 import sqlite3
+import threading
 import time
+from collections import Counter
 from typing import Callable, Optional, Tuple
 
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -23,13 +25,63 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tq_mw_thehive import metrics
 from tq_mw_thehive.config import Config, WebhookConfig
-from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.inbox import Inbox, Retention
 from tq_mw_thehive.thehive import events
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
 EXTENSION = "tq_mw_thehive"
 RETRY_AFTER_S = "5"
+REJECTION_LOG_BURST = 10        # rejections logged one by one per interval (per process)
+REJECTION_LOG_INTERVAL_S = 60.0
+
+
+class RejectionLog:
+    """Decides which refused requests (401, 400, 413) get their own log line.
+
+    Anyone who reaches the listener can send requests that are refused, as fast as they like;
+    one line each would let them fill the disk and bury the lines that matter. The first
+    ``burst`` of an interval are logged one by one (their address and reason are what finds a
+    misconfigured TheHive); the rest are only counted, and one summary line per interval says
+    how many there were, by status. The summary is written by the first request (of any kind)
+    after the interval ends. ``clock`` is injectable so tests need no sleeping.
+    """
+
+    def __init__(self, burst: int = REJECTION_LOG_BURST, interval_s: float = REJECTION_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._started: Optional[float] = None
+        self._counts: Counter = Counter()
+
+    def allow(self, status: int) -> bool:
+        """Count one rejection answered ``status``; True when it should be logged on its own."""
+        self.flush()
+        with self._lock:
+            if self._started is None:
+                self._started = self.clock()
+            self._counts[status] += 1
+            return sum(self._counts.values()) <= self.burst
+
+    def flush(self) -> None:
+        """Write the summary of an interval that is over, if some of its rejections were not logged."""
+        with self._lock:
+            now = self.clock()
+            if self._started is None or now - self._started < self.interval_s:
+                return
+            counts, elapsed = self._counts, now - self._started
+            self._started, self._counts = None, Counter()
+        total = sum(counts.values())
+        if total > self.burst:
+            log.warning("rejected %d requests in the last %d s (%s)", total, round(elapsed),
+                        ", ".join(f"{status}: {n}" for status, n in sorted(counts.items())))
+
+
+def rejections() -> RejectionLog:
+    """This app's ``RejectionLog`` (the /metrics and /status rejections use it too)."""
+    return current_app.extensions[EXTENSION]["rejections"]
 
 
 class WebhookAuth:
@@ -123,9 +175,10 @@ def receive_event():
     ext = current_app.extensions[EXTENSION]
     auth: WebhookAuth = ext["auth"]
     if not auth.check(request.headers.get("Authorization")):
-        log.warning("rejected outcome=unauthorized remote=%s reason=%r", request.remote_addr,
-                    "missing Authorization header" if "Authorization" not in request.headers
-                    else "wrong credentials")
+        if rejections().allow(401):
+            log.warning("rejected outcome=unauthorized remote=%s reason=%r", request.remote_addr,
+                        "missing Authorization header" if "Authorization" not in request.headers
+                        else "wrong credentials")
         headers = {"WWW_Authenticate": auth.challenge} if auth.challenge else {}
         metrics.event_rejected("unauthorized")
         return _error(401, "authentication required", **headers)
@@ -138,7 +191,8 @@ def receive_event():
         text, payload = _decode(body)
         event = events.parse(payload)
     except events.PayloadError as exc:
-        log.warning("rejected outcome=invalid remote=%s reason=%r", request.remote_addr, str(exc))
+        if rejections().allow(400):
+            log.warning("rejected outcome=invalid remote=%s reason=%r", request.remote_addr, str(exc))
         metrics.event_rejected("invalid")
         return _error(400, str(exc))
     if events.is_self_test(event):  # `tq-mw-thehive check`: stored already done (never synced), then removed
@@ -188,7 +242,8 @@ def healthz():
 def _http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
         limit = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-        log.warning("rejected outcome=too_large remote=%s limit_mb=%g", request.remote_addr, limit)
+        if rejections().allow(413):
+            log.warning("rejected outcome=too_large remote=%s limit_mb=%g", request.remote_addr, limit)
         metrics.event_rejected("too_large")
         return _error(413, f"body larger than webhook.max_body_mb ({limit:g} MB)")
     response = _error(exc.code or 500, exc.description or exc.name)
@@ -204,7 +259,7 @@ def _unexpected_error(exc: Exception):
 
 
 def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive",
-               on_queued: Optional[Callable[[], None]] = None) -> Flask:
+               on_queued: Optional[Callable[[], None]] = None, retention: Optional[bool] = None) -> Flask:
     """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database.
 
     The database must already be migrated (``startup.prepare``). Building the app does
@@ -212,6 +267,12 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
     lock still boots, and answers 503 until the lock is gone, instead of failing to
     boot (which makes gunicorn stop the whole service). ``on_queued`` is called after
     each new event is stored (it wakes this process's sync worker).
+
+    ``retention`` starts the deletion of done events older than ``inbox.keep_done`` in a
+    background thread (``inbox.Retention``; its first pass a minute later, so never while the
+    worker boots). By default it runs where ``on_queued`` is given: in the daemon, whose
+    workers build the app beside their sync worker, and not in a test or tool that only
+    wants the app.
     """
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.webhook.max_body_mb * 1024 * 1024)
@@ -221,7 +282,12 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
         "auth": WebhookAuth(cfg.webhook),
         "inbox": inbox if inbox is not None else Inbox(cfg.state_db),
         "on_queued": on_queued,
+        "rejections": RejectionLog(),
     }
+    if on_queued is not None if retention is None else retention:
+        ext = app.extensions[EXTENSION]
+        ext["retention"] = Retention(ext["inbox"], cfg.inbox.keep_done).start()
+    app.before_request(lambda: rejections().flush())  # a flood's summary once its interval is over
     app.register_blueprint(bp)
     app.register_blueprint(metrics.bp)  # GET /metrics (metrics.py)
     from tq_mw_thehive.status_page import register_status_page  # GET /status (status_page.py)

@@ -21,9 +21,9 @@ import threading
 import time
 import traceback
 from dataclasses import replace
-from typing import Callable, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
-from tq_mw_thehive import metrics
+from tq_mw_thehive import logs, metrics
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment.monitor import WatchList
 from tq_mw_thehive.enrichment.runner import Enricher
@@ -31,7 +31,7 @@ from tq_mw_thehive.inbox import Inbox, InboxItem
 from tq_mw_thehive.sync import Outcome, PermanentSyncError, Sync
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError, TheHiveUnavailable
-from tq_mw_thehive.thehive.model import ModelError
+from tq_mw_thehive.thehive.model import ModelError, Observable
 from tq_mw_thehive.threatq.api import ThreatQClient, ThreatQPermanentError, ThreatQUnavailable
 from tq_mw_thehive.type_mapping import TypeMapping
 
@@ -57,6 +57,32 @@ def _has_object(body: str) -> bool:
     except ValueError:
         return False
     return isinstance(payload, dict) and isinstance(payload.get("object"), dict) and bool(payload["object"])
+
+
+def observable_values(body: str) -> Tuple[List[str], Optional[str]]:
+    """The observable values a stored event carries and their TLP, to withhold from its log lines.
+
+    Read from the payload, not from the sync's result: a line about an event that fails halfway
+    must not show them either. Unreadable TLP: None, which withholds (fail closed).
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return [], None
+    if not isinstance(payload, dict):
+        return [], None
+    # The first is the one the sync reads (and so the TLP that counts).
+    objects = [o for o in (payload.get("object"), payload.get("details")) if isinstance(o, dict) and o]
+    values: List[Any] = []
+    for obj in objects:
+        attachment = obj.get("attachment") if isinstance(obj.get("attachment"), dict) else {}
+        hashes = attachment.get("hashes")
+        values += [obj.get("data"), attachment.get("name"), *(hashes if isinstance(hashes, list) else [])]
+    try:
+        tlp = Observable.from_thehive(objects[0]).tlp if objects else None
+    except ValueError:  # ModelError: no observable, or one it cannot read
+        tlp = None
+    return [v for v in values if isinstance(v, str)], tlp
 
 
 def build_sync(cfg: Config) -> Sync:
@@ -114,7 +140,9 @@ class Worker:
         heartbeat = threading.Thread(target=self._keep_lease, args=(item, finished), name="tq-lease", daemon=True)
         heartbeat.start()
         try:
-            self._apply(item, started)
+            with logs.withholding(self.cfg.logs.max_tlp_values) as withheld:
+                withheld.add(*observable_values(item.body))
+                self._apply(item, started)
         finally:
             finished.set()
             heartbeat.join()
@@ -142,6 +170,7 @@ class Worker:
         latest = self.inbox.latest_state(item)
         if latest is None or not _has_object(latest["body"]):
             return self.sync.handle(item)
+        logs.withhold(*observable_values(latest["body"]))
         outcome = self.sync.handle(replace(item, body=latest["body"]))
         note = f"applied the state of inbox event {latest['id']} (queued behind it)"
         outcome.detail = f"{outcome.detail}; {note}" if outcome.detail else note
@@ -165,7 +194,7 @@ class Worker:
 
     def _retry_or_dead(self, item: InboxItem, error: str, started: float, unexpected: bool) -> None:
         limit = self.cfg.sync.max_unexpected_attempts if unexpected else self.cfg.sync.max_attempts
-        too_old = time.time() - item.received_at > self.cfg.sync.max_age
+        too_old = self.inbox.clock() - item.age_from > self.cfg.sync.max_age  # a replay restarts the age
         if item.attempts >= limit or too_old:
             why = "too old" if too_old else f"{item.attempts} attempts"
             self._dead(item, f"{error} (gave up: {why})", started)
@@ -211,8 +240,12 @@ class Worker:
         self.stopping.set()
         self.wakeup.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop after the event in progress; False when it was still running after ``timeout``
+        (it is then abandoned to its lease)."""
         self.stopping.set()
         self.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True

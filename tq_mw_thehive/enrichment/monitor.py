@@ -15,7 +15,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Set
 from urllib.parse import urlsplit
 
-from tq_mw_thehive import state
+from tq_mw_thehive import logs, state
 from tq_mw_thehive.enrichment.cache import normalise
 from tq_mw_thehive.enrichment.runner import Enricher
 from tq_mw_thehive.threatq.api import ThreatQError
@@ -206,6 +206,12 @@ class Monitor:
         return counts
 
     def _check(self, watch: Dict, counts: Dict[str, int]) -> None:
+        max_tlp = self.enricher.cfg.logs.max_tlp_values
+        with logs.withholding(max_tlp) as withheld:  # also in a ThreatQ error quoting the value
+            withheld.add([watch["value"]], watch["tlp"])
+            self._check_plugins(watch, counts, logs.loggable(watch["value"], watch["tlp"], max_tlp))
+
+    def _check_plugins(self, watch: Dict, counts: Dict[str, int], shown: str) -> None:
         value, data_type = watch["value"], watch["data_type"]
         for plugin in self.enricher.plugins_for(data_type):
             before = self.enricher.cache.latest(plugin.name, plugin.version, data_type, value)
@@ -221,7 +227,7 @@ class Monitor:
                                              if before and before.found else {})) if before else {}
             changed = {k for k in set(old) | set(run.attributes) if old.get(k) != run.attributes.get(k)}
             for field in sorted(changed):
-                log.info("changed %s %s %s: %s -> %s", value, plugin.name, field,
+                log.info("changed %s %s %s: %s -> %s", shown, plugin.name, field,
                          old.get(field, "-"), run.attributes.get(field, "-"))
             if changed:
                 counts["changed"] += 1
@@ -230,7 +236,7 @@ class Monitor:
                 except ThreatQError as exc:
                     counts["errors"] += 1
                     log.warning("monitor: cannot update %s in ThreatQ (%s); the change is in the cache "
-                                "and the log", value, exc)
+                                "and the log", shown, exc)
 
     def _push(self, value: str, data_type: str, run) -> None:
         """Set the new attributes on the ThreatQ indicators with this value (there may be none yet)."""
