@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,6 +28,7 @@ from tq_mw_thehive import intake, metrics, web
 from tq_mw_thehive.backfill import catch_up_in_background
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.startup import process_alive
 from tq_mw_thehive.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -112,10 +114,19 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
     return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set)
 
 
+# Left of gunicorn's graceful_timeout for this worker to say what it abandoned before the
+# master kills it.
+_EXIT_MARGIN_S = 2.0
+
+
 def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
     """On a graceful stop, let the event in progress finish before the process exits."""
-    if _worker is not None:
-        _worker.stop(timeout=server.cfg.graceful_timeout)
+    if _worker is None:
+        return
+    waited = max(1.0, server.cfg.graceful_timeout - _EXIT_MARGIN_S)
+    if not _worker.stop(timeout=waited):
+        log.warning("stopping with an event still in progress after %.0f s (ThreatQ or TheHive slow): "
+                    "it is abandoned to its lease and redone at the next start", waited)
 
 
 def _child_exit(server: Any, gunicorn_worker: Any) -> None:
@@ -236,4 +247,29 @@ def serve(cfg: Config, listen: Listen) -> None:
              "timeout=%ds", listen.bind, cfg.webhook.auth, cfg.state_db, listen.workers, listen.threads,
              WORKER_CLASS, listen.timeout_s)
     metrics.master_prepare(metrics.directory_for(cfg.state_db))  # before the fork: a clean run
-    DaemonApplication(cfg, listen).run()
+    try:
+        DaemonApplication(cfg, listen).run()
+    except SystemExit as stopped:
+        code = stopped.code
+    else:
+        code = 0
+    abandoned = _release_abandoned(cfg)
+    if abandoned:
+        log.error("stopped with %d event(s) abandoned in progress; their leases are released and the next "
+                  "start (or another daemon on this database) redoes them", abandoned)
+        code = code or 1
+    sys.exit(code)
+
+
+def _release_abandoned(cfg: Config) -> int:
+    """Events that workers of this host left in progress (the graceful timeout ran out): freed,
+    so nothing waits out a lease; counted, so the exit code can say that something was cut."""
+    try:
+        inbox = Inbox(cfg.state_db)
+        try:
+            return inbox.release_leases(f"{socket.gethostname()}:", process_alive)
+        finally:
+            inbox.close()
+    except sqlite3.Error as exc:
+        log.warning("cannot check the inbox for events left in progress: %s", exc)
+        return 0

@@ -52,7 +52,7 @@ def load_config(config_dir: Path, *, use_proxy: bool = False, disable_ssl: bool 
     return dataclasses.replace(cfg, threatq=threatq, thehive=thehive)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process runs; a zombie (killed, not yet reaped by its adopter) does not."""
     try:
         os.kill(pid, 0)
@@ -71,7 +71,7 @@ def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
     """Open and migrate the state database, register stored secrets, warn about loose files."""
     try:
         state.open_state(cfg.state_db).close()
-        freed = Inbox(cfg.state_db).release_leases(f"{socket.gethostname()}:", _alive)
+        freed = Inbox(cfg.state_db).release_leases(f"{socket.gethostname()}:", process_alive)
     except state.StateError as exc:
         raise StartupError(str(exc), 1) from None
     except sqlite3.Error as exc:

@@ -130,7 +130,7 @@ def start(tmp_path, simulators):
     daemons: List[Daemon] = []
 
     def start(sync: Optional[dict] = None, threatq: Optional[dict] = None,
-              state_db: Optional[str] = None, workers: int = 2) -> Daemon:
+              state_db: Optional[str] = None, workers: int = 2, args: Sequence[str] = ()) -> Daemon:
         sync = dict(sync or {})
         if "catch_up" in _SYNC_KEYS:
             sync.setdefault("catch_up", False)  # nothing to catch up in TheHive: keep the start quiet
@@ -140,7 +140,7 @@ def start(tmp_path, simulators):
                      enrichment={"enabled": False}, **extra)
         if not (tmp_path / tq_auth.TOKEN_FILE).exists():
             tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq.url, tq.client_id, EMAIL, PASSWORD))
-        daemon = Daemon(tmp_path, tmp_path / "logs", workers=workers)
+        daemon = Daemon(tmp_path, tmp_path / "logs", args=args, workers=workers)
         daemon.state_db = Path(state_db) if state_db else tmp_path / "tq_mw_thehive.db"
         daemons.append(daemon)
         return daemon.start()
@@ -710,3 +710,26 @@ def test_sigterm_lets_the_event_in_flight_finish_then_exits_0(start, simulators)
     assert (row["state"], row["attempts"]) == ("done", 1)
     assert_case_once(tq, case, severity="HIGH", status="New")
     assert re.search(r"sync audit=%s .*outcome=synced" % re.escape(case.create["_id"]), daemon.log_text())
+
+
+def test_sigterm_with_threatq_slower_than_the_graceful_timeout_exits_1_and_says_so(start, simulators):
+    """An event that cannot finish in time is abandoned to its lease: the stop says so, exits 1,
+    and frees the lease, so the next start redoes the event at once."""
+    tq, _ = simulators
+    daemon = start(args=["--graceful-timeout", "3"], workers=1)
+    case = make_case(2)
+    tq.delay_s = 20.0
+    assert post(daemon, case.create) == ["queued"]
+    wait_for(lambda: [p for _, p in list(tq.requests) if p != "/api/token"]
+             and row_of(daemon, case.create["_id"])["lease_owner"], 10, "a ThreatQ request in flight", 0.01)
+    os.killpg(daemon.proc.pid, signal.SIGTERM)
+    assert daemon.proc.wait(timeout=30) == 1
+    log = daemon.log_text()
+    assert re.search(r"WARNING .*stopping with an event still in progress after 1 s", log), log[-2000:]
+    assert re.search(r"ERROR .*stopped with 1 event\(s\) abandoned in progress", log), log[-2000:]
+    row = row_of(daemon, case.create["_id"])
+    assert (row["state"], row["lease_owner"]) == ("pending", None)  # claimable at once, not after the lease
+    tq.delay_s = 0.0
+    restart(daemon).start()
+    wait_for(lambda: row_of(daemon, case.create["_id"])["state"] == "done", 30, "the event redone")
+    assert_case_once(tq, case, severity="HIGH", status="New")
