@@ -806,6 +806,42 @@ def test_a_thehive5_v0_observable_delete_waits_for_its_case_and_unlinks_the_indi
     assert world.tq.links_of("events", event["id"], "indicators") == []
 
 
+def _th4_artifact_delete(created: dict) -> dict:
+    """TheHive 4's delete of that observable: no case anywhere in it (rootId is the observable)."""
+    return {"operation": "delete", "objectType": "case_artifact", "objectId": created["objectId"], "base": True,
+            "startDate": created["startDate"] + 60_000, "rootId": created["objectId"],
+            "requestId": "th4-delete-1", "details": {}}
+
+
+def test_a_thehive4_observable_delete_without_its_case_waits_behind_the_create_and_unlinks(world):
+    """The inbox orders a case-less event with the case its object's earlier events named: before,
+    it formed a group of its own and overtook a create still waiting to be retried."""
+    created = sample("th4-case-artifact-create.json")
+    deleted = _th4_artifact_delete(created)
+    world.deliver(created, deleted)
+    keys = [r[0] for r in world.inbox.db.execute("SELECT case_key FROM inbox ORDER BY id")]
+    assert keys == ["case:~8396848", "case:~8396848"]
+    world.inbox.db.execute("UPDATE inbox SET next_attempt_at = next_attempt_at + 3600 WHERE action = 'create'")
+    world.inbox.db.commit()
+    assert world.worker.run_once() is False  # the delete may not overtake the waiting create
+    world.inbox.db.execute("UPDATE inbox SET next_attempt_at = 0")
+    world.inbox.db.commit()
+    world.drain()
+    assert world.states() == ["done", "done"]
+    (indicator,) = world.tq.find_indicators("203.0.113.47")
+    assert world.tq.links_of("indicators", indicator["id"], "events") == []
+
+
+def test_a_case_less_delete_of_an_object_synced_long_ago_takes_its_case_from_the_object_map(world):
+    created = sample("th4-case-artifact-create.json")
+    world.deliver(created)
+    world.drain()
+    world.inbox.db.execute("DELETE FROM inbox")  # retention purged the create long ago
+    world.inbox.db.commit()
+    world.deliver(_th4_artifact_delete(created))
+    assert [r[0] for r in world.inbox.db.execute("SELECT case_key FROM inbox")] == ["case:~8396848"]
+
+
 # --- thin payloads: no object, details only the change (issue 19, item 2) ----------------------
 
 THIN_SHAPES = ["thehive5-v1", "thehive5-v0", "thehive4-v0", "thehive3"]

@@ -69,6 +69,32 @@ class InboxItem:
         return self.replayed_at if self.replayed_at is not None else self.received_at
 
 
+_OBJECT_ID, _CASE_KEY = 7, 8  # in ``Inbox._row``
+
+
+def _with_known_case(db: sqlite3.Connection, row: tuple) -> tuple:
+    """``row`` ordered with its object's case when the payload did not name one.
+
+    A TheHive 4 observable delete carries no case: in a group of its own it could overtake the
+    observable's create (still pending in its case's group) and leave the indicator linked. The
+    object's earlier events in the inbox name its case, and so does the object map once it synced.
+    """
+    object_id, case_key = row[_OBJECT_ID], row[_CASE_KEY]
+    if not object_id or not case_key.startswith("object:"):
+        return row
+    known = db.execute("SELECT case_key FROM inbox WHERE object_id = ? AND case_key LIKE 'case:%' "
+                       "ORDER BY id DESC LIMIT 1", (object_id,)).fetchone()
+    if known is not None:
+        case_key = known[0]
+    else:
+        mapped = db.execute("SELECT case_id FROM object_map WHERE thehive_id = ? AND case_id IS NOT NULL "
+                            "LIMIT 1", (object_id,)).fetchone()
+        if mapped is None:
+            return row
+        case_key = f"case:{mapped[0]}"
+    return row[:_CASE_KEY] + (case_key,) + row[_CASE_KEY + 1:]
+
+
 class _Put:
     """One event waiting in a group commit: its row, then its result or the error that stopped it."""
 
@@ -155,7 +181,7 @@ class Inbox(state.Store):
             cur = db.execute(
                 "INSERT OR IGNORE INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, "
                 "object_type, action, object_id, case_key, body, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", put.row)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _with_known_case(db, put.row))
             if cur.rowcount == 1:
                 return PutResult(cur.lastrowid, True)
             row = db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (put.row[0],)).fetchone()

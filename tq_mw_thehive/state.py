@@ -162,6 +162,12 @@ _M007_RETENTION = [
     "CREATE INDEX inbox_received ON inbox (received_at)",
 ]
 
+_M008_OBJECT_ORDER = [
+    # An event that does not name its case (a TheHive 4 observable delete) is ordered with the
+    # case its object's earlier events named: found by object id.
+    "CREATE INDEX inbox_object ON inbox (object_id, id)",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
@@ -172,6 +178,7 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (5, "claim index", _M005_CLAIM_INDEX),
     (6, "status page login", _M006_STATUS_LOGIN),
     (7, "inbox retention and counts", _M007_RETENTION),
+    (8, "inbox order by object", _M008_OBJECT_ORDER),
 ]
 
 BUSY_TIMEOUT_S = 5.0
