@@ -16,6 +16,7 @@ import os
 import socket
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -124,7 +125,9 @@ def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
     if _worker is None:
         return
     waited = max(1.0, server.cfg.graceful_timeout - _EXIT_MARGIN_S)
-    if not _worker.stop(timeout=waited):
+    finished = _worker.stop(timeout=waited)
+    atexit.unregister(_worker.stop)  # waited already: the process exits now, not after another wait
+    if not finished:
         log.warning("stopping with an event still in progress after %.0f s (ThreatQ or TheHive slow): "
                     "it is abandoned to its lease and redone at the next start", waited)
 
@@ -253,12 +256,26 @@ def serve(cfg: Config, listen: Listen) -> None:
         code = stopped.code
     else:
         code = 0
+    _reap_workers()
     abandoned = _release_abandoned(cfg)
     if abandoned:
         log.error("stopped with %d event(s) abandoned in progress; their leases are released and the next "
                   "start (or another daemon on this database) redoes them", abandoned)
         code = code or 1
     sys.exit(code)
+
+
+def _reap_workers(timeout_s: float = 5.0) -> None:
+    """Wait until gunicorn's workers are gone: it sends the last SIGKILL without waiting, and a
+    worker still alive would keep its lease from being counted and freed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no child left
+        if pid == 0:
+            time.sleep(0.05)
 
 
 def _release_abandoned(cfg: Config) -> int:
