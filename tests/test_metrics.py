@@ -341,3 +341,28 @@ def test_metrics_refusals_count_in_the_rejection_log_limit(tmp_path, caplog):
         for _ in range(16):
             assert client.get("/metrics").status_code == 401
     assert len(caplog.records) == 2
+
+
+def test_value_files_are_reserved_before_prometheus_client_maps_them(tmp_path):
+    """A hole mapped on a full disk is a SIGBUS at the first write: the blocks are allocated."""
+    metrics._preallocate(tmp_path, 4242)
+    for typ in ("counter", "histogram"):
+        st = (tmp_path / f"{typ}_4242.db").stat()
+        assert st.st_size == metrics.PREALLOCATE_BYTES and st.st_blocks * 512 >= st.st_size
+
+
+def test_no_space_for_the_value_files_keeps_the_worker_on_its_own_counts(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(metrics.os, "posix_fallocate", full)
+    directory = tmp_path / ".metrics"
+    before = metrics._m
+    assert metrics.enable_multiprocess(directory, master_pid=os.getppid()) is False
+    assert metrics._m is before and metrics._directory is None
+    assert not list(directory.glob("*.db")), "an empty value file would be mapped as a hole later"
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "cannot be used" in warning.getMessage() and "No space left" in warning.getMessage()
+    metrics.event_received()  # still recorded, in this process

@@ -1,6 +1,7 @@
 """The state database: file mode, WAL, numbered migrations, concurrent first start."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 import threading
@@ -190,3 +191,59 @@ def test_only_what_cannot_be_redone_waits_for_the_disk(tmp_path):
     sync_state.mark_applied("~9", "case", 1)
     assert mode(sync_state) == NORMAL
     assert sync_state.applied_ts("~9") == 1
+
+
+# ------------------------------------------------------------------ a file that changes under the daemon
+
+
+def _store(tmp_path: Path) -> state.Store:
+    store = state.Store.open(tmp_path / "state.db")
+    store.write(lambda db: db.execute("INSERT INTO meta (key, value) VALUES ('a', '1')"))
+    return store
+
+
+def test_a_connection_opened_read_only_is_reopened_once_the_file_is_writable(tmp_path: Path) -> None:
+    """SQLite keeps a connection opened while the file was read-only read-only for ever: the
+    write must reopen it and succeed, without a restart of the process."""
+    store = _store(tmp_path)
+    store.close()
+    stale = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None,
+                            check_same_thread=False)
+    store._local.db = stale  # what this thread opened while the file was read-only
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        stale.execute("INSERT INTO meta (key, value) VALUES ('b', '2')")
+    store.write(lambda db: db.execute("INSERT INTO meta (key, value) VALUES ('b', '2')"))
+    assert store.db is not stale
+    assert store.db.execute("SELECT value FROM meta WHERE key = 'b'").fetchone()[0] == "2"
+
+
+def test_a_removed_database_is_refused_with_one_critical_line_and_not_recreated(tmp_path: Path, caplog) -> None:
+    store = _store(tmp_path)
+    store.path.unlink()
+    for _ in range(2):
+        with pytest.raises(state.StateMoved, match="was removed"):
+            store.write(lambda db: db.execute("INSERT INTO meta (key, value) VALUES ('b', '2')"))
+    with ThreadPoolExecutor(1) as pool, pytest.raises(sqlite3.Error):  # another thread's first connection
+        pool.submit(lambda: store.db).result()
+    critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(critical) == 1 and "was removed while the daemon had it open" in critical[0].getMessage()
+    assert not store.path.exists()
+
+
+def test_a_replaced_database_is_refused(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    other = state.Store.open(tmp_path / "restored.db")
+    other.close()
+    (tmp_path / "restored.db").replace(store.path)
+    with pytest.raises(state.StateMoved, match="replaced by another file"):
+        store.write(lambda db: db.execute("INSERT INTO meta (key, value) VALUES ('b', '2')"))
+
+
+def test_a_database_created_by_a_plain_connection_is_private(tmp_path: Path) -> None:
+    """A file SQLite creates takes the umask's mode; this one holds plugin keys."""
+    old = os.umask(0o022)
+    try:
+        state.connect(tmp_path / "new.db").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.db").stat().st_mode) == 0o600

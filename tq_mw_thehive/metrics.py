@@ -47,6 +47,11 @@ PREFIX = "tq_mw_thehive_"
 DIRECTORY_NAME = ".metrics"
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OWNER_FILE = "owner"
+# The value files this package's metric types use (prometheus_client names them <type>_<pid>.db).
+_VALUE_FILE_TYPES = ("counter", "histogram")
+# Reserved per value file before prometheus_client maps it: 4 times its first size, so the first
+# growths need no new block either.
+PREALLOCATE_BYTES = 256 * 1024
 _LOCK_FILE = ".lock"
 # The classic text format, which every Prometheus version reads (our names need no escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -196,17 +201,42 @@ def prepare_directory(directory: Path, master_pid: int, fresh: bool = False) -> 
             os.replace(tmp, owner)
 
 
+def _preallocate(directory: Path, pid: int) -> None:
+    """Reserve this process's value files on disk before prometheus_client maps them.
+
+    prometheus_client extends a new file with ``truncate`` (a hole) and writes through an mmap:
+    on a full file system the first write into the hole is a SIGBUS, which kills a restarted
+    worker before it answers anything, and gunicorn forks it again and again. Blocks reserved
+    here (``posix_fallocate``) can be written; no space raises ``OSError`` (ENOSPC) instead.
+    """
+    for typ in _VALUE_FILE_TYPES:
+        path = directory / f"{typ}_{pid}.db"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        size = 0
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fallocate(fd, 0, max(size, PREALLOCATE_BYTES))
+        except OSError:
+            if size == 0:  # an empty file would be mapped later as a hole again: leave none
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+
+
 def enable_multiprocess(directory: Path, master_pid: int) -> bool:
     """In a gunicorn worker, before anything is recorded: values go to ``directory``'s files.
 
-    False (and a warning) when the directory cannot be used: the worker then serves its own
-    counts only, which beats failing to boot over metrics.
+    False (and a warning) when the directory cannot be used (permissions, a full disk): the
+    worker then serves its own counts only, which beats failing to boot over metrics (or dying
+    of SIGBUS, see ``_preallocate``); its webhooks still get 503 from the database meanwhile.
     """
     global _m, _directory
     if _directory == directory:
         return True
     try:
         prepare_directory(directory, master_pid)
+        _preallocate(directory, os.getpid())
     except OSError as exc:
         log.warning("metrics directory %s cannot be used (%s): /metrics shows one worker's counts only",
                     directory, exc)

@@ -7,6 +7,7 @@ not only a crash of the process.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -16,6 +17,7 @@ from typing import Callable, List, Optional, Tuple, TypeVar, Union
 
 from tq_mw_thehive import private_files
 
+log = logging.getLogger(__name__)
 
 _M001_INBOX = [
     """CREATE TABLE inbox (
@@ -188,6 +190,39 @@ class StateError(Exception):
     """The state database cannot be opened or migrated."""
 
 
+class StateMoved(sqlite3.OperationalError):
+    """The database file was removed or replaced while this process had it open.
+
+    A ``sqlite3.Error``, so every caller's existing path applies (the web answers 503, the worker
+    retries); what was written through the old connections is in a file nobody will read again.
+    """
+
+
+# Primary result codes after which the connection itself may be what fails: opened read-only
+# while the file was (permissions, a read-only remount, chattr +i) and read-only for ever after,
+# or its file descriptor broken (I/O error). A new connection sees the file as it is now.
+_REOPEN_CODES = {8: "readonly", 10: "disk i/o error", 14: "unable to open"}
+
+
+def _reopen_helps(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; the message before
+    if code is not None:
+        return code & 0xFF in _REOPEN_CODES
+    return not isinstance(exc, StateMoved) and any(t in str(exc).lower() for t in _REOPEN_CODES.values())
+
+
+FileIdentity = Optional[Tuple[int, int]]
+
+
+def file_identity(path: Union[str, Path]) -> FileIdentity:
+    """(st_dev, st_ino) of ``path``, None when it is gone: what tells the same file from a new one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _enable_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
     # Switching a new file to WAL fails at once with "database is locked" while another
     # process holds a lock (SQLite skips the busy handler here), which happens when
@@ -216,6 +251,11 @@ def _incremental_vacuum_mode(db: sqlite3.Connection) -> None:
 def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open the database with the settings every connection needs (autocommit; explicit BEGIN)."""
     new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+    if new_file:
+        try:  # SQLite would create it with the umask's mode (0644): it holds plugin keys
+            private_files.create(Path(path))
+        except OSError:
+            pass  # no directory, no permission: sqlite3.connect says so as an sqlite3.Error
     db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
                          check_same_thread=False)
     try:
@@ -309,21 +349,50 @@ class Store:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self._local = threading.local()
+        self._identity: FileIdentity = None  # of the file this store's first connection opened
+        self._moved_logged = False
 
     @classmethod
     def open(cls, path: Union[str, Path], **kwargs):
         """Create and migrate the database if needed, then return the store on it."""
         store = cls(path, **kwargs)
         store._local.db = open_state(path, store.busy_timeout)
+        store._identity = file_identity(store.path)
         return store
 
     @property
     def db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use; ``StateMoved`` once the file was swapped."""
+        self.check_identity()
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = connect(self.path, self.busy_timeout)
             self._local.synchronous = "FULL"
+            if self._identity is None:
+                self._identity = file_identity(self.path)
         return db
+
+    def check_identity(self) -> None:
+        """Raise ``StateMoved`` if the file at ``path`` is no longer the one this store opened.
+
+        An operator's ``rm`` or a restore while the daemon runs leaves the open connections on
+        the old inode: commits would still succeed, into a file nobody reads again, and TheHive
+        never re-sends. So every use compares (st_dev, st_ino) (one ``stat``) and the store
+        refuses from then on, with one CRITICAL line per store; it never follows the new file
+        (the old connections of this and other processes still share its ``-wal`` by name):
+        a restart does, through the checks at start.
+        """
+        if self._identity is None:
+            return
+        now = file_identity(self.path)
+        if now == self._identity:
+            return
+        what = "removed" if now is None else "replaced by another file"
+        if not self._moved_logged:
+            self._moved_logged = True
+            log.critical("state database %s was %s while the daemon had it open: webhooks get 503 "
+                         "until the daemon is restarted", self.path, what)
+        raise StateMoved(f"state database {self.path} was {what}; restart the daemon")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -341,18 +410,39 @@ class Store:
         bookkeeping: every sync step is idempotent), so that it does not hold the one write
         lock through an fsync that the web's puts are waiting behind. A later durable commit
         makes every earlier one durable too (one WAL).
+
+        An error that a new connection may not have (``_reopen_helps``: a connection opened while
+        the file was read-only stays read-only after it is writable again) closes this thread's
+        connection and the transaction is tried once more on a new one: once the file is
+        writable, the first write succeeds, with no restart. The identity is checked again after
+        the commit, so an event committed into a removed file is not reported as stored.
         """
+        try:
+            return self._transaction(fn, durable)
+        except sqlite3.Error as exc:
+            if not _reopen_helps(exc):
+                raise
+            self.close()
+        try:
+            return self._transaction(fn, durable)
+        except sqlite3.Error as exc:
+            if _reopen_helps(exc):
+                self.close()
+            raise
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T], durable: Optional[bool]) -> T:
         db = self.db
         mode = "FULL" if (self.DURABLE_WRITES if durable is None else durable) else "NORMAL"
         if getattr(self._local, "synchronous", "FULL") != mode:
             db.execute(f"PRAGMA synchronous={mode}")
             self._local.synchronous = mode
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             result = fn(db)
             db.execute("COMMIT")
-            return result
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.check_identity()
+        return result

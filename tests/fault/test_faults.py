@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import threading
 import time
@@ -686,6 +687,127 @@ def test_full_disk_answers_503_then_recovers(start, simulators, tmp_path):
             time.sleep(0.1)
         else:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def _one_shape(simulators) -> None:
+    """The state database's faults do not depend on ThreatQ's answer shape: run them once."""
+    if simulators[0].shapes != "strict":
+        pytest.skip("state database fault: run with the strict simulator only")
+
+
+def _new_workers(daemon: Daemon, before: List[int], n: int, timeout: float = 20) -> List[int]:
+    """Wait for ``n`` ready workers started after ``before`` (gunicorn's replacements)."""
+    return wait_for(lambda: len(fresh := [p for p in worker_pids(daemon) if p not in before]) >= n and fresh,
+                    timeout, f"{n} new worker(s) ready", 0.05)
+
+
+def _refused(response: requests.Response) -> bool:
+    return (response.status_code == 503 and bool(response.headers.get("Retry-After"))
+            and response.json()["status"] == "error")
+
+
+def test_a_worker_restarted_on_a_full_disk_starts_answers_503_then_recovers(start, simulators, tmp_path):
+    """prometheus_client maps its per-process files beside the database: a worker restarted on a
+    full file system must not die of SIGBUS (and be forked again and again) but answer 503."""
+    _one_shape(simulators)
+    mount = tmp_path / "statefs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    daemon = None
+    try:
+        daemon = start(state_db=str(mount / "state.db"), workers=1)
+        first, second = make_case(1), make_case(2)
+        assert post(daemon, first.create) == ["queued"]
+        con = sqlite3.connect(str(daemon.state_db), timeout=10, isolation_level=None)
+        try:
+            assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        finally:
+            con.close()
+        filler = mount / "filler"
+        _fill(filler)
+
+        before = worker_pids(daemon)
+        os.kill(before[0], signal.SIGKILL)
+        (worker,) = _new_workers(daemon, before, 1)
+        response = requests.post(daemon.url + "/cases", data=json.dumps(second.create), headers=BEARER,
+                                 timeout=30)
+        assert _refused(response), response.text
+        assert requests.get(daemon.url + "/healthz", timeout=30).status_code == 503
+        assert requests.get(daemon.url + "/metrics", timeout=30).status_code == 200  # degraded, served
+        assert worker_pids(daemon) == before + [worker], "the restarted worker died again"
+        assert re.search(r"WARNING .*metrics directory .* cannot be used .*No space left", daemon.log_text())
+
+        filler.unlink()
+        wait_for(lambda: requests.get(daemon.url + "/healthz", timeout=30).status_code == 200, 30,
+                 "/healthz once space is back")
+        assert post(daemon, second.create) == ["queued"]
+        assert worker_pids(daemon) == before + [worker]
+    finally:
+        if daemon is not None:
+            daemon.close()
+        for _ in range(50):
+            if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def test_a_database_writable_again_is_written_again_without_a_restart(start, simulators):
+    """Connections opened while the file was read-only (here ``chattr +i``, which binds root too;
+    the workers are restarted meanwhile so that every connection is opened then) must not stay
+    read-only: once it is writable, every worker answers 200 again, and /healthz with them."""
+    _one_shape(simulators)
+    daemon = start()
+    db = str(daemon.state_db)
+    if subprocess.run(["chattr", "+i", db], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system (needs root and ext4/tmpfs/xfs…)")
+    try:
+        before = worker_pids(daemon)
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        workers = before + _new_workers(daemon, before, 2)
+        refused = [requests.post(daemon.url + "/cases", data=json.dumps(make_case(i).create), headers=BEARER,
+                                 timeout=30) for i in range(4)]
+        assert all(_refused(r) for r in refused), [r.text for r in refused]
+        assert requests.get(daemon.url + "/healthz", timeout=30).status_code == 503
+    finally:
+        subprocess.run(["chattr", "-i", db], capture_output=True, timeout=30)
+
+    wait_for(lambda: requests.get(daemon.url + "/healthz", timeout=30).status_code == 200, 60,
+             "/healthz once the database is writable")
+    # New connections each time (no session): both workers, and several of their threads.
+    assert [post(daemon, make_case(i).create)[0] for i in range(8)] == ["queued"] * 8
+    assert all(requests.get(daemon.url + "/healthz", timeout=30).status_code == 200 for _ in range(4))
+    assert worker_pids(daemon) == workers, "a worker was restarted"
+
+
+def test_a_removed_state_database_is_refused_not_written_and_recreated_0600(start, simulators):
+    """An operator's ``rm`` (or a restore) while running: commits would land in the unlinked
+    inode and be lost. Each worker must notice the file's identity change and answer 503 with a
+    CRITICAL line; the next start creates the database again, private."""
+    _one_shape(simulators)
+    daemon = start()
+    workers = worker_pids(daemon)
+    assert post(daemon, make_case(1).create) == ["queued"]
+    drained(daemon, 1)
+    daemon.state_db.unlink()
+
+    refused = [requests.post(daemon.url + "/cases", data=json.dumps(make_case(i).create), headers=BEARER,
+                             timeout=30) for i in range(2, 8)]
+    assert all(_refused(r) for r in refused), [r.text for r in refused]
+    assert requests.get(daemon.url + "/healthz", timeout=30).status_code == 503
+    assert not daemon.state_db.exists(), "a worker created a new database file while running"
+    assert re.search(r"CRITICAL \[\d+\] tq_mw_thehive\.state: state database .* was removed", daemon.log_text())
+    assert worker_pids(daemon) == workers and daemon.proc.poll() is None
+
+    daemon.stop()
+    again = restart(daemon).start()
+    assert stat.S_IMODE(os.stat(again.state_db).st_mode) == 0o600
+    assert post(again, make_case(9).create) == ["queued"]
 
 
 # ------------------------------------------------------------------------------ 6. SIGTERM
