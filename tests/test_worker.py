@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 
 import pytest
@@ -188,3 +189,23 @@ def test_the_thread_drains_new_events_and_stops_cleanly(tmp_path):
     finally:
         worker.stop(timeout=10)
     assert not worker._thread.is_alive()
+
+
+def test_an_inbox_that_cannot_be_read_is_said_once_while_the_error_lasts(tmp_path, caplog):
+    worker, inbox, _ = make(tmp_path, Outcome("synced"))
+    polls = {"n": 0}
+
+    def failing_claim(*_args, **_kwargs):
+        polls["n"] += 1
+        if polls["n"] == 6:
+            worker.stopping.set()
+        if polls["n"] <= 4:
+            raise sqlite3.OperationalError("database is locked")
+        return None
+
+    inbox.claim = failing_claim
+    worker.idle_poll_s = 0
+    with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):
+        worker.run_forever()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["worker cannot read the inbox: database is locked", "worker reads the inbox again"]

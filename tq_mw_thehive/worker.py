@@ -220,11 +220,17 @@ class Worker:
 
     def run_forever(self) -> None:
         """Drain until ``stop``; an event in progress is finished first."""
+        failing = ""  # said once until it changes or ends, not at every poll
         while not self.stopping.is_set():
             try:
                 busy = self.run_once()
+                if failing:
+                    log.info("worker reads the inbox again")
+                    failing = ""
             except sqlite3.Error as exc:  # the state database is locked or full: wait, then go on
-                log.warning("worker cannot read the inbox: %s", exc)
+                if str(exc) != failing:
+                    log.warning("worker cannot read the inbox: %s", exc)
+                    failing = str(exc)
                 busy = False
             if not busy:
                 self.wakeup.wait(self.idle_poll_s)
