@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
+from tq_mw_thehive.enrichment import offline_index
 from tq_mw_thehive.enrichment.plugin import VERDICTS, Lookup, NotFound, PluginError, Result
 from tq_mw_thehive.plugins import domain, geoip, ip_scope, warninglists
 
@@ -60,9 +61,11 @@ def test_the_network_is_really_cut() -> None:
 
 
 @pytest.fixture(scope="module")
-def loaded() -> Iterator[Dict[str, int]]:
-    """Each slow loader wrapped to count its runs, starting from an empty module cache; loads happen lazily."""
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, int]]:
+    """Each slow loader wrapped to count its runs, starting from an empty module cache; loads happen lazily.
+    The offline indexes go to one directory per test session (test_offline_index.py uses it too)."""
     counts = {"geoip": 0, "domain": 0, "warninglists": 0}
+    offline_index.set_directory(tmp_path_factory.getbasetemp() / "offline_index")
     with pytest.MonkeyPatch.context() as mp:
         _cut_network(mp)               # the module fixture outlives any one test's cut
 
@@ -73,12 +76,14 @@ def loaded() -> Iterator[Dict[str, int]]:
             return load
 
         mp.setattr(geoip, "_bundled", None)
-        mp.setattr(geoip, "_load_bundled", counting("geoip", geoip._load_bundled))
+        mp.setattr(geoip, "_index", None)
+        mp.setattr(geoip, "_open_index", counting("geoip", geoip._open_index))
         mp.setattr(domain, "_extractor", None)
-        mp.setattr(domain, "_load_extractor", counting("domain", domain._load_extractor))
-        mp.setattr(warninglists, "_lists", None)
-        mp.setattr(warninglists, "_load", counting("warninglists", warninglists._load))
+        mp.setattr(domain, "_open_extractor", counting("domain", domain._open_extractor))
+        mp.setattr(warninglists, "_opened", None)
+        mp.setattr(warninglists, "_open", counting("warninglists", warninglists._open))
         yield counts
+    offline_index.set_directory(None)
 
 
 def ask(plugin: types.ModuleType, data_type: str, value: str, **settings: Any) -> Result:
@@ -237,7 +242,8 @@ def test_geoip_loads_once(loaded: Dict[str, int]) -> None:
     ask(geoip, "ip", "8.8.8.8")
     ask(geoip, "ip", "1.1.1.1")
     assert loaded["geoip"] == 1
-    assert geoip._bundled_db().ipv6 and geoip._bundled_db().asn
+    _, _, _, ipv6_sizes, source = geoip._get_index()
+    assert ipv6_sizes and source.startswith("MAXMIND:")
 
 
 def test_geoip_import_leaves_the_environment_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,6 +283,8 @@ def fake_maxminddb(monkeypatch: pytest.MonkeyPatch) -> List[str]:
         raise AssertionError("the bundled data must not be read when mmdb_path is set")
     monkeypatch.setattr(geoip, "_bundled", None)
     monkeypatch.setattr(geoip, "_load_bundled", no_bundled)
+    monkeypatch.setattr(geoip, "_index", None)
+    monkeypatch.setattr(geoip, "_open_index", no_bundled)
     return opened
 
 
@@ -445,4 +453,4 @@ def test_warninglists_loads_once(loaded: Dict[str, int]) -> None:
     ask(warninglists, "ip", "8.8.8.8")
     ask(warninglists, "domain", "google.com")
     assert loaded["warninglists"] == 1
-    assert len(warninglists._get_lists()) > 100
+    assert len(warninglists._get_index().lists) > 100

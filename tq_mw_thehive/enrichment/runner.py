@@ -4,12 +4,17 @@ A failing or slow plugin never fails the event: each lookup runs under
 ``enrichment.timeout`` in a small thread pool, and whatever it raises becomes an
 ``error`` record in the log, never an exception here. Cached answers make no call.
 
+A plugin may define ``prepare(request)``: a one-off setup (e.g. building or opening an on-disk index of its
+package data, ``offline_index.py``) that is called before each lookup, outside the timeout; it must
+be cheap once done. What it raises is the lookup's error.
+
 A plugin skipped for what it is (no API key, disabled by config) rather than for the value is
 said once per process: the same line for every observable would bury the lines that matter.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -20,7 +25,7 @@ import requests
 
 from tq_mw_thehive import logs, metrics
 from tq_mw_thehive.config import Config
-from tq_mw_thehive.enrichment import gate
+from tq_mw_thehive.enrichment import gate, offline_index
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.enrichment.keys import KeyStore
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, QuotaExceeded, Result
@@ -77,6 +82,8 @@ class Enricher:
                  session: Optional[requests.Session] = None, workers: int = 4) -> None:
         self.cfg = cfg
         self.settings = cfg.enrichment
+        # The offline plugins' on-disk indexes live next to the state database (offline_index.py).
+        offline_index.set_directory(offline_index.for_state_db(cfg.state_db))
         self.registry = registry
         self.cache = cache
         self.keys = keys
@@ -101,18 +108,24 @@ class Enricher:
         if not self.settings.enabled:
             return []
         scope = address_scope(value) if data_type == "ip" else None
+        max_tlp = self.cfg.logs.max_tlp_values
+        shown = logs.loggable(value[:80], tlp, max_tlp)
         runs = []
-        for info in self.plugins_for(data_type, only):
-            run = self._one(info, data_type, value, tlp, pap, scope, bypass_cache)
-            metrics.plugin_ran(run)
-            if run.for_plugin and _first_time(info.name, run.reason):
-                log.info("enrichment %s skipped for every value until this changes: %s", info.name, run.reason)
-            elif run.status in ("skipped", "error"):
-                level = (logging.WARNING if run.status == "error" else
-                         logging.DEBUG if run.for_plugin else logging.INFO)
-                log.log(level, "enrichment %s %s value=%r outcome=%s reason=%r", info.name, data_type,
-                        value[:80], run.status, run.reason)
-            runs.append(run)
+        # Also in plugin threads (a copy of this context): a value above logs.max_tlp_values is
+        # withheld from an error's reason and from a plugin's own lines too.
+        with logs.withholding(max_tlp) as withheld:
+            withheld.add([value], tlp)
+            for info in self.plugins_for(data_type, only):
+                run = self._one(info, data_type, value, tlp, pap, scope, bypass_cache)
+                metrics.plugin_ran(run)
+                if run.for_plugin and _first_time(info.name, run.reason):
+                    log.info("enrichment %s skipped for every value until this changes: %s", info.name, run.reason)
+                elif run.status in ("skipped", "error"):
+                    level = (logging.WARNING if run.status == "error" else
+                             logging.DEBUG if run.for_plugin else logging.INFO)
+                    log.log(level, "enrichment %s %s value=%r outcome=%s reason=%r", info.name, data_type,
+                            shown, run.status, run.reason)
+                runs.append(run)
         return runs
 
     def _one(self, info: PluginInfo, data_type: str, value: str, tlp: Optional[str], pap: Optional[str],
@@ -143,8 +156,12 @@ class Enricher:
                          settings=(self.settings.plugins or {}).get(info.name, {}), session=self.session,
                          timeout=self.settings.timeout)
         started = time.monotonic()
-        future = self._pool.submit(info.module.lookup, request)
         try:
+            prepare = getattr(info.module, "prepare", None)
+            if callable(prepare):   # one-off setup (an offline index built or opened): not under the timeout
+                prepare(request)
+                started = time.monotonic()
+            future = self._pool.submit(contextvars.copy_context().run, info.module.lookup, request)
             result = future.result(timeout=self.settings.timeout)
             if not isinstance(result, Result):
                 raise TypeError(f"lookup returned {type(result).__name__}, not a Result")

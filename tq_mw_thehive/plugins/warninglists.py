@@ -10,15 +10,21 @@ refresh. Never ``from_xdg_home=True``, which downloads.
 Search: ``WarningLists().search(value)`` (``slow_search=False``, the default) is exact
 string matching only, so ``8.8.8.8`` is found but an address inside a listed CIDR, a
 subdomain of a listed host name or a URL are not; ``slow_search=True`` matches properly
-but takes ~10 s to load and 50-150 ms per search (it scans 1 M-entry host name lists).
-So the lists are read with the fast loader and indexed here once, with MISP's meaning
-of each list type: "string" exact, "hostname" the host or any parent domain, "cidr"
-containment (a set of prefixes per prefix length), "substring" and "regex" as such;
-matching is case-insensitive, and a list is only searched for the data types its
-``matching_attributes`` name. Loading takes ~2.5 s and ~280 MB of memory the first
-time it is used (measured on one core: 0.6 s in pymispwarninglists reading the JSON,
-~1.9 s building the index, half of it parsing 120 k networks); each search then takes
-0.1-0.3 ms.
+but takes ~10 s to load and 50-150 ms per search. So the lists are indexed here with
+MISP's meaning of each list type: "string" exact, "hostname" the host or any parent
+domain, "cidr" containment (one key per network: version, prefix length, prefix),
+"substring" and "regex" as such; matching is case-insensitive, and a list is only
+searched for the data types its ``matching_attributes`` name.
+
+Index: a SQLite file (``offline_index.py``: next to the state database, built once per
+version of pymispwarninglists, atomically, one builder at a time): the 2.4 M exact
+entries and 120 k networks in two clustered tables (~74 MB on disk), the 5 k substrings
+and 34 regexes in memory. The build reads the JSON files one at a time (~10-15 s and a
+~250 MB peak, once per package version); ``prepare`` (called by the runner outside the
+lookup timeout) builds or opens it; opening costs a few ms and under 1 MB; a search is
+one or two indexed queries (0.2-1.5 ms) that read a few pages the OS page cache shares
+between processes. Before this index (issue 18) every process held the lists in Python
+objects: ~280-320 MB each, 2.5 s to load.
 
 A match means "well known", not "harmless": the lists include dynamic-DNS and
 disposable e-mail domains, VPN, scanner and cloud address ranges, and any subdomain of
@@ -26,13 +32,19 @@ a Tranco top-1M domain.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import ipaddress
+import json
 import re
+import sqlite3
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
+from tq_mw_thehive.enrichment import offline_index
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, Result
 
 NAME = "warninglists"
@@ -66,15 +78,8 @@ MISP_TYPES: Dict[str, FrozenSet[str]] = {
 }
 
 
-@dataclass
-class _List:
-    name: str
-    kind: str                                   # string, hostname, cidr, substring or regex
-    applies_to: FrozenSet[str]                  # TheHive dataTypes it is searched for
-    exact: FrozenSet[str] = frozenset()         # string and hostname entries; cidr entries that are no network
-    substrings: Tuple[str, ...] = ()
-    patterns: Tuple["re.Pattern[str]", ...] = ()
-    prefixes: Dict[Tuple[int, int], Set[int]] = field(default_factory=dict)  # (version, length) -> prefixes
+INDEX_NAME = "warninglists"
+INDEX_FORMAT = "f1"                 # bump when the tables below or their meaning change
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,28 @@ class _Query:
     ip: Any = None                              # an ipaddress address, if it is or names one
 
 
+@dataclass(frozen=True)
+class _ListInfo:
+    name: str
+    kind: str                                   # string, hostname, cidr, substring or regex
+    applies_to: FrozenSet[str]                  # TheHive dataTypes it is searched for
+
+
+@dataclass
+class _Index:
+    """An open index: the small parts in memory, the 2.4 M exact entries and 120 k networks on disk."""
+
+    path: str
+    conn: sqlite3.Connection
+    lists: Dict[int, _ListInfo]
+    lengths: Dict[int, Tuple[int, ...]]                     # IP version -> prefix lengths present
+    substrings: List[Tuple[int, Tuple[str, ...]]]
+    patterns: List[Tuple[int, Tuple["re.Pattern[str]", ...]]]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 _lock = threading.Lock()
-_lists: Optional[List[_List]] = None
+_opened: Optional[_Index] = None
 
 
 def _php_regex(entry: str) -> Optional["re.Pattern[str]"]:
@@ -100,47 +125,136 @@ def _php_regex(entry: str) -> Optional["re.Pattern[str]"]:
         return None
 
 
-def _index(name: str, kind: str, entries: List[str], matching: List[str]) -> _List:
-    applies = frozenset(t for t, misp in MISP_TYPES.items() if not matching or misp & set(matching))
-    entry = _List(name=name, kind=kind, applies_to=applies)
-    if kind in ("string", "hostname"):
-        strip = ". " if kind == "hostname" else " "
-        entry.exact = frozenset(e.strip(strip).lower() for e in entries)
-    elif kind == "substring":
-        entry.substrings = tuple(sorted({e.lower() for e in entries if e}))
-    elif kind == "regex":
-        entry.patterns = tuple(p for p in map(_php_regex, entries) if p is not None)
-    elif kind == "cidr":
-        others = set()
-        for e in entries:
-            try:
-                net = ipaddress.ip_network(e.strip(), strict=False)
-            except ValueError:
-                others.add(e.strip().lower())
-                continue
-            entry.prefixes.setdefault((net.version, net.prefixlen), set()).add(
-                int(net.network_address) >> (net.max_prefixlen - net.prefixlen))
-        entry.exact = frozenset(others)
-    return entry
+def _applies(matching: List[str]) -> FrozenSet[str]:
+    return frozenset(t for t, misp in MISP_TYPES.items() if not matching or misp & set(matching))
 
 
-def _load() -> List[_List]:
-    """Read every bundled list with pymispwarninglists' fast loader and index it (the slow part; once per process)."""
+def _data_dir() -> Path:
+    """pymispwarninglists' bundled lists, found without importing the package."""
+    spec = importlib.util.find_spec("pymispwarninglists")
+    if spec is None or not spec.submodule_search_locations:
+        raise PluginError("the pymispwarninglists package is not installed: pip install pymispwarninglists")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "misp-warninglists" / "lists"
+
+
+def data_version() -> str:
+    """The version of the data: that of the package that ships it, and of our index format."""
+    from importlib import metadata
     try:
-        from pymispwarninglists import WarningLists
-        loaded = WarningLists(slow_search=False)
+        return f"{INDEX_FORMAT}-{metadata.version('pymispwarninglists')}"
+    except metadata.PackageNotFoundError:
+        raise PluginError("the pymispwarninglists package is not installed: pip install pymispwarninglists") from None
+
+
+def _cidr_key(version: int, length: int, prefix: int) -> bytes:
+    return bytes((version, length)) + prefix.to_bytes(16, "big")
+
+
+def _build(conn: sqlite3.Connection) -> Dict[str, object]:
+    """Fill an empty index from the bundled JSON, one list at a time (what WarningLists() reads, in its
+    order: a later list of the same name replaces an earlier one)."""
+    files = glob.glob(str(_data_dir() / "*" / "list.json"))
+    if not files:
+        raise PluginError(f"no MISP warning lists in {_data_dir()}")
+    conn.executescript("""
+        CREATE TABLE lists (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+                            applies TEXT NOT NULL);
+        CREATE TABLE patterns (list INTEGER NOT NULL, kind TEXT NOT NULL, entry TEXT NOT NULL);
+        CREATE TABLE cidr_lengths (version INTEGER NOT NULL, length INTEGER NOT NULL,
+                                   PRIMARY KEY (version, length)) WITHOUT ROWID;
+        CREATE TEMP TABLE staging_exact (value TEXT NOT NULL, list INTEGER NOT NULL);
+        CREATE TEMP TABLE staging_cidr (key BLOB NOT NULL, list INTEGER NOT NULL);
+    """)
+    ids: Dict[str, int] = {}
+    entries_seen = 0
+    for file in files:
+        with open(file, encoding="utf-8") as fh:
+            raw = json.load(fh)
+        name, kind, entries = raw["name"], raw["type"], raw["list"]
+        applies = ",".join(sorted(_applies(list(raw.get("matching_attributes") or ()))))
+        entries_seen += len(entries)
+        if name in ids:             # replaced, as in WarningLists' dict
+            list_id = ids[name]
+            for table in ("staging_exact", "staging_cidr", "patterns"):
+                conn.execute(f"DELETE FROM {table} WHERE list = ?", (list_id,))
+            conn.execute("UPDATE lists SET kind = ?, applies = ? WHERE id = ?", (kind, applies, list_id))
+        else:
+            list_id = ids[name] = conn.execute("INSERT INTO lists (name, kind, applies) VALUES (?, ?, ?)",
+                                               (name, kind, applies)).lastrowid
+        if kind in ("string", "hostname"):
+            strip = ". " if kind == "hostname" else " "
+            values = {e.strip(strip).lower() for e in entries}
+            conn.executemany("INSERT INTO staging_exact VALUES (?, ?)", ((v, list_id) for v in values))
+        elif kind == "substring":
+            conn.executemany("INSERT INTO patterns VALUES (?, 'substring', ?)",
+                             ((list_id, e) for e in sorted({e.lower() for e in entries if e})))
+        elif kind == "regex":
+            conn.executemany("INSERT INTO patterns VALUES (?, 'regex', ?)", ((list_id, e) for e in entries))
+        elif kind == "cidr":
+            others, keys = set(), set()
+            for e in entries:
+                try:
+                    net = ipaddress.ip_network(e.strip(), strict=False)
+                except ValueError:
+                    others.add(e.strip().lower())
+                    continue
+                keys.add((net.version, net.prefixlen,
+                          int(net.network_address) >> (net.max_prefixlen - net.prefixlen)))
+            conn.executemany("INSERT OR IGNORE INTO cidr_lengths VALUES (?, ?)", {(v, n) for v, n, _ in keys})
+            conn.executemany("INSERT INTO staging_cidr VALUES (?, ?)",
+                             ((_cidr_key(v, n, p), list_id) for v, n, p in keys))
+            conn.executemany("INSERT INTO staging_exact VALUES (?, ?)", ((v, list_id) for v in others))
+        del raw, entries
+    # Sorted inserts into clustered (WITHOUT ROWID) tables: compact pages, no separate index.
+    conn.executescript("""
+        CREATE TABLE exact (value TEXT NOT NULL, list INTEGER NOT NULL, PRIMARY KEY (value, list)) WITHOUT ROWID;
+        INSERT OR IGNORE INTO exact SELECT value, list FROM staging_exact ORDER BY value, list;
+        CREATE TABLE cidr (key BLOB NOT NULL, list INTEGER NOT NULL, PRIMARY KEY (key, list)) WITHOUT ROWID;
+        INSERT OR IGNORE INTO cidr SELECT key, list FROM staging_cidr ORDER BY key, list;
+        DROP TABLE staging_exact;
+        DROP TABLE staging_cidr;
+    """)
+    return {"lists": len(ids), "entries": entries_seen}
+
+
+def _open() -> _Index:
+    """Find (or build, once per data version) the index and open it; only its small parts are read."""
+    try:
+        path = offline_index.ensure(INDEX_NAME, data_version(), f"{__name__}:_build")   # in a child process
+    except PluginError:
+        raise
     except Exception as exc:
-        raise PluginError(f"cannot load the bundled MISP warning lists: {exc}") from exc
-    return [_index(wl.name, wl.type, wl.list, list(getattr(wl, "matching_attributes", None) or ()))
-            for wl in loaded.values()]
+        raise PluginError(f"cannot build the MISP warning lists index: {type(exc).__name__}: {exc}") from exc
+    conn = offline_index.connect(path)
+    lists = {i: _ListInfo(n, k, frozenset(a.split(",")) if a else frozenset())
+             for i, n, k, a in conn.execute("SELECT id, name, kind, applies FROM lists")}
+    lengths: Dict[int, List[int]] = {4: [], 6: []}
+    for version, length in conn.execute("SELECT version, length FROM cidr_lengths ORDER BY version, length"):
+        lengths.setdefault(version, []).append(length)
+    substrings: Dict[int, List[str]] = {}
+    patterns: Dict[int, List["re.Pattern[str]"]] = {}
+    for list_id, kind, entry in conn.execute("SELECT list, kind, entry FROM patterns ORDER BY rowid"):
+        if kind == "substring":
+            substrings.setdefault(list_id, []).append(entry)
+        else:
+            pattern = _php_regex(entry)
+            if pattern is not None:
+                patterns.setdefault(list_id, []).append(pattern)
+    return _Index(str(path), conn, lists, {v: tuple(n) for v, n in lengths.items()},
+                  [(i, tuple(v)) for i, v in substrings.items()], [(i, tuple(v)) for i, v in patterns.items()])
 
 
-def _get_lists() -> List[_List]:
-    global _lists
+def _get_index() -> _Index:
+    global _opened
     with _lock:
-        if _lists is None:
-            _lists = _load()
-        return _lists
+        if _opened is None:
+            _opened = _open()
+        return _opened
+
+
+def prepare(request: Optional[Lookup] = None) -> None:
+    """Build (once per data version, ~10 s) or open the index: the runner calls this outside the lookup timeout."""
+    _get_index()
 
 
 def _ip(text: str) -> Any:
@@ -178,29 +292,50 @@ def _parents(host: str) -> List[str]:
     return [".".join(labels[i:]) for i in range(len(labels))]
 
 
-def _matches(wl: _List, q: _Query) -> bool:
-    if wl.kind == "string":
-        return q.text in wl.exact
-    if wl.kind == "hostname":
-        host = q.host if q.host is not None else q.text
-        return any(h in wl.exact for h in _parents(host))
-    if wl.kind == "cidr":
-        if q.ip is not None:
-            number, bits = int(q.ip), q.ip.max_prefixlen
-            return any(number >> (bits - length) in prefixes
-                       for (version, length), prefixes in wl.prefixes.items() if version == q.ip.version)
-        return q.text in wl.exact
-    if wl.kind == "substring":
-        return any(s in q.text for s in wl.substrings)
-    if wl.kind == "regex":
-        return any(p.search(q.text) for p in wl.patterns)
-    return False
+_CHUNK = 500                        # SQLite host parameters per statement
+
+
+def _rows(index: _Index, sql: str, keys: List[Any]) -> List[Tuple[Any, int]]:
+    out: List[Tuple[Any, int]] = []
+    with index.lock:                # one connection, shared by the plugin threads
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i:i + _CHUNK]
+            out.extend(index.conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall())
+    return out
 
 
 def search(data_type: str, value: str) -> List[str]:
-    """Sorted names of the lists that ``value`` (of TheHive type ``data_type``) is on."""
+    """Sorted names of the lists that ``value`` (of TheHive type ``data_type``) is on.
+
+    MISP's meaning of each list type: "string" exact, "hostname" the host or any parent domain,
+    "cidr" containment (an entry that is no network: exact), "substring" and "regex" as such.
+    """
     query = _query(data_type, value)
-    return sorted(wl.name for wl in _get_lists() if data_type in wl.applies_to and _matches(wl, query))
+    index = _get_index()
+    parents = _parents(query.host if query.host is not None else query.text)
+    found: Set[int] = set()
+    for entry, list_id in _rows(index, "SELECT value, list FROM exact WHERE value IN ({})",
+                                sorted(set(parents) | {query.text})):
+        info = index.lists.get(list_id)
+        if info is None or data_type not in info.applies_to:
+            continue
+        if (info.kind == "string" and entry == query.text) or (info.kind == "hostname" and entry in parents) or \
+                (info.kind == "cidr" and query.ip is None and entry == query.text):
+            found.add(list_id)
+    if query.ip is not None:
+        number, bits, version = int(query.ip), query.ip.max_prefixlen, query.ip.version
+        keys = [_cidr_key(version, length, number >> (bits - length)) for length in index.lengths.get(version, ())]
+        for _, list_id in _rows(index, "SELECT key, list FROM cidr WHERE key IN ({})", keys):
+            info = index.lists.get(list_id)
+            if info is not None and info.kind == "cidr" and data_type in info.applies_to:
+                found.add(list_id)
+    for list_id, substrings in index.substrings:
+        if data_type in index.lists[list_id].applies_to and any(s in query.text for s in substrings):
+            found.add(list_id)
+    for list_id, patterns in index.patterns:
+        if data_type in index.lists[list_id].applies_to and any(p.search(query.text) for p in patterns):
+            found.add(list_id)
+    return sorted(index.lists[i].name for i in found)
 
 
 # Lists that say "well known", not "harmless": a value on one of them (evil.duckdns.org is on
