@@ -21,6 +21,7 @@ import requests
 
 from conftest import SAMPLE_NAMES, THEHIVE_KEY, WEBHOOK_TOKEN, sample, sample_text, write_config
 from tq_mw_thehive.testing.daemon import Daemon, wait_for
+from tq_mw_thehive.thehive import events
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
 from tq_mw_thehive.threatq import auth as tq_auth
@@ -74,10 +75,14 @@ def case_events(n: int):
 
 def test_every_shape_and_every_bad_input(daemon):
     url = daemon.url
+    seen = set()
     for name in SAMPLE_NAMES:
         response = post(url, sample_text(name))
         assert response.status_code == 200, (name, response.text)
-        assert response.json()["status"] == "queued", name
+        # Some captures are one audit in two webhook versions (ryukisec's v0/ and v1/ deletes).
+        key = events.parse(json.loads(sample_text(name))).dedup_key
+        assert response.json()["status"] == ("duplicate" if key in seen else "queued"), name
+        seen.add(key)
     assert post(url, sample_text("th5-case-create.json")).json()["status"] == "duplicate"
     thehive4_case = {"operation": "update", "objectType": "case", "objectId": "~8396848", "base": True,
                      "startDate": 1717434000300, "requestId": "th4-req-1", "rootId": "~8396848",
@@ -108,7 +113,7 @@ def test_every_shape_and_every_bad_input(daemon):
     response = requests.get(url + "/cases", headers=BEARER, timeout=10)
     assert response.status_code == 405
 
-    accepted = len(SAMPLE_NAMES) + 1
+    accepted = len(seen) + 1  # one row per audit, plus the TheHive 4 case update
     health = requests.get(url + "/healthz", timeout=10).json()
     assert health["inbox"]["pending"] == accepted
     assert status_json(daemon.config_dir)["pending"] == accepted
