@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -162,6 +163,22 @@ def make_world(tmp_path, servers):
     return make
 
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_offline_indexes(tmp_path_factory):
+    """One copy of the offline plugins' indexes for the whole run, daemons included (each build
+    takes ~20 s); the offline-index tests that place indexes themselves unset it."""
+    from tq_mw_thehive.enrichment import offline_index
+
+    path = tmp_path_factory.getbasetemp() / "offline_index"
+    previous = os.environ.get(offline_index.ENV_DIRECTORY)
+    os.environ[offline_index.ENV_DIRECTORY] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop(offline_index.ENV_DIRECTORY, None)
+    else:
+        os.environ[offline_index.ENV_DIRECTORY] = previous
 
 
 @pytest.fixture

@@ -24,9 +24,17 @@ from tq_mw_thehive.plugins import domain, geoip, warninglists
 EXTERNAL = ["virustotal", "abuseipdb", "otx", "shodan", "urlhaus", "greynoise"]
 HEAVY = ("tldextract", "geoip2fast", "pymispwarninglists")
 
+
+@pytest.fixture(autouse=True)
+def own_index_directory(monkeypatch):
+    """These tests place the indexes themselves: the run's shared directory (conftest) is unset."""
+    monkeypatch.delenv(offline_index.ENV_DIRECTORY, raising=False)
+
+
 CHILD = """\
 import json, sys
 from tq_mw_thehive.cli import cli
+
 try:
     cli.main(sys.argv[1:], prog_name="tq-mw-thehive", standalone_mode=False)
 finally:

@@ -22,6 +22,7 @@ from gunicorn import util as gunicorn_util
 from gunicorn.workers import gthread
 
 from tq_mw_thehive import intake, server
+from tq_mw_thehive.testing.daemon import wait_for
 from tq_mw_thehive.intake import MORE, READY, REFUSE, Framing, Limits
 
 # --------------------------------------------------------------------------- Framing
@@ -217,14 +218,7 @@ def ended(sock: socket.socket, timeout: float) -> bytes:
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    return wait_for(condition, timeout, what, interval=0.01)
 
 
 def test_slow_clients_hold_no_thread_and_a_complete_request_is_answered_at_once(short, monkeypatch):

@@ -28,6 +28,13 @@ from tq_mw_thehive.enrichment import offline_index
 from tq_mw_thehive.plugins import warninglists
 
 
+@pytest.fixture(autouse=True)
+def own_index_directory(monkeypatch):
+    """These tests place the indexes themselves: the run's shared directory (conftest) is unset."""
+    monkeypatch.delenv(offline_index.ENV_DIRECTORY, raising=False)
+
+
+
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One index directory for the session (test_plugin_offline uses the same), so the index is built once."""

@@ -19,6 +19,13 @@ from tq_mw_thehive.enrichment import offline_index
 from tq_mw_thehive.enrichment.plugin import VERDICTS, Lookup, NotFound, PluginError, Result
 from tq_mw_thehive.plugins import domain, geoip, ip_scope, warninglists
 
+
+@pytest.fixture(autouse=True)
+def own_index_directory(monkeypatch):
+    """These tests place the indexes themselves: the run's shared directory (conftest) is unset."""
+    monkeypatch.delenv(offline_index.ENV_DIRECTORY, raising=False)
+
+
 PLUGINS = (ip_scope, geoip, domain, warninglists)
 # The real loaders, for the tests that call one directly (the ``loaded`` fixture wraps them to count).
 LOAD_GEOIP, LOAD_DOMAIN = geoip._load_bundled, domain._load_extractor

@@ -51,7 +51,8 @@ def test_the_quick_start_demo_works_from_a_fresh_clones_root(tmp_path):
     clone = fresh_clone(tmp_path / "tq-mw-thehive")
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
     bin_dir = tmp_path / "venv" / "bin"
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "PYTHONHOME", "TQ_MW_OFFLINE_INDEX_DIR")}  # as a newcomer has it
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(tmp_path / "venv"))
     line = quick_start()[0]
     result = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=600)

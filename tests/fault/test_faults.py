@@ -636,6 +636,15 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
+def unmount(mount: Path) -> None:
+    """Unmount a test's tmpfs: a daemon just killed may hold it busy for a moment; lazily at last."""
+    for _ in range(50):
+        if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
 def test_full_disk_answers_503_then_recovers(start, simulators, tmp_path):
     tq, _ = simulators
     mount = tmp_path / "statefs"
@@ -681,12 +690,7 @@ def test_full_disk_answers_503_then_recovers(start, simulators, tmp_path):
     finally:
         if daemon is not None:
             daemon.close()
-        for _ in range(50):
-            if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+        unmount(mount)
 
 
 def _one_shape(simulators) -> None:
@@ -748,12 +752,7 @@ def test_a_worker_restarted_on_a_full_disk_starts_answers_503_then_recovers(star
     finally:
         if daemon is not None:
             daemon.close()
-        for _ in range(50):
-            if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+        unmount(mount)
 
 
 def test_a_database_writable_again_is_written_again_without_a_restart(start, simulators):

@@ -5,7 +5,8 @@ Python objects) keeps it in a SQLite file instead of in every process: a lookup 
 B-tree pages (the OS page cache shares them between the gunicorn workers and the CLI), and
 nothing is loaded up front.
 
-Where: ``<state dir>/offline_index/`` when the state database is known (the ``Enricher`` says so
+Where: ``$TQ_MW_OFFLINE_INDEX_DIR`` when set (several daemons, or test runs, sharing one copy),
+else ``<state dir>/offline_index/`` when the state database is known (the ``Enricher`` says so
 through ``set_directory``), else ``$XDG_CACHE_HOME/tq_mw_thehive`` (``~/.cache/tq_mw_thehive``),
 else ``<temp dir>/tq_mw_thehive-<uid>``: the first that can be created and written. Directories
 are made 0700, index files 0600.
@@ -58,8 +59,14 @@ def for_state_db(state_db: Union[str, Path]) -> Path:
     return Path(state_db).expanduser().absolute().parent / SUBDIR
 
 
+ENV_DIRECTORY = "TQ_MW_OFFLINE_INDEX_DIR"
+
+
 def _candidates() -> List[Path]:
     out: List[Path] = []
+    shared = os.environ.get(ENV_DIRECTORY)
+    if shared:
+        out.append(Path(shared).expanduser())
     if _configured is not None:
         out.append(_configured)
     xdg = os.environ.get("XDG_CACHE_HOME")
