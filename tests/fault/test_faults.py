@@ -636,6 +636,17 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
+def small_tmpfs(tmp_path: Path) -> Path:
+    """A 2 MB file system to fill (skipped where this process may not mount one); see unmount."""
+    mount = tmp_path / "statefs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    return mount
+
+
 def unmount(mount: Path) -> None:
     """Unmount a test's tmpfs: a daemon just killed may hold it busy for a moment; lazily at last."""
     for _ in range(50):
@@ -647,12 +658,7 @@ def unmount(mount: Path) -> None:
 
 def test_full_disk_answers_503_then_recovers(start, simulators, tmp_path):
     tq, _ = simulators
-    mount = tmp_path / "statefs"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-                            capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    mount = small_tmpfs(tmp_path)
     daemon = None
     try:
         daemon = start(state_db=str(mount / "state.db"))
@@ -714,12 +720,7 @@ def test_a_worker_restarted_on_a_full_disk_starts_answers_503_then_recovers(star
     """prometheus_client maps its per-process files beside the database: a worker restarted on a
     full file system must not die of SIGBUS (and be forked again and again) but answer 503."""
     _one_shape(simulators)
-    mount = tmp_path / "statefs"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-                            capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    mount = small_tmpfs(tmp_path)
     daemon = None
     try:
         daemon = start(state_db=str(mount / "state.db"), workers=1)
