@@ -148,7 +148,7 @@ def test_the_daemon_app_runs_retention_and_a_bare_app_does_not(tmp_path):
     inbox = Inbox.open(cfg.state_db)
     bare = web.create_app(cfg, inbox=inbox)
     assert "retention" not in bare.extensions[web.EXTENSION]
-    daemon = web.create_app(cfg, inbox=inbox, on_queued=lambda: None)
+    daemon = web.create_app(cfg, inbox=inbox, on_queued=lambda: None, retention=True)
     retention = daemon.extensions[web.EXTENSION]["retention"]
     try:
         assert retention.keep_done_s == 7 * DAY and retention._thread.is_alive()

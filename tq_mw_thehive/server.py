@@ -112,7 +112,7 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
         # The workers of one gunicorn master share its pid: one catch-up per daemon start.
         catch_up_in_background(cfg, inbox, _worker.owner, _worker.wakeup.set,
                                run_id=f"{socket.gethostname()}:{os.getppid()}")
-    return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set)
+    return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set, retention=True)
 
 
 # Left of gunicorn's graceful_timeout for this worker to say what it abandoned before the

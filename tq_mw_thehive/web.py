@@ -259,7 +259,7 @@ def _unexpected_error(exc: Exception):
 
 
 def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive",
-               on_queued: Optional[Callable[[], None]] = None, retention: Optional[bool] = None) -> Flask:
+               on_queued: Optional[Callable[[], None]] = None, retention: bool = False) -> Flask:
     """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database.
 
     The database must already be migrated (``startup.prepare``). Building the app does
@@ -270,9 +270,8 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
 
     ``retention`` starts the deletion of done events older than ``inbox.keep_done`` in a
     background thread (``inbox.Retention``; its first pass a minute later, so never while the
-    worker boots). By default it runs where ``on_queued`` is given: in the daemon, whose
-    workers build the app beside their sync worker, and not in a test or tool that only
-    wants the app.
+    worker boots): the daemon's workers ask for it (``server.start_app``), a test or tool that
+    only wants the app does not.
     """
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.webhook.max_body_mb * 1024 * 1024)
@@ -284,7 +283,7 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
         "on_queued": on_queued,
         "rejections": RejectionLog(),
     }
-    if on_queued is not None if retention is None else retention:
+    if retention:
         ext = app.extensions[EXTENSION]
         ext["retention"] = Retention(ext["inbox"], cfg.inbox.keep_done).start()
     app.before_request(lambda: rejections().flush())  # a flood's summary once its interval is over
