@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import requests
@@ -234,10 +235,9 @@ def test_files_holding_secrets_are_private(daemon):
         assert stat.S_IMODE((daemon.config_dir / name).stat().st_mode) == 0o600, name
 
 
-@pytest.mark.parametrize("settings", [[], ["-c", "python:tq_mw_thehive.gunicorn_conf"]],
-                         ids=["as-the-guide-writes-it", "with-our-gunicorn-settings"])
-def test_vendor_guide_gunicorn_line(config_dir, tmp_path, settings):
-    """``gunicorn -b … 'tq_mw_thehive.tq_driver:run(c="…")'`` serves the same app."""
+def plain_gunicorn(config_dir: Path, tmp_path: Path, *settings: str) -> Tuple[subprocess.Popen, Path, int]:
+    """The vendor guide's plain ``gunicorn … tq_driver:run(c=…)`` line with two workers, on a free
+    loopback port: (process, its output file, port) once gunicorn says where it listens."""
     errors = tmp_path / "gunicorn.txt"
     with open(errors, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", *settings, "-b", "127.0.0.1:0", "-w", "2",
@@ -247,6 +247,19 @@ def test_vendor_guide_gunicorn_line(config_dir, tmp_path, settings):
         port = wait_for(lambda: (m := re.search(r"Listening at: http://127\.0\.0\.1:(\d+)",
                                                 errors.read_text())) and int(m.group(1)), 60,
                         "gunicorn's Listening line")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
+    return proc, errors, port
+
+
+@pytest.mark.parametrize("settings", [[], ["-c", "python:tq_mw_thehive.gunicorn_conf"]],
+                         ids=["as-the-guide-writes-it", "with-our-gunicorn-settings"])
+def test_vendor_guide_gunicorn_line(config_dir, tmp_path, settings):
+    """``gunicorn -b … 'tq_mw_thehive.tq_driver:run(c="…")'`` serves the same app."""
+    proc, errors, port = plain_gunicorn(config_dir, tmp_path, *settings)
+    try:
         url = f"http://127.0.0.1:{port}"
         response = wait_for(lambda: _try_post(url, sample_text("th5-case-create.json")), 30, "a 200")
         assert response.json()["status"] == "queued"
@@ -486,15 +499,8 @@ def test_a_keepalive_client_still_works_beside_slow_clients(daemon):
 def test_the_gunicorn_conf_line_reads_requests_whole_too_and_stops_on_sigterm(config_dir, tmp_path):
     """``gunicorn -c python:tq_mw_thehive.gunicorn_conf …``: 16 slow sockets (twice its 8 threads)
     leave the webhook answered, and a SIGTERM while they dribble still ends gunicorn with 0."""
-    errors = tmp_path / "gunicorn.txt"
-    with open(errors, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:tq_mw_thehive.gunicorn_conf",
-                                 "-b", "127.0.0.1:0", "-w", "2", f'tq_mw_thehive.tq_driver:run(c="{config_dir}")'],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    proc, errors, port = plain_gunicorn(config_dir, tmp_path, "-c", "python:tq_mw_thehive.gunicorn_conf")
     try:
-        port = wait_for(lambda: (m := re.search(r"Listening at: http://127\.0\.0\.1:(\d+)",
-                                                errors.read_text())) and int(m.group(1)), 60,
-                        "gunicorn's Listening line")
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: errors.read_text().count("worker ready pid=") >= 2, 60, "both workers")
         with SlowClients(port, 16) as slow:

@@ -647,6 +647,18 @@ def small_tmpfs(tmp_path: Path) -> Path:
     return mount
 
 
+def take_all_space(daemon: Daemon, mount: Path) -> Path:
+    """Empty the WAL so that the next commit needs new space, then take all of it; the filler."""
+    con = sqlite3.connect(str(daemon.state_db), timeout=10, isolation_level=None)
+    try:
+        assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    finally:
+        con.close()
+    filler = mount / "filler"
+    _fill(filler)
+    return filler
+
+
 def unmount(mount: Path) -> None:
     """Unmount a test's tmpfs: a daemon just killed may hold it busy for a moment; lazily at last."""
     for _ in range(50):
@@ -667,14 +679,7 @@ def test_full_disk_answers_503_then_recovers(start, simulators, tmp_path):
         assert post(daemon, first.create) == ["queued"]
         drained(daemon, 1)
 
-        # Empty the WAL so that the next commit needs new space, then take all of it.
-        con = sqlite3.connect(str(daemon.state_db), timeout=10, isolation_level=None)
-        try:
-            assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-        finally:
-            con.close()
-        filler = mount / "filler"
-        _fill(filler)
+        filler = take_all_space(daemon, mount)
 
         response = requests.post(daemon.url + "/cases", data=json.dumps(second.create), headers=BEARER,
                                  timeout=30)
@@ -726,13 +731,7 @@ def test_a_worker_restarted_on_a_full_disk_starts_answers_503_then_recovers(star
         daemon = start(state_db=str(mount / "state.db"), workers=1)
         first, second = make_case(1), make_case(2)
         assert post(daemon, first.create) == ["queued"]
-        con = sqlite3.connect(str(daemon.state_db), timeout=10, isolation_level=None)
-        try:
-            assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-        finally:
-            con.close()
-        filler = mount / "filler"
-        _fill(filler)
+        filler = take_all_space(daemon, mount)
 
         before = worker_pids(daemon)
         os.kill(before[0], signal.SIGKILL)
