@@ -284,14 +284,14 @@ class Sync:
         self.state.mark_applied(case_id, "case", ts)
         return Outcome("synced", case.number, [f"{ref[0]}/{ref[1]}"])
 
-    def _fetch_observable(self, obs_id: str, case_id: Optional[str]) -> Tuple[dict, Optional[str]]:
+    def _fetch_observable(self, obs_id: str, known_case: Optional[str]) -> Tuple[dict, Optional[str]]:
         """The observable as TheHive holds it now, and its case's id when it had to be asked for
-        (``case_id`` unknown from the event and the state)."""
+        (``known_case``, from the event or the state, is None)."""
         if self.thehive is None:
             raise PermanentSyncError(f"observable {obs_id} is not in the event and no TheHive API key is "
                                      "configured (thehive.api_key)")
         obj = self.thehive.get_observable(obs_id)
-        if case_id or self.state.case_of(obs_id):
+        if known_case:
             return obj, None
         return obj, self.thehive.case_of_observable(obs_id)
 
@@ -442,11 +442,12 @@ class Sync:
         fetched_case_id = None
         if obj is None:
             # A thin update (no object, details only the change): read the observable as it is now.
+            known_case = event.case_id or self.state.case_of(obs_id)
             try:
-                obj, fetched_case_id = self._fetch_observable(obs_id, event.case_id)
+                obj, fetched_case_id = self._fetch_observable(obs_id, known_case)
             except TheHiveNotFound:
                 return Outcome("skipped", detail=f"observable {obs_id} is no longer in TheHive")
-            if fetched_case_id is None and not event.case_id and not self.state.case_of(obs_id):
+            if fetched_case_id is None and not known_case:
                 return Outcome("skipped", detail=f"observable {obs_id} is in no case (an alert's)")
         observable = Observable.from_thehive(obj)
         case_id = observable.case_id or event.case_id or self.state.case_of(obs_id) or fetched_case_id
