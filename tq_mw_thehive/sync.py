@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from tq_mw_thehive.config import Config
+from tq_mw_thehive.errors import PermanentError
 from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_title, case_title_prefix,
                                    case_consume_item, consume_item, map_case, map_observable)
@@ -46,7 +47,7 @@ INDICATOR_ATTRIBUTES = frozenset({"PAP", "Sighted?", "Indicator Of Compromise?"}
 _KIND = {"events": "event", "incident": "incident"}
 
 
-class PermanentSyncError(Exception):
+class PermanentSyncError(PermanentError):
     """The event cannot be applied however often it is retried: it goes to the dead letters."""
 
 

@@ -23,16 +23,16 @@ import traceback
 from dataclasses import replace
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-from tq_mw_thehive import logs, metrics
+from tq_mw_thehive import errors, logs, metrics
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment.monitor import WatchList
 from tq_mw_thehive.enrichment.runner import Enricher
 from tq_mw_thehive.inbox import Inbox, InboxItem
-from tq_mw_thehive.sync import Outcome, PermanentSyncError, Sync
+from tq_mw_thehive.sync import Outcome, Sync
 from tq_mw_thehive.sync_state import SyncState
-from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError, TheHiveUnavailable
-from tq_mw_thehive.thehive.model import ModelError, Observable
-from tq_mw_thehive.threatq.api import ThreatQClient, ThreatQPermanentError, ThreatQUnavailable
+from tq_mw_thehive.thehive.api import TheHiveClient
+from tq_mw_thehive.thehive.model import Observable
+from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.type_mapping import TypeMapping
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 1.0
 BACKOFF_FIRST_S = 2.0
 BACKOFF_CAP_S = 60.0
-RETRYABLE = (ThreatQUnavailable, TheHiveUnavailable, sqlite3.OperationalError)
-PERMANENT = (ThreatQPermanentError, TheHiveError, PermanentSyncError, ModelError)
 
 
 def backoff_s(attempts: int, cap: float = BACKOFF_CAP_S) -> float:
@@ -151,13 +149,15 @@ class Worker:
         outcome: Optional[Outcome] = None
         try:
             outcome = self._handle(item)
-        except RETRYABLE as exc:
-            self._retry_or_dead(item, f"{type(exc).__name__}: {exc}", started, unexpected=False)
-        except PERMANENT as exc:
-            self._dead(item, f"{type(exc).__name__}: {exc}", started)
-        except Exception as exc:  # a bug: keep the event, say what happened, stop after a few tries
-            self._traceback_once(item, exc)
-            self._retry_or_dead(item, f"{type(exc).__name__}: {exc}", started, unexpected=True)
+        except Exception as exc:
+            kind, error = errors.classify(exc), f"{type(exc).__name__}: {exc}"
+            if kind == errors.TRANSIENT:
+                self._retry_or_dead(item, error, started, unexpected=False)
+            elif kind == errors.PERMANENT:
+                self._dead(item, error, started)
+            else:  # a bug: keep the event, say what happened, stop after a few tries
+                self._traceback_once(item, exc)
+                self._retry_or_dead(item, error, started, unexpected=True)
         if outcome is not None:
             if self.inbox.done(item.id, self.owner):
                 self._log(item, outcome.result, started, outcome)

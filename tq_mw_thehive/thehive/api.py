@@ -18,8 +18,8 @@ stops at that total instead of fetching a last, empty page.
 
 Errors are mapped so that callers can decide what to do without looking at HTTP:
 ``TheHiveNotFound`` (the object is gone), ``TheHiveUnavailable`` (try again later:
-network, 5xx after retries, or a key that TheHive refuses) and ``TheHiveError``
-(anything else). No message, log line or ``repr`` holds the API key.
+network, 5xx after retries, or a key that TheHive refuses: an ``errors.TransientError``) and
+``TheHiveRefused`` (anything else: an ``errors.PermanentError``), both ``TheHiveError``. No message, log line or ``repr`` holds the API key.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import requests
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none, wait_random_exponential
 
 from tq_mw_thehive.config import Config
+from tq_mw_thehive.errors import PermanentError, TransientError
 
 logger = logging.getLogger("tq_mw_thehive.thehive")
 
@@ -46,11 +47,16 @@ class TheHiveError(Exception):
     """A TheHive request failed; the message never holds the API key."""
 
 
-class TheHiveNotFound(TheHiveError):
+class TheHiveRefused(TheHiveError, PermanentError):
+    """TheHive refused the request itself (a 4xx other than 401/403/429) or answered something
+    that is not what its API returns: asking again cannot help."""
+
+
+class TheHiveNotFound(TheHiveRefused):
     """The case or observable does not exist (404, or an empty ``getCase`` result)."""
 
 
-class TheHiveUnavailable(TheHiveError):
+class TheHiveUnavailable(TheHiveError, TransientError):
     """TheHive cannot answer now: connection error, timeout, 5xx after retries, or 401/403 (bad key)."""
 
 
@@ -226,7 +232,7 @@ class TheHiveClient:
         response = self._response("POST", QUERY_PATH, params={"name": label}, json={"query": ops})
         body = self._decode("POST", QUERY_PATH, response)
         if not isinstance(body, list):
-            raise TheHiveError(f"TheHive answered query {label} with {type(body).__name__}, not a JSON array")
+            raise TheHiveRefused(f"TheHive answered query {label} with {type(body).__name__}, not a JSON array")
         return body, _total(response)
 
     # -- HTTP, retries and error mapping ------------------------------------------------------
@@ -294,13 +300,13 @@ class TheHiveClient:
             # Not in the brief's list; the request was fine, TheHive just wants us to slow down.
             raise TheHiveUnavailable(f"{where}: HTTP 429: rate limited{self._detail(response)}")
         if status >= 400:
-            raise TheHiveError(f"{where}: HTTP {status}{self._detail(response)}")
+            raise TheHiveRefused(f"{where}: HTTP {status}{self._detail(response)}")
         if status == 204 or not response.content:
             return None  # e.g. a configuration PUT answered "No Content"
         try:
             return response.json()
         except ValueError:
-            raise TheHiveError(f"{where}: HTTP {status} with a body that is not JSON") from None
+            raise TheHiveRefused(f"{where}: HTTP {status} with a body that is not JSON") from None
 
     def _detail(self, response: requests.Response) -> str:
         """``": <what TheHive said>"``, with the key masked in case it is echoed: its ``message``; else

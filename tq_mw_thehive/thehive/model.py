@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from tq_mw_thehive.errors import PermanentError
+
 # TheHive 4 and TheHive 5 before 5.2 (5.2 renumbered: 3 AMBER+STRICT, 4 RED). TheHive 5.2+
 # always sends tlpLabel in version 1 payloads, so the numbers matter only without labels,
 # where reading 3 as RED can only over-restrict, never under-restrict.
@@ -21,7 +23,7 @@ TLP_LABELS: Dict[int, str] = {0: "WHITE", 1: "GREEN", 2: "AMBER", 3: "RED"}
 PAP_LABELS: Dict[int, str] = dict(TLP_LABELS)
 
 
-class ModelError(ValueError):
+class ModelError(ValueError, PermanentError):
     """A TheHive object cannot be read; the message names the field (``case.tags: ...``)."""
 
 

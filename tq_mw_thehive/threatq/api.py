@@ -40,6 +40,7 @@ import tenacity
 
 from tq_mw_thehive import logs, metrics
 from tq_mw_thehive.config import Config
+from tq_mw_thehive.errors import PermanentError, TransientError
 from tq_mw_thehive.threatq import auth
 from tq_mw_thehive.threatq.auth import _error_text as error_text
 
@@ -94,12 +95,12 @@ class ThreatQError(Exception):
         self.status = status
 
 
-class ThreatQPermanentError(ThreatQError):
+class ThreatQPermanentError(ThreatQError, PermanentError):
     """ThreatQ refused the request itself (400/403/404/409/422, an error body, an unknown name):
     sending it again cannot help."""
 
 
-class ThreatQUnavailable(ThreatQError):
+class ThreatQUnavailable(ThreatQError, TransientError):
     """ThreatQ could not be reached or kept failing (connection, timeout, 429, 5xx, auth):
     the same request may well succeed later."""
 
