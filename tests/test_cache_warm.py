@@ -18,7 +18,8 @@ from conftest import sample, write_config
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import progress
 from tq_mw_thehive.cli import cli
-from tq_mw_thehive.enrichment.warmup import KnownValue, KnownValues
+from tq_mw_thehive import known_values
+from tq_mw_thehive.known_values import KnownValue
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
@@ -122,7 +123,7 @@ def known(conf: Path) -> Path:
 
 
 def test_known_values_come_from_synced_observables_and_watches(known):
-    values = KnownValues(config_mod.load(known).state_db).collect(TypeMapping.default())
+    values = known_values.collect(config_mod.load(known).state_db, TypeMapping.default())
     assert sorted(values, key=lambda v: v.value) == [
         KnownValue("ip", "1.1.1.1", "GREEN", "AMBER"),
         KnownValue("ip", "10.1.2.3", "WHITE", "GREEN"),
@@ -186,4 +187,4 @@ def test_an_observable_whose_events_do_not_read_is_left_out(conf):
     db.execute("UPDATE inbox SET body = '{\"object\": {\"_id\": \"~obs-ok\"}}'")  # no dataType
     db.commit()
     db.close()
-    assert KnownValues(db_path).collect(TypeMapping.default()) == []
+    assert known_values.collect(db_path, TypeMapping.default()) == []

@@ -562,7 +562,7 @@ def test_a_changed_update_reads_what_it_checks_in_one_call_where_threatq_inlines
 
 
 def test_inline_sub_resources_are_used_only_when_well_formed():
-    from tq_mw_thehive.sync import _inline
+    from tq_mw_thehive.threatq.objects import inline as _inline
 
     record = {"attributes": [{"name": "PAP"}], "sources": [{"name": "TheHive", "tlp_id": 2}], "tags": "t"}
     assert _inline(record) == {"sources": [{"name": "TheHive", "tlp_id": 2}]}  # no attribute id, tags not a list

@@ -508,7 +508,8 @@ def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> Non
     in the inbox carries them). The TLP/PAP gate and the plugin states apply as in the daemon.
     """
     from tq_mw_thehive.enrichment.runner import Enricher
-    from tq_mw_thehive.enrichment.warmup import KnownValues, Warmer
+    from tq_mw_thehive import known_values
+    from tq_mw_thehive.enrichment.warmup import Warmer
     from tq_mw_thehive.progress import Progress
     from tq_mw_thehive.type_mapping import TypeMapping
 
@@ -523,7 +524,7 @@ def cache_warm_command(obj: Options, plugin: Optional[str], **given: Any) -> Non
         enricher.close()
         _fail(f"no loaded plugin {plugin!r} (see `tq-mw-thehive plugins`)", 2)
     try:
-        values = KnownValues(cfg.state_db).collect(TypeMapping.from_config(cfg.sync), cfg.sync.indicator_status)
+        values = known_values.collect(cfg.state_db, TypeMapping.from_config(cfg.sync), cfg.sync.indicator_status)
         with Progress("cache-warm", total=len(values), interactive=tty) as shown:
             counts = Warmer(enricher).run(values, only=plugin, progress=shown)
     finally:
@@ -738,7 +739,7 @@ def monitor_command(obj: Options, once: bool, **given: Any) -> None:
     if not cfg.enrichment.enabled:
         _fail("enrichment.enabled is false: nothing to monitor", 2)
     sync = build_sync(_open_state(cfg))
-    monitor = Monitor(sync.enricher, WatchList(cfg.state_db), sync)
+    monitor = Monitor(sync.enricher, WatchList(cfg.state_db), sync.objects, sync.types)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tq_mw_thehive import state
 from tq_mw_thehive.thehive.events import WebhookEvent
@@ -500,6 +500,14 @@ class Inbox(state.Store):
 
     _VIEW_COLUMNS = ("id, received_at, object_type, action, object_id, audit_id, case_key, state, "
                      "attempts, next_attempt_at, lease_until, last_error, finished_at")
+
+    def object_bodies(self, object_type: str) -> Iterator[Tuple[str, str]]:
+        """``(object_id, body)`` of every stored create or update of ``object_type``, grouped by
+        object, each object's newest (TheHive's order) first: the latest state we were sent."""
+        for row in self.db.execute(
+                "SELECT object_id, body FROM inbox WHERE object_type = ? AND action != 'delete' "
+                "ORDER BY object_id, order_ts DESC, id DESC", (object_type,)):
+            yield row["object_id"], row["body"]
 
     def recent(self, limit: int = 50) -> List[sqlite3.Row]:
         """The newest ``limit`` events, newest first, without their bodies (a read, never waits)."""

@@ -222,3 +222,13 @@ def case_consume_item(case: CaseObject, source: Dict[str, Any], type_id: Optiona
     item.update(description=case.description, sources=[dict(source)],
                 attributes=[{"name": a.name, "value": a.value} for a in case.attributes], tags=list(case.tags))
     return item
+
+
+_HASH_TYPES = {"MD5", "SHA-1", "SHA-256", "SHA-384", "SHA-512"}
+
+
+def enrichment_type(data_type: str, indicator_type: str) -> str:
+    """The TheHive data type a plugin sees: a file's hashes are ``hash``, its name ``filename``."""
+    if data_type != "file":
+        return data_type
+    return "hash" if indicator_type in _HASH_TYPES else "filename"

@@ -11,7 +11,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from tq_mw_thehive import state
 
@@ -67,6 +67,10 @@ class SyncState(state.Store):
             sql += " AND collection = ?"
             params += (collection,)
         return [(r["collection"], r["tq_id"]) for r in self.db.execute(sql + " ORDER BY rowid", params)]
+
+    def thehive_ids(self, kind: str) -> Set[str]:
+        """The TheHive cases (``kind`` "case") or observables ("observable") that reached ThreatQ."""
+        return {r[0] for r in self.db.execute("SELECT DISTINCT thehive_id FROM object_map WHERE kind = ?", (kind,))}
 
     def record(self, thehive_id: str, kind: str, collection: str, tq_id: int,
                case_id: Optional[str] = None) -> None:

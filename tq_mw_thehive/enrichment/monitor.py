@@ -17,12 +17,14 @@ from urllib.parse import urlsplit
 
 from tq_mw_thehive import logs, state
 from tq_mw_thehive.enrichment.cache import normalise
+from tq_mw_thehive.enrichment.pacing import Pacer
 from tq_mw_thehive.enrichment.runner import Enricher
 from tq_mw_thehive.threatq.api import ThreatQError
 from tq_mw_thehive.type_mapping import DEFAULT_RULES, HASH_TYPES, TypeMapping
 
 if TYPE_CHECKING:
     from tq_mw_thehive.enrichment.registry import PluginInfo
+    from tq_mw_thehive.threatq.objects import ThreatQObjects
 
 log = logging.getLogger(__name__)
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -172,28 +174,18 @@ class WatchList(state.Store):
 
 
 class Monitor:
-    """One pass over the due watches; ``sync`` (a ``Sync``) pushes changes to ThreatQ when given."""
+    """One pass over the due watches; with ``objects`` (``threatq.objects.ThreatQObjects``) and the
+    type mapping, a changed answer is written to ThreatQ as the sync writes it, under the same
+    per-indicator lock as a worker applying an event of that indicator."""
 
-    def __init__(self, enricher: Enricher, watches: WatchList, sync=None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, enricher: Enricher, watches: WatchList, objects: Optional["ThreatQObjects"] = None,
+                 types: Optional[TypeMapping] = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.enricher = enricher
         self.watches = watches
-        self.sync = sync
-        self.clock = clock
-        self.sleep = sleep
-        self._last_call: Dict[str, float] = {}
-
-    def _respect_rate_limit(self, plugin) -> None:
-        limit = plugin.rate_limit_per_min
-        if not limit:
-            return
-        gap = 60.0 / float(limit)
-        last = self._last_call.get(plugin.name)
-        if last is not None:
-            wait = last + gap - self.clock()
-            if wait > 0:
-                self.sleep(wait)
-        self._last_call[plugin.name] = self.clock()
+        self.objects = objects
+        self.types = types
+        self.pacer = Pacer(clock, sleep)
 
     def run_once(self) -> Dict[str, int]:
         counts = {"checked": 0, "changed": 0, "errors": 0}
@@ -215,7 +207,7 @@ class Monitor:
         value, data_type = watch["value"], watch["data_type"]
         for plugin in self.enricher.plugins_for(data_type):
             before = self.enricher.cache.latest(plugin.name, plugin.version, data_type, value)
-            self._respect_rate_limit(plugin)
+            self.pacer.wait(plugin)
             runs = self.enricher.run(data_type, value, watch["tlp"], watch["pap"], bypass_cache=True,
                                      only=plugin.name)
             run = runs[0] if runs else None
@@ -240,16 +232,14 @@ class Monitor:
 
     def _push(self, value: str, data_type: str, run) -> None:
         """Set the new attributes on the ThreatQ indicators with this value (there may be none yet)."""
-        if self.sync is None or not run.attributes:
+        if self.objects is None or not run.attributes:
             return
-        for indicator_type in self._threatq_types(data_type, value):
-            type_id = self.sync.tq.indicator_type_id(indicator_type)
-            hit = self.sync.tq.find_indicator(value, type_id)
-            if hit is not None:
-                self.sync.apply_enrichment("indicators", hit["id"], run)
+        self.objects.enrich_by_value(self._threatq_types(data_type, value), value, run)
 
     def _threatq_types(self, data_type: str, value: str) -> List[str]:
         if data_type == "filename":
             return ["Filename"]
-        resolved, _ = self.sync.types.resolve(data_type, value)
+        if self.types is None:
+            return []
+        resolved, _ = self.types.resolve(data_type, value)
         return [resolved] if resolved else []
