@@ -1,4 +1,5 @@
-"""README's configuration reference lists exactly the keys ``config.py`` accepts, with their defaults.
+"""The configuration reference (docs/configuration.md) lists exactly the keys ``config.py`` accepts,
+with their defaults.
 
 The schema is read from ``config.py`` itself: the dataclass fields of each section in
 ``_SECTIONS`` and the top-level keys of ``Config`` (``config_dir`` is where the file lives, not a
@@ -19,7 +20,7 @@ from conftest import minimal_config
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive.config import ConfigError, Duration
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 NOT_A_KEY = {"config_dir"}  # a Config field set from -c, never read from config.yaml
 # The type column's word for a field's kind (strings are "string", "URL", a list of choices…).
 TYPE_WORDS = {bool: "bool", Duration: "duration", int: "integer", float: "number", list: "list", dict: "mapping"}
@@ -38,9 +39,10 @@ def schema() -> Dict[str, dataclasses.Field]:
 
 def reference_rows(text: Optional[str] = None) -> Dict[str, Row]:
     """The reference table's rows by key; a row may name several keys (`a`, `b`)."""
-    text = README.read_text(encoding="utf-8") if text is None else text
+    text = REFERENCE.read_text(encoding="utf-8") if text is None else text
     section = text[text.index("\n## Configuration reference\n"):]
-    section = section[:section.index("\n## ", 1)]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     rows: Dict[str, Row] = {}
     for line in section.splitlines():
         if not line.startswith("| `"):
@@ -50,7 +52,7 @@ def reference_rows(text: Optional[str] = None) -> Dict[str, Row]:
         for key in re.findall(r"`([A-Za-z_][A-Za-z0-9_.]*)`", cells[0]):
             assert key not in rows, f"two rows for {key}"
             rows[key] = (cells[1], cells[2], line)
-    assert rows, "no rows in README's configuration reference"
+    assert rows, "no rows in the configuration reference (docs/configuration.md)"
     return rows
 
 
@@ -82,7 +84,7 @@ def default_matches(cell: str, f: dataclasses.Field) -> Optional[bool]:
 
 
 def problems(keys: Dict[str, dataclasses.Field], rows: Dict[str, Row]) -> List[str]:
-    found = [f"{key}: no row in README's configuration reference" for key in keys if key not in rows]
+    found = [f"{key}: no row in the configuration reference" for key in keys if key not in rows]
     found += [f"{key}: a row for a key config.py does not accept" for key in rows if key not in keys]
     for key, f in keys.items():
         if key not in rows:
@@ -119,7 +121,7 @@ def test_the_check_catches_a_missing_row_an_unknown_row_and_a_wrong_default():
     rows["sync.max_age"] = ("duration", "`24h`", "")
     rows["threatq.verify_ssl"] = ("string", "true", "")
     assert sorted(problems(keys, rows)) == sorted([
-        "sync.catch_up: no row in README's configuration reference",
+        "sync.catch_up: no row in the configuration reference",
         "sync.catch_down: a row for a key config.py does not accept",
         "sync.max_age: default column says '`24h`', config.py says 172800.0",
         "threatq.verify_ssl: type column says 'string', config.py's kind is bool",

@@ -1,4 +1,5 @@
-"""README's Troubleshooting table stays honest: every warning or error the code can log has a row.
+"""The Troubleshooting table (docs/troubleshooting.md) stays honest: every warning or error the code
+can log has a row.
 
 The code is read with ``ast``: each ``log.warning/error/exception/critical(...)`` call (and
 ``log.log(level, ...)``, whose level is chosen at run time) in ``tq_mw_thehive/`` (bundled
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 LEVELS_NEEDING_A_ROW = {"warning", "error", "exception", "critical", "log"}
 PLACEHOLDER = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\d+|\*)?(?:\.\d+)?[a-zA-Z%]")
 # Formats with no text of their own pass on an exception's message: the rows for those messages.
@@ -52,11 +53,13 @@ def literal_pieces(fmt: str) -> List[str]:
 
 
 def table_rows() -> List[str]:
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("\n## Troubleshooting\n"):]
-    section = section[:section.index("\n## ", 1)]
+    text = TROUBLESHOOTING.read_text(encoding="utf-8")
+    assert text.startswith("# Troubleshooting\n"), "docs/troubleshooting.md is the Troubleshooting page"
+    section = text[text.index("\n## Log lines\n"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
-    assert rows, "no rows in README's Troubleshooting table"
+    assert rows, "no rows in the Troubleshooting table (docs/troubleshooting.md)"
     # First cell; backticks removed (a row wraps code in one or two of them).
     return [row[2:].split(" | ", 1)[0].replace("`", "") for row in rows]
 
@@ -94,7 +97,7 @@ def test_every_warning_and_error_log_line_has_a_troubleshooting_row():
         if not has_row(rows, pieces, outcome.group(0) if outcome else ""):
             missing.append(f"{path}:{line} {level} {fmt!r}")
     assert scanned >= 30, "the scan found too few log calls: is it still reading the code?"
-    assert not missing, "README Troubleshooting has no row for:\n" + "\n".join(missing)
+    assert not missing, "docs/troubleshooting.md has no row for:\n" + "\n".join(missing)
 
 
 def test_the_key_info_lines_have_rows():
