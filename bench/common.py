@@ -40,7 +40,7 @@ WEBHOOK_TOKEN = "bench-webhook-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {WEBHOOK_TOKEN}", "Content-Type": "application/json"}
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port on loopback: nobody listens, nothing leaves
 BASE_TS = 1717430400000  # 2024-06-03 16:00 UTC, TheHive milliseconds
-# The bundled plugins that need no network and no key (README "Bundled plugins").
+# The bundled plugins that need no network and no key (docs/enrichment.md "Bundled plugins").
 OFFLINE_PLUGINS = ("ip_scope", "geoip", "domain", "warninglists")
 EXTERNAL_PLUGINS = ("virustotal", "abuseipdb", "otx", "shodan", "urlhaus", "greynoise")
 
@@ -69,7 +69,7 @@ def _sha256(j: int) -> str:
     return hashlib.sha256(f"payload-{j}".encode()).hexdigest()
 
 
-# Nine TheHive data types, each one indicator of a distinct ThreatQ type (README "Type mapping").
+# Nine TheHive data types, each one indicator of a distinct ThreatQ type (docs/sync.md "Type mapping").
 DATA_TYPES: Sequence[Tuple[str, Callable[[int], str]]] = (
     ("ip", lambda j: f"{11 + (j >> 16) % 200}.{(j >> 8) & 255}.{j & 255}.{7 + j % 240}"),
     ("domain", lambda j: f"login-{j}.phish-{j % 61}.example.net"),

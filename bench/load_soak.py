@@ -89,7 +89,7 @@ OBSERVABLE_TEMPLATE = {  # th5-observable-create-ip.json, "object" without its c
     "sightedAt": 1717433000000, "reports": {}, "message": None, "extraData": {}, "ignoreSimilarity": False,
 }
 
-# TheHive data type -> (weight, value maker, ThreatQ indicator type as the README's default table says)
+# TheHive data type -> (weight, value maker, ThreatQ indicator type as docs/sync.md's default table says)
 _HASHES = (("md5", "MD5"), ("sha1", "SHA-1"), ("sha256", "SHA-256"))
 
 

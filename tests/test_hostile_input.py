@@ -1,6 +1,6 @@
 """Hostile input against ONE live daemon (gunicorn, 2 workers, loopback): thousands of generated requests.
 
-Every answer must be one the README promises: a 4xx with ``{"status": "error", "error": …}`` (401 for
+Every answer must be one docs/sync.md promises: a 4xx with ``{"status": "error", "error": …}`` (401 for
 authentication), or a 200 whose status is queued, duplicate or ignored; never a 500, never a dropped
 connection, and the daemon is alive and healthy afterwards. ``webhook.max_body_mb`` is set small
 (0.05 MB) so that the size limit is crossed often and cheaply.
@@ -94,7 +94,7 @@ def fresh_log(live):
 
 
 def check(response: requests.Response, what: str = "") -> Any:
-    """The README's promise for any answer of the app; returns the JSON body."""
+    """The promise of docs/sync.md for any answer of the app; returns the JSON body."""
     where = f"{what}: {response.status_code} {response.text[:300]!r}"
     assert response.status_code < 500, where
     assert response.headers.get("Content-Type", "").startswith("application/json"), where
@@ -514,7 +514,7 @@ def test_keepalive_survives_a_rejected_large_body(live, authenticated):
 
 
 def test_payload_text_cannot_forge_a_log_line(live):
-    """"One line per received event" (README, Logs): whatever an id contains, it stays on that line."""
+    """"One line per received event" (docs/operations.md, Logs): whatever an id contains, it stays on that line."""
     forged = "1999-12-31 23:59:59,999 WARNING [1] tq_mw_thehive.web: rejected outcome=unauthorized remote=203.0.113.66"
     for field in ("objectType", "action", "objectId", "_id"):
         event = {"_id": f"~forge-{field}", "_type": "Audit", "action": "create", "objectType": "Case",

@@ -325,7 +325,7 @@ def _token_presented(token: str) -> bool:
 
 @bp.route("/metrics", methods=["GET"])
 def scrape() -> Response:
-    """Open like Prometheus exporters unless ``web.metrics_token`` is set (see README)."""
+    """Open like Prometheus exporters unless ``web.metrics_token`` is set (docs/operations.md, Metrics)."""
     from tq_mw_thehive.web import EXTENSION, _error, rejections  # web imports this module
 
     ext = current_app.extensions[EXTENSION]

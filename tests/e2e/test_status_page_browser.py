@@ -211,10 +211,10 @@ def test_status_page_in_chromium(daemon, browser, tmp_path):
     height = browser.execute_script("return document.documentElement.scrollHeight")  # DevTools, not the page
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
-    browser.save_screenshot(str(tmp_path / "status-page.png"))  # the whole page, for the README
+    browser.save_screenshot(str(tmp_path / "status-page.png"))  # the whole page, for docs/operations.md
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     assert (tmp_path / "status-page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("TQ_MW_UPDATE_SCREENSHOT"):  # refresh the README's picture on purpose only
+    if os.environ.get("TQ_MW_UPDATE_SCREENSHOT"):  # refresh the picture in docs/operations.md on purpose only
         shutil.copyfile(tmp_path / "status-page.png", SCREENSHOT)
 
     # Replay: the form posts with its CSRF token; the event goes back to pending.
