@@ -4,7 +4,8 @@ Three places, in this order (a name already taken is reported, not loaded twice)
 the bundled plugins (``tq_mw_thehive.plugins``), the
 directories in ``enrichment.plugin_dirs`` (one ``.py`` file per plugin), and installed
 packages through the entry-point group ``tq_mw_thehive.plugins``. A plugin that fails
-to import or declares itself wrongly is logged and skipped; the rest still load.
+to import or declares itself wrongly (``plugin.CONTRACT``, checked once here) is logged and
+skipped; the rest still load. One that does not declare ``EXTERNAL`` loads as external.
 """
 from __future__ import annotations
 
@@ -13,102 +14,113 @@ import importlib
 import importlib.util
 import logging
 import pkgutil
-import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from tq_mw_thehive.config import EnrichmentConfig
-from tq_mw_thehive.enrichment.plugin import DEFAULT_CACHE_TTL_S, DEFAULT_NEGATIVE_CACHE_TTL_S
+from tq_mw_thehive.enrichment.plugin import (DEFAULT_CACHE_TTL_S, DEFAULT_NEGATIVE_CACHE_TTL_S, ContractError,
+                                             PluginSpec, name_of, read_spec)
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "tq_mw_thehive.plugins"
 BUNDLED_PACKAGE = "tq_mw_thehive.plugins"
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# (name, origin) of the plugins this process has warned about already: said once, not per discovery.
+_warned: Set[Tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _first_warning(name: str, origin: str) -> bool:
+    with _warned_lock:
+        if (name, origin) in _warned:
+            return False
+        _warned.add((name, origin))
+        return True
 
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One plugin as found: its module when it loaded, else why it did not."""
+    """One plugin as found: its module and checked declarations when it loaded, else why it did not.
+
+    Given a module and no spec, it reads the module's declarations (``plugin.read_spec``) once, here:
+    a wrong one leaves ``module`` None and says why in ``error``.
+    """
 
     name: str
     origin: str
     module: Optional[ModuleType] = None
     error: Optional[str] = None
+    spec: Optional[PluginSpec] = None
 
-    def _get(self, attr: str, default=None):
-        return getattr(self.module, attr, default) if self.module is not None else default
+    def __post_init__(self) -> None:
+        if self.module is None or self.spec is not None or self.error is not None:
+            return
+        try:
+            spec = read_spec(self.module)
+        except ContractError as exc:
+            log.error("plugin %s (%s) failed to load: %s: %s", self.name, self.origin, "invalid plugin", exc)
+            object.__setattr__(self, "module", None)
+            object.__setattr__(self, "error", f"invalid plugin: {exc}")
+            return
+        if spec.external_assumed and _first_warning(self.name, self.origin):
+            log.warning("plugin %s (%s) does not declare EXTERNAL: treated as external, so the TLP gate and "
+                        "the non-global address rule apply; declare EXTERNAL = False if no value leaves",
+                        self.name, self.origin)
+        object.__setattr__(self, "spec", spec)
 
     @property
+    def declarations(self) -> PluginSpec:
+        """The checked declarations; for a plugin that did not load, the contract's defaults."""
+        return self.spec if self.spec is not None else PluginSpec.defaults(self.name)
+
+    # The spec's fields, as callers read them before the spec existed.
+    @property
     def title(self) -> str:
-        return self._get("TITLE") or self.name.replace("_", " ").title()
+        return self.declarations.title
 
     @property
     def description(self) -> str:
-        return self._get("DESCRIPTION", "")
+        return self.declarations.description
 
     @property
     def version(self) -> str:
-        return str(self._get("VERSION", "0"))
+        return self.declarations.version
 
     @property
     def data_types(self) -> Tuple[str, ...]:
-        return tuple(self._get("DATA_TYPES", ()))
+        return self.declarations.data_types
 
     @property
     def external(self) -> bool:
-        return bool(self._get("EXTERNAL", False))
+        return self.declarations.external
 
     @property
     def active(self) -> bool:
-        return bool(self._get("ACTIVE", False))
+        return self.declarations.active
 
     @property
     def api_keys(self) -> Dict[str, str]:
-        return dict(self._get("API_KEYS", {}) or {})
+        return dict(self.declarations.api_keys)
 
     @property
     def cache_ttl(self) -> Optional[float]:
-        return self._get("CACHE_TTL")
+        return self.declarations.cache_ttl
 
     @property
     def negative_cache_ttl(self) -> Optional[float]:
-        return self._get("NEGATIVE_CACHE_TTL")
+        return self.declarations.negative_cache_ttl
 
     @property
     def rate_limit_per_min(self) -> Optional[float]:
-        return self._get("RATE_LIMIT_PER_MIN")
-
-
-def _check(module: ModuleType) -> Optional[str]:
-    """What is wrong with a plugin module's declarations, or None."""
-    name = getattr(module, "NAME", None)
-    if not isinstance(name, str) or not _NAME.match(name):
-        return "NAME must be a lower-case identifier"
-    data_types = getattr(module, "DATA_TYPES", None)
-    if not isinstance(data_types, (tuple, list)) or not data_types or \
-            not all(isinstance(t, str) and t for t in data_types):
-        return "DATA_TYPES must be a non-empty tuple of TheHive data types"
-    if not callable(getattr(module, "lookup", None)):
-        return "lookup(request) is missing"
-    keys = getattr(module, "API_KEYS", {})
-    if not isinstance(keys, dict) or not all(isinstance(k, str) for k in keys):
-        return "API_KEYS must map key names to sign-up URLs"
-    for ttl in ("CACHE_TTL", "NEGATIVE_CACHE_TTL"):
-        value = getattr(module, ttl, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            return f"{ttl} must be a positive number of seconds"
-    return None
+        return self.declarations.rate_limit_per_min
 
 
 def _found(module: ModuleType, origin: str, fallback_name: str) -> PluginInfo:
-    problem = _check(module)
-    if problem:
-        return PluginInfo(getattr(module, "NAME", None) if isinstance(getattr(module, "NAME", None), str)
-                          else fallback_name, origin, error=f"invalid plugin: {problem}")
-    return PluginInfo(module.NAME, origin, module=module)
+    return PluginInfo(name_of(module, fallback_name), origin, module=module)
 
 
 def _failed(name: str, origin: str, exc: BaseException) -> PluginInfo:
@@ -171,7 +183,7 @@ class Registry:
         seen: Dict[str, PluginInfo] = {}
         for info in plugins:
             first = seen.get(info.name)
-            if first is not None and first.module is not None:
+            if first is not None and first.spec is not None:
                 log.error("plugin %s from %s ignored: the name is taken by %s", info.name, info.origin, first.origin)
                 info = PluginInfo(info.name, info.origin, error=f"duplicate name (already from {first.origin})")
             else:
@@ -186,7 +198,7 @@ class Registry:
         return cls(found)
 
     def loaded(self) -> List[PluginInfo]:
-        return [p for p in self.plugins if p.module is not None and p.error is None]
+        return [p for p in self.plugins if p.spec is not None and p.error is None]
 
     def get(self, name: str) -> Optional[PluginInfo]:
         return next((p for p in self.loaded() if p.name == name), None)

@@ -1,5 +1,9 @@
 """Run the plugins that take a value: gate, cache, timeout, and one record per plugin.
 
+The gate (``gate.refusal``: TLP, PAP, and no non-global address to an external plugin) is asked
+for every plugin and value, from the plugin's checked declarations (its ``PluginSpec``); the
+lookup and ``prepare`` called are the ones checked when the plugin loaded.
+
 A failing or slow plugin never fails the event: each lookup runs under
 ``enrichment.timeout`` in a small thread pool, and whatever it raises becomes an
 ``error`` record in the log, never an exception here. Cached answers make no call.
@@ -45,15 +49,6 @@ def _first_time(plugin: str, state: str) -> bool:
             return False
         _said.add((plugin, state))
         return True
-
-
-def address_scope(value: str) -> Optional[str]:
-    """The ip_scope plugin's classification, or None when it is not installed or not an IP."""
-    try:
-        from tq_mw_thehive.plugins.ip_scope import classify
-        return classify(value)
-    except Exception:  # no ip_scope, or not an address: nothing to say
-        return None
 
 
 @dataclass
@@ -107,7 +102,6 @@ class Enricher:
         """Every enabled plugin that takes ``data_type``, each gated, cached and timed."""
         if not self.settings.enabled:
             return []
-        scope = address_scope(value) if data_type == "ip" else None
         max_tlp = self.cfg.logs.max_tlp_values
         shown = logs.loggable(value[:80], tlp, max_tlp)
         runs = []
@@ -116,7 +110,7 @@ class Enricher:
         with logs.withholding(max_tlp) as withheld:
             withheld.add([value], tlp)
             for info in self.plugins_for(data_type, only):
-                run = self._one(info, data_type, value, tlp, pap, scope, bypass_cache)
+                run = self._one(info, data_type, value, tlp, pap, bypass_cache)
                 metrics.plugin_ran(run)
                 if run.for_plugin and _first_time(info.name, run.reason):
                     log.info("enrichment %s skipped for every value until this changes: %s", info.name, run.reason)
@@ -128,19 +122,22 @@ class Enricher:
                 runs.append(run)
         return runs
 
+    def refusal(self, info: PluginInfo, data_type: str, value: str, tlp: Optional[str],
+                pap: Optional[str]) -> Optional[str]:
+        """Why the gate keeps this value from ``info`` under this config, or None."""
+        return gate.refusal(info.spec, tlp, pap, self.settings.max_tlp_external, self.settings.max_pap_active,
+                            data_type, value)
+
     def _one(self, info: PluginInfo, data_type: str, value: str, tlp: Optional[str], pap: Optional[str],
-             scope: Optional[str], bypass_cache: bool) -> PluginRun:
+             bypass_cache: bool) -> PluginRun:
         run = PluginRun(info.name, info.title, "skipped")
         state = plugin_state(info, self.settings, self.keys)
         if state != "enabled":
             run.reason, run.for_plugin = state, True
             return run
-        refusal = gate.refusal(info.module, tlp, pap, self.settings.max_tlp_external, self.settings.max_pap_active)
+        refusal = self.refusal(info, data_type, value, tlp, pap)
         if refusal:
             run.reason = refusal
-            return run
-        if info.external and scope not in (None, "global"):
-            run.reason = f"{scope} address: never sent to a third party"
             return run
         if not bypass_cache:
             hit = self.cache.get(info.name, info.version, data_type, value)
@@ -157,11 +154,10 @@ class Enricher:
                          timeout=self.settings.timeout)
         started = time.monotonic()
         try:
-            prepare = getattr(info.module, "prepare", None)
-            if callable(prepare):   # one-off setup (an offline index built or opened): not under the timeout
-                prepare(request)
+            if info.spec.prepare is not None:   # one-off setup (an offline index built or opened): not timed
+                info.spec.prepare(request)
                 started = time.monotonic()
-            future = self._pool.submit(contextvars.copy_context().run, info.module.lookup, request)
+            future = self._pool.submit(contextvars.copy_context().run, info.spec.lookup, request)
             result = future.result(timeout=self.settings.timeout)
             if not isinstance(result, Result):
                 raise TypeError(f"lookup returned {type(result).__name__}, not a Result")

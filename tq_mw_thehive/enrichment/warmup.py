@@ -13,10 +13,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
-from tq_mw_thehive.enrichment import gate
 from tq_mw_thehive.enrichment.pacing import Pacer
 from tq_mw_thehive.enrichment.registry import plugin_state
-from tq_mw_thehive.enrichment.runner import Enricher, address_scope
+from tq_mw_thehive.enrichment.runner import Enricher
 
 if TYPE_CHECKING:
     from tq_mw_thehive.known_values import KnownValue
@@ -34,12 +33,8 @@ class Warmer:
 
     def _will_call(self, info, known: "KnownValue") -> bool:
         """Whether ``Enricher.run`` will call the plugin (it decides; this only paces the calls)."""
-        settings = self.enricher.settings
-        if plugin_state(info, settings, self.enricher.keys) != "enabled":
-            return False
-        if gate.refusal(info.module, known.tlp, known.pap, settings.max_tlp_external, settings.max_pap_active):
-            return False
-        return not (info.external and known.data_type == "ip" and address_scope(known.value) not in (None, "global"))
+        return (plugin_state(info, self.enricher.settings, self.enricher.keys) == "enabled"
+                and self.enricher.refusal(info, known.data_type, known.value, known.tlp, known.pap) is None)
 
     def run(self, values: List["KnownValue"], only: Optional[str] = None, progress=None) -> Dict[str, int]:
         """Counts: ``fresh`` (already cached) and the run statuses (fetched, not_found, skipped, error)."""
