@@ -26,6 +26,7 @@ from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq import auth as tq_auth
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.web import create_app
+from tq_mw_thehive.services import Services
 
 ALL = check.names()
 
@@ -375,7 +376,7 @@ def test_human_output_has_one_line_per_check_with_marks_and_fixes(make_world):
 
 
 def test_ascii_marks_where_the_terminal_cannot_show_them():
-    lines = check.render([check.Result("x", False, "bad", "do y")], check._marks(type("S", (), {"encoding": "ascii"})))
+    lines = check.render([check.Result("x", False, "bad", "do y")], check.marks_for(type("S", (), {"encoding": "ascii"})))
     assert lines == ["[FAIL] x  bad  -> fix: do y"]
 
 
@@ -386,7 +387,7 @@ def test_self_test_event_is_stored_done_never_synced_and_removable(tmp_path):
            "thehive": {"url": "http://127.0.0.1:9"}, "webhook": {"auth": "key", "token": WEBHOOK_TOKEN}}
     cfg = config_mod.from_dict(raw, tmp_path)
     state.open_state(cfg.state_db).close()
-    client = create_app(cfg).test_client()
+    client = create_app(Services(cfg)).test_client()
     body = json.dumps(events.self_test_payload("n1", 1))
     assert client.post("/cases", data=body, headers={"Authorization": "wrong"}).status_code == 401
     answer = client.post("/cases", data=body, headers={"Authorization": check.authorization_header(cfg)})

@@ -493,7 +493,7 @@ def test_loopback_urls():
 
 
 def test_the_curl_command_takes_the_admin_key_from_its_own_variable(tmp_path, threatq):
-    from tq_mw_thehive.thehive_setup import thehive_setup_command
+    from tq_mw_thehive.cli.setup import thehive_setup_command
     result = CliRunner().invoke(cli, ["configure", "-c", str(tmp_path), *answer_flags(threatq)],
                                 env={"TQ_MW_THREATQ_PASSWORD": PASSWORD})
     assert result.exit_code == 0, result.output

@@ -24,10 +24,11 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import SAMPLE_NAMES, WEBHOOK_TOKEN, minimal_config, sample, sample_text, write_config
-from tq_mw_thehive import cli
+from tq_mw_thehive import auth, cli
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import web
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.services import Services
 from tq_mw_thehive.testing.daemon import Daemon, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
@@ -55,7 +56,7 @@ def make_app(tmp_path: Path, mode: str):
         webhook.update(username=USER, password=BASIC_PASSWORD, token=None)
     cfg = config_mod.from_dict(minimal_config(webhook=webhook), tmp_path)
     inbox = Inbox.open(cfg.state_db)
-    return web.create_app(cfg, inbox=inbox), inbox
+    return web.create_app(Services(cfg, inbox)), inbox
 
 
 WRONG_SAME_LENGTH = "X" * len(WEBHOOK_TOKEN)
@@ -80,7 +81,7 @@ ACCEPTED = {"bearer": f"Bearer {WEBHOOK_TOKEN}", "key": WEBHOOK_TOKEN, "basic": 
 
 
 class CountingCompare:
-    """Stands in for ``hmac`` inside ``tq_mw_thehive.web``: the real compare_digest, counted."""
+    """Stands in for ``hmac`` inside ``tq_mw_thehive.auth`` (WebhookAuth): the real compare_digest, counted."""
 
     def __init__(self) -> None:
         self.calls: List[tuple] = []
@@ -93,7 +94,7 @@ class CountingCompare:
 @pytest.fixture
 def counting(monkeypatch):
     counter = CountingCompare()
-    monkeypatch.setattr(web, "hmac", types.SimpleNamespace(compare_digest=counter.compare_digest))
+    monkeypatch.setattr(auth, "hmac", types.SimpleNamespace(compare_digest=counter.compare_digest))
     return counter
 
 

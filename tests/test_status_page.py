@@ -14,12 +14,14 @@ import pytest
 from conftest import minimal_config, sample
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, startup, state
+from tq_mw_thehive.auth import COOKIE, AdminAuth
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.inbox import Inbox
-from tq_mw_thehive.status_page import COOKIE, EXTENSION, AdminAuth, age_text
+from tq_mw_thehive.status_page import EXTENSION, age_text
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.web import create_app
+from tq_mw_thehive.services import Services
 
 ADMIN_TOKEN = "admin-token-7c1f0e9b2d4a"
 HOSTILE = '<script>alert("x")</script>"><img src=x onerror=alert(1)>'
@@ -50,7 +52,7 @@ def make(tmp_path):
         cfg = config_mod.from_dict(raw, tmp_path)
         state.open_state(cfg.state_db).close()
         inbox = Inbox(cfg.state_db, clock=clock or Clock())
-        app = create_app(cfg, inbox=inbox)
+        app = create_app(Services(cfg, inbox))
         return cfg, inbox, app.test_client()
 
     return make
@@ -426,7 +428,7 @@ def test_fifty_failures_from_many_addresses_lock_out_everyone(make, caplog):
 def test_the_limit_is_shared_by_every_worker_process(make):
     """Each gunicorn worker builds its own app: the limit lives in the state database, not in one."""
     cfg, inbox, client = make()
-    other_worker = create_app(cfg, inbox=Inbox(cfg.state_db, clock=inbox.clock)).test_client()
+    other_worker = create_app(Services(cfg, Inbox(cfg.state_db, clock=inbox.clock))).test_client()
     assert [wrong_login(client) for _ in range(3)] == [403] * 3
     assert [wrong_login(other_worker) for _ in range(2)] == [403] * 2
     assert client.post("/status/login", data={"token": ADMIN_TOKEN}).status_code == 429

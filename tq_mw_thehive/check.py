@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import sqlite3
-import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import click
 import requests
 
 from tq_mw_thehive import config as config_mod
@@ -31,10 +28,10 @@ from tq_mw_thehive import logs, startup, state
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
-from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError
+from tq_mw_thehive.thehive.api import TheHiveError
 from tq_mw_thehive.threatq import auth as tq_auth
+from tq_mw_thehive.services import Services
 from tq_mw_thehive.threatq.api import OPTIONAL_STEPS, ThreatQClient, ThreatQError
-from tq_mw_thehive.type_mapping import TypeMapping
 
 WEBHOOK_TIMEOUT_S = (3.0, 15.0)
 MARKS = {"ok": "✔", "fail": "✘", "skip": "–", "arrow": "→"}
@@ -63,6 +60,15 @@ class Context:
     disable_ssl: bool = False
     cfg: Optional[Config] = None
     tq: Optional[ThreatQClient] = None
+    _services: Optional[Services] = field(default=None, repr=False)
+
+    @property
+    def services(self) -> Services:
+        """The collaborators of the loaded config (the checks that use it run after ``config``)."""
+        assert self.cfg is not None
+        if self._services is None or self._services.cfg is not self.cfg:
+            self._services = Services(self.cfg)
+        return self._services
 
 
 Check = Callable[[Context], Result]
@@ -137,7 +143,7 @@ def check_threatq_auth(ctx: Context) -> Result:
     cfg = ctx.cfg
     if cfg is None:
         return _skip(name, "skipped: needs a valid config")
-    client = ThreatQClient.from_config(cfg, attempts=2, max_wait_s=1.0)
+    client = ctx.services.threatq(attempts=2, max_wait_s=1.0)
     before = None
     if not cfg.threatq.client_secret:
         try:
@@ -177,7 +183,7 @@ def check_indicator_types(ctx: Context) -> Result:
     if ctx.cfg is None or ctx.tq is None:
         return _skip(name, "skipped: needs ThreatQ authentication")
     sync = ctx.cfg.sync
-    wanted = sorted(TypeMapping.from_config(sync).indicator_types())
+    wanted = sorted(ctx.services.types.indicator_types())
     missing = []
     for type_name in wanted:
         try:
@@ -277,7 +283,7 @@ def check_thehive_api(ctx: Context) -> Result:
                "(catch-up, backfill and case re-reads use it)")
     if not cfg.thehive.api_key:
         return _fail(name, "thehive.api_key is not set", key_fix)
-    client = TheHiveClient.from_config(cfg, attempts=2, max_wait_s=0.5, page_size=1)
+    client = ctx.services.thehive(attempts=2, max_wait_s=0.5, page_size=1)
     try:
         next(iter(client.iter_cases()), None)
     except TheHiveError as exc:
@@ -442,7 +448,7 @@ def _verify_and_remove(ctx: Context, url: str, item_id: Any, nonce: str, ms: flo
     assert cfg is not None
     if not isinstance(item_id, int) or isinstance(item_id, bool):
         return _fail(name, f"{url} answered the self-test without an inbox id", "restart the daemon")
-    inbox = Inbox(cfg.state_db)
+    inbox = ctx.services.inbox
     try:
         row = inbox.get(item_id)
         stored = (row is not None and row["object_type"] == events.SELF_TEST_OBJECT_TYPE
@@ -504,7 +510,7 @@ def run_checks(ctx: Context) -> List[Result]:
 
 # ------------------------------------------------------------------------------------ output
 
-def _marks(stream) -> Dict[str, str]:
+def marks_for(stream) -> Dict[str, str]:
     """✔/✘ where the terminal can show them, ASCII elsewhere."""
     encoding = getattr(stream, "encoding", None) or "ascii"
     try:
@@ -534,36 +540,3 @@ def listener_url(listener_ip: str, port: int) -> Optional[str]:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}/cases"
-
-
-@click.command("check")
-@click.option("--webhook-url", metavar="URL",
-              help="Post the self-test here instead of to the -li/-p listener (e.g. through a reverse proxy).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
-@click.pass_obj
-def check_command(obj: Any, webhook_url: Optional[str], as_json: bool, **given: Any) -> None:
-    """Check the config, ThreatQ, TheHive, the state database, the log directory and the webhook.
-
-    Give it the daemon's own flags (-c, -ll, -p, -li, -ep, -ds): the webhook check posts a
-    self-test event to the running daemon and removes it again. Exit code 1 when a check fails.
-    """
-    opts = obj.merged(**given)
-    # The check's lines are the report: library log lines would repeat them (and could go to
-    # the daemon's log file), so they are shown only with -v 3, on stderr, redacted.
-    logs.setup(None, "3" if opts.verbosity == "3" else "1")
-    if opts.verbosity != "3":
-        logging.getLogger().setLevel(logging.CRITICAL)
-    listen = opts.listen()
-    ctx = Context(config_dir=opts.config_dir, log_dir=opts.log_dir,
-                  webhook_url=webhook_url or listener_url(listen.ip, listen.port),
-                  use_proxy=opts.external_proxy, disable_ssl=opts.disable_ssl)
-    results = run_checks(ctx)
-    failed = [r for r in results if not r.ok]
-    if as_json:
-        click.echo(json.dumps({"ok": not failed, "checks": [asdict(r) for r in results]}, indent=2))
-    else:
-        for line in render(results, _marks(sys.stdout)):
-            click.echo(line)
-        click.echo(f"{len(failed)} check(s) failed" if failed else "all checks passed")
-    sys.exit(1 if failed else 0)
-

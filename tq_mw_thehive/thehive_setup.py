@@ -11,13 +11,11 @@ prints the same instructions after a configuration run.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, List, Optional, Tuple
-from urllib.parse import urlsplit
 
 import click
 
-from tq_mw_thehive import configure, logs, startup
+from tq_mw_thehive import configure
 from tq_mw_thehive.configure import ADMIN_KEY_VARIABLE, ENDPOINT_NAME, NOTIFICATION_PATH, SECRET_MASK
 from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError, TheHiveNotFound, TheHiveUnavailable
 
@@ -110,62 +108,3 @@ def register(client: TheHiveClient, yes: bool, confirm=click.confirm, echo=click
     else:
         echo("Verified: TheHive lists the notification. " + CACHE_NOTE)
     return True
-
-
-@click.command("thehive-setup")
-@click.option("--thehive-version", type=click.Choice(["4", "5"]), required=True,
-              help="4: print the endpoint and register the notification through the API; "
-                   "5: print what to enter in TheHive's UI (TheHive 5 has no API for it).")
-@click.option("--webhook-url", metavar="URL",
-              help="The URL TheHive posts to (default: from -li/-p, as `configure` prints it).")
-@click.option("--api-key", envvar=ADMIN_KEY_VARIABLE, show_envvar=True,
-              help="TheHive 4: an org admin's API key for the PUT (default thehive.api_key; "
-                   "prefer the variable).")
-@click.option("-y", "--yes", is_flag=True, help="TheHive 4: send without asking.")
-@click.option("--mask-secrets", is_flag=True,
-              help=f"Print the webhook token/password as {SECRET_MASK} (e.g. on a shared screen).")
-@click.pass_obj
-def thehive_setup_command(obj: Any, thehive_version: str, webhook_url: Optional[str], api_key: Optional[str],
-                          yes: bool, mask_secrets: bool, **given: Any) -> None:
-    """Make TheHive call this daemon: the endpoint (filled in) and, for TheHive 4, the notification.
-
-    The endpoint block holds the webhook secret, filled in so that it can be pasted as is
-    (--mask-secrets hides it); it goes to this terminal only, never to a log.
-    """
-    opts = obj.merged(**given)
-    try:
-        startup.setup_logging(None, "1")
-        cfg = startup.load_config(opts.config_dir, disable_ssl=opts.disable_ssl)
-    except startup.StartupError as exc:
-        click.echo(f"tq-mw-thehive: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    listen = opts.listen()
-    url = webhook_url or configure.webhook_url(listen.ip, listen.port)
-    show = not mask_secrets
-    if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"Note: TheHive must reach {url}; a loopback address works only when TheHive runs on "
-                   "this host (otherwise pass -li or --webhook-url).\n")
-    if thehive_version == "5":
-        click.echo(configure.thehive5_endpoint(cfg, url, show))
-        click.echo("TheHive 5 has no API for this: enter these values in its UI, then run "
-                   f"`tq-mw-thehive check -c {opts.config_dir}`.")
-        return
-    click.echo("1. Add this endpoint to /etc/thehive/application.conf (every TheHive node) and "
-               "restart TheHive:\n")
-    click.echo(configure.thehive4_endpoint(cfg, url, show))
-    click.echo("2. Enable the notification for the organisation.\n")
-    key = api_key or cfg.thehive.api_key
-    if not key:
-        click.echo("tq-mw-thehive: error: no TheHive API key: set thehive.api_key or pass an org admin's "
-                   f"key with {ADMIN_KEY_VARIABLE}", err=True)
-        sys.exit(2)
-    logs.add_secrets([key])
-    client = TheHiveClient(cfg.thehive.url, key, organisation=cfg.thehive.organisation,
-                           verify=cfg.thehive.verify_ssl, attempts=2, max_wait_s=1.0)
-    try:
-        registered = register(client, yes)
-    except SetupError as exc:
-        click.echo(f"tq-mw-thehive: error: {exc}", err=True)
-        sys.exit(1)
-    if not registered:
-        sys.exit(1)

@@ -9,23 +9,21 @@ it now", never "your request was bad".
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import json
 import logging
 import sqlite3
 import threading
 import time
 from collections import Counter
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tq_mw_thehive import metrics
-from tq_mw_thehive.config import Config, WebhookConfig
+from tq_mw_thehive.auth import WebhookAuth  # who may post: auth.py
 from tq_mw_thehive.inbox import Inbox, Retention
+from tq_mw_thehive.services import Services
 from tq_mw_thehive.thehive import events
 
 log = logging.getLogger(__name__)
@@ -82,53 +80,6 @@ class RejectionLog:
 def rejections() -> RejectionLog:
     """This app's ``RejectionLog`` (the /metrics and /status rejections use it too)."""
     return current_app.extensions[EXTENSION]["rejections"]
-
-
-class WebhookAuth:
-    """Checks ``Authorization`` the way TheHive's endpoint ``auth`` block sends it.
-
-    bearer: ``Bearer <token>``; key: the raw token as the whole header; basic:
-    HTTP Basic. Credentials are compared with ``hmac.compare_digest`` and every
-    failure takes the same path, so timing tells a caller nothing.
-    """
-
-    def __init__(self, cfg: WebhookConfig) -> None:
-        self.mode = cfg.auth
-        self._token = (cfg.token or "").encode("utf-8")
-        self._username = (cfg.username or "").encode("utf-8")
-        self._password = (cfg.password or "").encode("utf-8")
-
-    def __repr__(self) -> str:
-        return f"WebhookAuth(mode={self.mode!r})"
-
-    @property
-    def challenge(self) -> Optional[str]:
-        return {"bearer": 'Bearer realm="tq-mw-thehive"', "basic": 'Basic realm="tq-mw-thehive"'}.get(self.mode)
-
-    def check(self, header: Optional[str]) -> bool:
-        if self.mode == "none":
-            return True
-        presented = (header or "").strip().encode("utf-8", "replace")
-        if self.mode == "key":
-            return hmac.compare_digest(presented, self._token)
-        scheme, _, credential = presented.partition(b" ")
-        credential = credential.strip()
-        if self.mode == "bearer":
-            ok = hmac.compare_digest(credential, self._token)
-            return ok and scheme.lower() == b"bearer"
-        user, password = self._basic_pair(credential)
-        ok_user = hmac.compare_digest(user, self._username)
-        ok_password = hmac.compare_digest(password, self._password)
-        return ok_user and ok_password and scheme.lower() == b"basic"
-
-    @staticmethod
-    def _basic_pair(credential: bytes) -> Tuple[bytes, bytes]:
-        try:
-            decoded = base64.b64decode(credential, validate=True)
-        except (binascii.Error, ValueError):
-            decoded = b""
-        user, _, password = decoded.partition(b":")
-        return user, password
 
 
 def _error(status: int, message: str, **headers: str):
@@ -258,9 +209,9 @@ def _unexpected_error(exc: Exception):
     return _error(500, "internal error (logged)")
 
 
-def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_thehive",
-               on_queued: Optional[Callable[[], None]] = None, retention: bool = False) -> Flask:
-    """Build the WSGI app for ``cfg``; ``inbox`` defaults to the configured state database.
+def create_app(services: Services, name: str = "tq_mw_thehive", on_queued: Optional[Callable[[], None]] = None,
+               retention: bool = False) -> Flask:
+    """Build the WSGI app on ``services`` (its config, its inbox).
 
     The database must already be migrated (``startup.prepare``). Building the app does
     not touch it, so a gunicorn worker that boots while another process holds a write
@@ -273,13 +224,14 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
     worker boots): the daemon's workers ask for it (``server.start_app``), a test or tool that
     only wants the app does not.
     """
+    cfg = services.cfg
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.webhook.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False
     app.extensions[EXTENSION] = {
         "config": cfg,
         "auth": WebhookAuth(cfg.webhook),
-        "inbox": inbox if inbox is not None else Inbox(cfg.state_db),
+        "inbox": services.inbox,
         "on_queued": on_queued,
         "rejections": RejectionLog(),
     }
@@ -290,7 +242,7 @@ def create_app(cfg: Config, inbox: Optional[Inbox] = None, name: str = "tq_mw_th
     app.register_blueprint(bp)
     app.register_blueprint(metrics.bp)  # GET /metrics (metrics.py)
     from tq_mw_thehive.status_page import register_status_page  # GET /status (status_page.py)
-    register_status_page(app, cfg, app.extensions[EXTENSION]["inbox"], on_replayed=on_queued)
+    register_status_page(app, services, on_replayed=on_queued)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import pytest
 
 from conftest import write_config
-from tq_mw_thehive.status_page import COOKIE
+from tq_mw_thehive.auth import COOKIE
 from tq_mw_thehive.testing.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
