@@ -53,6 +53,7 @@ from common import Report, percentile  # noqa: E402
 
 from tq_mw_thehive import config as config_mod, state, web  # noqa: E402
 from tq_mw_thehive.inbox import PURGE_BATCH, PURGE_PAUSE_S, RELEASE_BUDGET_S, Inbox  # noqa: E402
+from tq_mw_thehive.services import Services  # noqa: E402
 from tq_mw_thehive.thehive import events  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789abcdef"
@@ -110,7 +111,7 @@ ROUNDS = 10  # the sizes are measured in turns, so that disk and CPU conditions 
 def calls(cfg: config_mod.Config) -> Dict[str, Callable[[], object]]:
     """One call of each measured endpoint on the database of ``cfg`` (Flask test client, no network)."""
     inbox = Inbox(cfg.state_db)
-    client = web.create_app(cfg, inbox=inbox).test_client()
+    client = web.create_app(Services(cfg, inbox)).test_client()
     admin = {"Authorization": f"Bearer {ADMIN}"}
 
     def get(path: str, headers=None) -> Callable[[], None]:

@@ -18,6 +18,7 @@ from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
 from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq import auth as tq_auth
+from tq_mw_thehive.services import Services
 from tq_mw_thehive.worker import Worker
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -104,7 +105,7 @@ class World:
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, SYNC_EMAIL, SYNC_PASSWORD))
         state.open_state(self.cfg.state_db).close()
         self.inbox = Inbox(self.cfg.state_db)
-        self.worker = Worker(self.cfg, self.inbox, backoff_cap_s=0)
+        self.worker = Worker(Services(self.cfg, self.inbox), backoff_cap_s=0)
 
     def deliver(self, *payloads: dict) -> None:
         for payload in payloads:
@@ -221,3 +222,98 @@ def full_text(exc: BaseException) -> str:
     import traceback
 
     return str(exc) + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+# --- the fast loop: which tests are e2e or load (issue 14, item 8) ---------------------------------
+#
+#   python -m pytest -m "not e2e and not load"    the unit loop, well under two minutes
+#   python -m pytest                              the full suite, as CI runs it
+#
+# Every test is collected either way; this hook only adds markers, and it is the one place that says
+# which tests are e2e (an integration test: a real process, a real server loop, the full bundled data)
+# or load. A test is
+#   * load: under tests/load/;
+#   * e2e:  under tests/e2e/ or tests/fault/; or using a fixture of E2E_FIXTURES (defined in the module
+#           named there); or matched by a node-id prefix of E2E_TESTS, which says why for each. Modules and
+#           tests that also mark themselves (pytestmark, @pytest.mark.e2e) are listed here all the same.
+# A unit test that is only slow because of a fixture gets a cheaper fixture, not a marker.
+
+TESTS_DIR = Path(__file__).resolve().parent
+LOAD_DIRS = ("load",)
+E2E_DIRS = ("e2e", "fault")
+
+# fixture name -> (the module that defines it, why a test using it is e2e)
+E2E_FIXTURES: Dict[str, Tuple[str, str]] = {
+    "daemon": ("test_check.py", "runs the real daemon (python -m tq_mw_thehive, gunicorn) on a loopback port"),
+    "live": ("test_hostile_input.py", "runs the real daemon and sends it thousands of generated requests"),
+    "short": ("test_intake.py", "gunicorn's real worker loop on a loopback socket, timed by real deadlines"),
+    "reference": ("test_offline_index.py", "loads every MISP warning list into Python objects (~300 MB)"),
+}
+
+# node-id prefix (relative to tests/) -> why
+E2E_TESTS: Dict[str, str] = {
+    # installs or runs other tools
+    "test_packaging.py": "pip install of the project into a directory, then runs what it installed",
+    "test_readme.py::test_the_example_plugin_loads_and_its_test_passes": "runs pytest in a child process",
+    # the real daemon, started in the test's body
+    "test_hostile_input.py": "one live daemon (module fixture `live`), hypothesis-driven HTTP",
+    "test_security.py::test_no_secret_reaches_any_log_or_console_at_verbosity_3": "real daemons",
+    "test_security.py::test_configure_and_the_daemon_create_every_secret_file_0600_even_with_umask_0":
+        "real daemons",
+    "test_security.py::test_a_config_readable_by_others_is_named_in_a_warning_with_the_chmod_hint": "real daemon",
+    "test_security.py::test_a_daemon_started_without_li_binds_127_0_0_1_only": "real daemon",
+    "test_security.py::test_no_url_from_a_payload_is_ever_fetched_by_the_daemon": "real daemon",
+    # gunicorn's worker loop in this process (the rest of test_intake.py uses the fixture `short`)
+    "test_intake.py::test_a_graceful_stop_waits_for_bodies_at_the_minimum_rate_only":
+        "gunicorn's real worker loop on a loopback socket, stopped while requests are in flight",
+    # the program itself as a child interpreter (click's runner covers the same commands in process)
+    "test_cli.py::test_status_json_real_process_prints_one_object": "child process",
+    "test_cli.py::test_start_with_a_bad_config_exits_2_without_prompting": "child process",
+    "test_cli.py::test_external_proxy_without_threatq_proxy_exits_2": "child process",
+    "test_cli.py::test_start_without_config_or_terminal_exits_2_naming_the_missing_answer": "child process",
+    "test_cli.py::test_log_directory_that_cannot_be_created_exits_1": "child process",
+    "test_cli.py::test_state_db_in_a_missing_directory_exits_1": "child process",
+    "test_cli.py::test_version": "child process",
+    "test_cli.py::test_help_lists_the_guide_flags_and_subcommands": "child process",
+    "test_cli.py::test_a_malformed_custom_type_mapping_stops_the_start_with_its_line_number": "child process",
+    "test_cli_enrichment.py::test_a_key_never_appears_in_output_config_or_logs": "child process",
+    "test_cli_enrichment.py::test_a_key_quoted_in_a_plugin_error_is_not_printed": "child process",
+    "test_cli_enrichment.py::test_monitor_with_nothing_due_makes_no_call": "child process",
+    "test_cli_enrichment.py::test_monitor_rechecks_a_due_watch_bypassing_the_cache": "child process",
+    "test_cli_enrichment.py::test_monitor_logs_a_changed_answer": "child process",
+    "test_cli_enrichment.py::test_monitor_finishes_when_threatq_is_unreachable": "child process",
+    "test_cli_enrichment.py::test_a_new_watch_is_checked_by_the_next_monitor_pass": "child process",
+    "test_configure.py::test_interactive_run_on_a_terminal_prompts_like_the_guide": "child process on a pty",
+    "test_configure.py::test_on_a_real_terminal_a_refused_password_is_asked_for_again": "child process on a pty",
+    "test_progress_jobs.py::test_backfill_on_a_terminal_draws_a_bar": "child process on a pty",
+    "test_metrics.py::test_forked_workers_add_up_keep_dead_ones_and_a_new_master_starts_from_zero":
+        "a child master that forks workers, as gunicorn does",
+    "test_footprint.py": "builds the three offline indexes, then `enrich` in a child process per test",
+    # exhaustive parity loops over the bundled data (tens of thousands of lookups each)
+    "test_offline_index.py::test_geoip_index_answers_as_geoip2fast": "parity over ~10,000 addresses",
+    "test_offline_index.py::test_domain_index_extracts_as_tldextract_for_every_suffix":
+        "parity over every Public Suffix List rule",
+}
+
+
+def _local_id(item: pytest.Item) -> Tuple[str, str]:
+    """(the test's folder under tests/, "" for tests/ itself; its node id from tests/ on), the same
+    whatever directory pytest runs from and whatever paths it was given."""
+    rel = Path(str(item.path)).resolve().relative_to(TESTS_DIR)
+    rest = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else ""
+    return (rel.parts[0] if len(rel.parts) > 1 else ""), rel.as_posix() + ("::" + rest if rest else "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    for item in items:
+        try:
+            folder, local = _local_id(item)
+        except ValueError:          # not under tests/
+            continue
+        module = local.split("::", 1)[0]
+        if folder in LOAD_DIRS:
+            item.add_marker(pytest.mark.load)
+        if (folder in E2E_DIRS
+                or any(name in item.fixturenames and module == where for name, (where, _) in E2E_FIXTURES.items())
+                or local.startswith(tuple(E2E_TESTS))):
+            item.add_marker(pytest.mark.e2e)

@@ -20,10 +20,10 @@ from tq_mw_thehive import progress
 from tq_mw_thehive.cli import cli
 from tq_mw_thehive import known_values
 from tq_mw_thehive.known_values import KnownValue
+from tq_mw_thehive.services import Services
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
-from tq_mw_thehive.type_mapping import TypeMapping
 
 STAND_IN = '''\
 from pathlib import Path
@@ -123,7 +123,7 @@ def known(conf: Path) -> Path:
 
 
 def test_known_values_come_from_synced_observables_and_watches(known):
-    values = known_values.collect(config_mod.load(known).state_db, TypeMapping.default())
+    values = known_values.collect(Services(config_mod.load(known)))
     assert sorted(values, key=lambda v: v.value) == [
         KnownValue("ip", "1.1.1.1", "GREEN", "AMBER"),
         KnownValue("ip", "10.1.2.3", "WHITE", "GREEN"),
@@ -187,4 +187,4 @@ def test_an_observable_whose_events_do_not_read_is_left_out(conf):
     db.execute("UPDATE inbox SET body = '{\"object\": {\"_id\": \"~obs-ok\"}}'")  # no dataType
     db.commit()
     db.close()
-    assert known_values.collect(db_path, TypeMapping.default()) == []
+    assert known_values.collect(Services(config_mod.load(conf))) == []

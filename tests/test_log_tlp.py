@@ -28,6 +28,7 @@ from tq_mw_thehive.sync import Outcome
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq.api import ThreatQPermanentError, ThreatQUnavailable
 from tq_mw_thehive.worker import Worker, observable_values
+from tq_mw_thehive.services import Services
 
 VALUE = "203.0.113.47"
 RED_LINE = "<TLP:RED value withheld>"
@@ -128,7 +129,7 @@ def run_worker(tmp_path: Path, event: dict, error: Exception = None, **log_setti
     state.open_state(cfg.state_db).close()
     inbox = Inbox(cfg.state_db)
     inbox.put(events.parse(event), json.dumps(event))
-    worker = Worker(cfg, inbox, sync_factory=lambda _: LeakySync(error), backoff_cap_s=0)
+    worker = Worker(Services(cfg, inbox), sync_factory=lambda: LeakySync(error), backoff_cap_s=0)
     assert worker.run_once()
 
 
@@ -183,7 +184,7 @@ def test_a_coalesced_later_state_is_withheld_by_its_own_tlp(tmp_path, log_dir):
     later["object"]["data"] = "198.51.100.9"
     for event in (first, later):
         inbox.put(events.parse(event), json.dumps(event))
-    worker = Worker(cfg, inbox, sync_factory=lambda _: LeakySync(None), backoff_cap_s=0)
+    worker = Worker(Services(cfg, inbox), sync_factory=lambda: LeakySync(None), backoff_cap_s=0)
     assert worker.run_once()
     text = log_text(log_dir)
     assert "198.51.100.9" not in text and RED_LINE in text

@@ -28,6 +28,7 @@ from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq import auth
 from tq_mw_thehive.threatq.api import ThreatQClient, ThreatQUnavailable
 from tq_mw_thehive.worker import Worker
+from tq_mw_thehive.services import Services
 
 BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 P = metrics.PREFIX
@@ -41,7 +42,7 @@ def make_app(tmp_path: Path, **sections):
     cfg = config_mod.from_dict(minimal_config(**sections), tmp_path)
     state.open_state(cfg.state_db).close()
     inbox = Inbox(cfg.state_db)
-    return web.create_app(cfg, inbox=inbox), inbox, cfg
+    return web.create_app(Services(cfg, inbox)), inbox, cfg
 
 
 def scrape(client) -> Samples:
@@ -159,7 +160,7 @@ def test_each_processing_outcome_is_counted(tmp_path):
     inbox = Inbox(cfg.state_db)
     scripted = Scripted(Outcome("synced"), Outcome("unchanged"), ThreatQUnavailable("down"),
                         ThreatQUnavailable("still down"))
-    worker = Worker(cfg, inbox, sync_factory=lambda _: scripted, backoff_cap_s=0)
+    worker = Worker(Services(cfg, inbox), sync_factory=lambda: scripted, backoff_cap_s=0)
     for name in ("th5-case-create.json", "th5-observable-create-ip.json", "th5-case-delete.json"):
         payload = sample(name)
         inbox.put(events.parse(payload), json.dumps(payload))

@@ -28,6 +28,7 @@ from tq_mw_thehive.backfill import Marks, catch_up_in_background
 from tq_mw_thehive.cli import cli
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
+from tq_mw_thehive.services import Services
 
 
 def progress_lines(text: str, job: str) -> List[str]:
@@ -82,7 +83,7 @@ def test_the_daemon_catch_up_logs_lines_even_when_stderr_is_a_terminal(world, mo
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     queued = []
-    thread = catch_up_in_background(world.cfg, world.inbox, "owner-a", lambda: queued.append(1), "run-1")
+    thread = catch_up_in_background(Services(world.cfg, world.inbox), "owner-a", lambda: queued.append(1), "run-1")
     thread.join(timeout=30)
     assert not thread.is_alive()
     messages = [r.getMessage() for r in caplog.records]

@@ -19,6 +19,7 @@ from tq_mw_thehive.inbox import Inbox, Retention
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq.api import ThreatQUnavailable
 from tq_mw_thehive.worker import Worker
+from tq_mw_thehive.services import Services
 
 DAY = 86400.0
 T0 = 1_760_000_000.0
@@ -79,7 +80,7 @@ def test_a_replayed_dead_letter_older_than_max_age_gets_the_full_retry_budget(tm
     cfg = config_mod.from_dict(minimal_config(sync={"max_age": "48h", "max_attempts": 3}), tmp_path)
     inbox = Inbox.open(cfg.state_db, clock=clock)
     failing = Failing()
-    worker = Worker(cfg, inbox, sync_factory=lambda _: failing, backoff_cap_s=0)
+    worker = Worker(Services(cfg, inbox), sync_factory=lambda: failing, backoff_cap_s=0)
     (item_id,) = fill(inbox, 1, "dead")
     clock.now += 5 * DAY  # the cause is fixed days later, long after sync.max_age
     assert inbox.replay([item_id]) == 1
@@ -146,9 +147,9 @@ def test_keep_done_zero_keeps_everything(inbox, clock):
 def test_the_daemon_app_runs_retention_and_a_bare_app_does_not(tmp_path):
     cfg = config_mod.from_dict(minimal_config(inbox={"keep_done": "7d"}), tmp_path)
     inbox = Inbox.open(cfg.state_db)
-    bare = web.create_app(cfg, inbox=inbox)
+    bare = web.create_app(Services(cfg, inbox))
     assert "retention" not in bare.extensions[web.EXTENSION]
-    daemon = web.create_app(cfg, inbox=inbox, on_queued=lambda: None, retention=True)
+    daemon = web.create_app(Services(cfg, inbox), on_queued=lambda: None, retention=True)
     retention = daemon.extensions[web.EXTENSION]["retention"]
     try:
         assert retention.keep_done_s == 7 * DAY and retention._thread.is_alive()

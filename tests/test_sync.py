@@ -18,6 +18,7 @@ from tq_mw_thehive.thehive import events
 from tq_mw_thehive.testing.threatq_sim import INDICATOR_TYPES, KINDS
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.worker import Worker
+from tq_mw_thehive.services import Services
 
 CASE_ID = "~8396848"
 TITLE = "Hive Case # ~8396848 Phishing wave targeting finance mailboxes"
@@ -289,7 +290,7 @@ def test_a_lost_state_database_finds_existing_objects_again(world, tmp_path):
         Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
     state.open_state(world.cfg.state_db).close()
     world.inbox = Inbox(world.cfg.state_db)
-    world.worker = Worker(world.cfg, world.inbox, backoff_cap_s=0)
+    world.worker = Worker(Services(world.cfg, world.inbox), backoff_cap_s=0)
     update = sample("th5-case-update.json")
     update["object"]["title"] = "Renamed in TheHive"
     world.deliver(update, sample("th5-observable-update-ioc.json"))
@@ -394,7 +395,7 @@ def test_the_same_value_in_two_cases_at_once_makes_one_indicator(world):
     second["rootId"] = second["object"]["case"]["_id"] = "~8396999"
     world.deliver(first, second)
     world.tq.delay_s = 0.05  # widen the window between the look-up and the create
-    other = Worker(world.cfg, Inbox(world.cfg.state_db), backoff_cap_s=0, name="other-worker")
+    other = Worker(Services(world.cfg, Inbox(world.cfg.state_db)), backoff_cap_s=0, name="other-worker")
     threads = [threading.Thread(target=w.run_once) for w in (world.worker, other)]
     for thread in threads:
         thread.start()
@@ -726,7 +727,7 @@ def test_a_case_title_with_commas_and_percent_is_found_again_after_a_lost_databa
         Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
     state.open_state(world.cfg.state_db).close()
     world.inbox = Inbox(world.cfg.state_db)
-    world.worker = Worker(world.cfg, world.inbox, backoff_cap_s=0)
+    world.worker = Worker(Services(world.cfg, world.inbox), backoff_cap_s=0)
     before = len(world.tq.requests)
     world.deliver(update)
     world.drain()

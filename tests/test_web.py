@@ -17,6 +17,7 @@ from conftest import SAMPLE_NAMES, WEBHOOK_TOKEN, minimal_config, sample, sample
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import web
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.services import Services
 
 BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 
@@ -24,7 +25,7 @@ BEARER = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 def make_app(tmp_path: Path, busy_timeout: float = 5.0, **sections):
     cfg = config_mod.from_dict(minimal_config(**sections), tmp_path)
     inbox = Inbox.open(cfg.state_db, busy_timeout=busy_timeout)
-    return web.create_app(cfg, inbox=inbox), inbox
+    return web.create_app(Services(cfg, inbox)), inbox
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from tq_mw_thehive.sync import Outcome, PermanentSyncError
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq.api import ThreatQPermanentError, ThreatQUnavailable
 from tq_mw_thehive.worker import BACKOFF_CAP_S, Worker, backoff_s
+from tq_mw_thehive.services import Services
 
 
 class ScriptedSync:
@@ -38,7 +39,7 @@ def make(tmp_path, *script, **sync):
     state.open_state(cfg.state_db).close()
     inbox = Inbox(cfg.state_db)
     scripted = ScriptedSync(*script)
-    worker = Worker(cfg, inbox, sync_factory=lambda _: scripted, backoff_cap_s=0)
+    worker = Worker(Services(cfg, inbox), sync_factory=lambda: scripted, backoff_cap_s=0)
     payload = sample("th5-case-create.json")
     inbox.put(events.parse(payload), json.dumps(payload))
     return worker, inbox, scripted
@@ -131,7 +132,7 @@ def test_a_sync_that_cannot_be_built_dead_letters_soon(tmp_path):
     """The broken install the Quick start once met: every event failed importing the plugins."""
     worker, inbox, _ = make(tmp_path, Outcome("synced"))
 
-    def broken(_cfg):
+    def broken():
         raise ModuleNotFoundError("No module named 'tq_mw_thehive.plugins'")
 
     worker.sync_factory = broken
@@ -155,7 +156,7 @@ def test_an_unexpected_errors_traceback_is_logged_once_per_process(tmp_path, cap
     assert len(tracebacks) == 1 and "unexpected error on inbox event" in tracebacks[0].getMessage()
     retries = [r.getMessage() for r in caplog.records if "outcome=retry" in r.getMessage()]
     assert len(retries) == 8 and all("KeyError: 'bug'" in line for line in retries)
-    worker.sync_factory = lambda _: ScriptedSync(ValueError("another bug"))
+    worker.sync_factory = lambda: ScriptedSync(ValueError("another bug"))
     worker._sync = None
     inbox.replay()
     with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):

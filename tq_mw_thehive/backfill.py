@@ -177,14 +177,14 @@ def backfill_progress(shown) -> Callable[[BackfillResult], None]:
     return report
 
 
-def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[], None],
+def catch_up_in_background(services, owner: str, on_queued: Callable[[], None],
                            run_id: str) -> threading.Thread:
     """Run one catch-up in a thread, unless this daemon run (``run_id``: the gunicorn master)
     had one or another process is running one; never blocks start-up."""
-    from tq_mw_thehive.thehive.api import TheHiveClient, TheHiveError
+    from tq_mw_thehive.thehive.api import TheHiveError
 
     def run() -> None:
-        marks = Marks(cfg.state_db)
+        marks = Marks(services.cfg.state_db)
         try:
             if marks.done_for(run_id) or not marks.try_lock(owner, ttl_s=3600):
                 return
@@ -213,8 +213,7 @@ def catch_up_in_background(cfg, inbox: Inbox, owner: str, on_queued: Callable[[]
                 on_queued()
 
         try:
-            backfill = Backfill(inbox, TheHiveClient.from_config(cfg), marks, SyncState(cfg.state_db),
-                                progress=progress)
+            backfill = Backfill(services.inbox, services.thehive(), marks, services.sync_state, progress=progress)
             result = backfill.run()
             marks.record_done(run_id)
             log.info("catch-up done cases=%d observables=%d queued=%d duplicates=%d ms=%.0f", result.cases,

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 from tq_mw_thehive.enrichment.cache import normalise
 from tq_mw_thehive.enrichment.monitor import WatchList
@@ -20,6 +19,9 @@ from tq_mw_thehive.mapping import enrichment_type, map_observable
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive.model import Observable
 from tq_mw_thehive.type_mapping import TypeMapping
+
+if TYPE_CHECKING:
+    from tq_mw_thehive.services import Services
 
 
 @dataclass(frozen=True)
@@ -54,17 +56,14 @@ def _synced(inbox: Inbox, synced: SyncState, types: TypeMapping, indicator_statu
                              observable.tlp, observable.pap)
 
 
-def collect(state_db: Union[str, Path], types: TypeMapping, indicator_status: str = "Active") -> List[KnownValue]:
+def collect(services: "Services") -> List[KnownValue]:
     """Every known value once per (type, normalised value, TLP, PAP): the gate may differ by TLP/PAP."""
-    watches, inbox, synced = WatchList(state_db), Inbox(state_db), SyncState(state_db)
-    try:
-        seen, out = set(), []
-        for known in list(_watched(watches)) + list(_synced(inbox, synced, types, indicator_status)):
-            key = (known.data_type, normalise(known.data_type, known.value), known.tlp, known.pap)
-            if key not in seen:
-                seen.add(key)
-                out.append(known)
-        return out
-    finally:
-        for store in (watches, inbox, synced):
-            store.close()
+    status = services.cfg.sync.indicator_status
+    seen, out = set(), []
+    for known in list(_watched(services.watches)) + list(_synced(services.inbox, services.sync_state,
+                                                                 services.types, status)):
+        key = (known.data_type, normalise(known.data_type, known.value), known.tlp, known.pap)
+        if key not in seen:
+            seen.add(key)
+            out.append(known)
+    return out

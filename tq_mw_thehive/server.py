@@ -29,6 +29,7 @@ from tq_mw_thehive import intake, metrics, web
 from tq_mw_thehive.backfill import catch_up_in_background
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.services import Services
 from tq_mw_thehive.startup import process_alive
 from tq_mw_thehive.worker import Worker
 
@@ -96,23 +97,22 @@ def changed_settings(cfg: Any) -> List[Tuple[str, str]]:
             if name not in defaults or defaults[name].value != setting.value]
 
 
-# The sync worker of this gunicorn worker process (set in load(), which runs after the fork).
-_worker: Optional[Worker] = None
-
-
 def start_app(cfg: Config, name: str = "tq_mw_thehive"):
-    """The WSGI app plus this process's sync worker thread, woken by each new event."""
-    global _worker
+    """The WSGI app plus this process's sync worker thread, woken by each new event (runs in
+    each gunicorn worker, after the fork). The sync worker is kept in the app's extension,
+    where the ``worker_exit`` hook finds it."""
     intake.configure(int(cfg.webhook.max_body_mb * 1024 * 1024))  # bodies above it are not buffered
     metrics.enable_multiprocess(metrics.directory_for(cfg.state_db), master_pid=os.getppid())
-    inbox = Inbox(cfg.state_db)
-    _worker = Worker(cfg, inbox).start()
-    atexit.register(_worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
+    services = Services(cfg)
+    worker = Worker(services).start()
+    atexit.register(worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
     if cfg.sync.catch_up and cfg.thehive.api_key:
         # The workers of one gunicorn master share its pid: one catch-up per daemon start.
-        catch_up_in_background(cfg, inbox, _worker.owner, _worker.wakeup.set,
+        catch_up_in_background(services, worker.owner, worker.wakeup.set,
                                run_id=f"{socket.gethostname()}:{os.getppid()}")
-    return web.create_app(cfg, inbox=inbox, name=name, on_queued=_worker.wakeup.set, retention=True)
+    app = web.create_app(services, name=name, on_queued=worker.wakeup.set, retention=True)
+    app.extensions[web.EXTENSION]["worker"] = worker
+    return app
 
 
 # Left of gunicorn's graceful_timeout for this worker to say what it abandoned before the
@@ -122,11 +122,13 @@ _EXIT_MARGIN_S = 2.0
 
 def _worker_exit(server: Any, gunicorn_worker: Any) -> None:
     """On a graceful stop, let the event in progress finish before the process exits."""
-    if _worker is None:
+    app = getattr(gunicorn_worker, "wsgi", None)
+    worker = getattr(app, "extensions", {}).get(web.EXTENSION, {}).get("worker")
+    if worker is None:
         return
     waited = max(1.0, server.cfg.graceful_timeout - _EXIT_MARGIN_S)
-    finished = _worker.stop(timeout=waited)
-    atexit.unregister(_worker.stop)  # waited already: the process exits now, not after another wait
+    finished = worker.stop(timeout=waited)
+    atexit.unregister(worker.stop)  # waited already: the process exits now, not after another wait
     if not finished:
         log.warning("stopping with an event still in progress after %.0f s (ThreatQ or TheHive slow): "
                     "it is abandoned to its lease and redone at the next start", waited)

@@ -21,19 +21,15 @@ import threading
 import time
 import traceback
 from dataclasses import replace
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
 
 from tq_mw_thehive import errors, logs, metrics
-from tq_mw_thehive.config import Config
-from tq_mw_thehive.enrichment.monitor import WatchList
-from tq_mw_thehive.enrichment.runner import Enricher
-from tq_mw_thehive.inbox import Inbox, InboxItem
+from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.sync import Outcome, Sync
-from tq_mw_thehive.sync_state import SyncState
-from tq_mw_thehive.thehive.api import TheHiveClient
 from tq_mw_thehive.thehive.model import Observable
-from tq_mw_thehive.threatq.api import ThreatQClient
-from tq_mw_thehive.type_mapping import TypeMapping
+
+if TYPE_CHECKING:
+    from tq_mw_thehive.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +79,14 @@ def observable_values(body: str) -> Tuple[List[str], Optional[str]]:
     return [v for v in values if isinstance(v, str)], tlp
 
 
-def build_sync(cfg: Config) -> Sync:
-    thehive = TheHiveClient.from_config(cfg) if cfg.thehive.api_key else None
-    enricher = Enricher.from_config(cfg) if cfg.enrichment.enabled else None
-    return Sync(cfg, ThreatQClient.from_config(cfg), thehive, SyncState(cfg.state_db),
-                TypeMapping.from_config(cfg.sync), enricher=enricher, watches=WatchList(cfg.state_db))
-
-
 class Worker:
-    def __init__(self, cfg: Config, inbox: Inbox, sync_factory: Callable[[Config], Sync] = build_sync,
+    def __init__(self, services: "Services", sync_factory: Optional[Callable[[], Sync]] = None,
                  name: Optional[str] = None, lease_s: Optional[float] = None, idle_poll_s: float = IDLE_POLL_S,
                  backoff_cap_s: float = BACKOFF_CAP_S) -> None:
-        self.cfg = cfg
-        self.inbox = inbox
-        self.sync_factory = sync_factory
+        """``sync_factory``: what applies events (``services.sync`` unless a test gives another)."""
+        cfg = self.cfg = services.cfg
+        self.inbox = services.inbox
+        self.sync_factory = sync_factory or services.sync
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}"
         self.lease_s = lease_s or cfg.sync.lease
         self.idle_poll_s = idle_poll_s
@@ -111,7 +101,7 @@ class Worker:
     @property
     def sync(self) -> Sync:
         if self._sync is None:
-            self._sync = self.sync_factory(self.cfg)
+            self._sync = self.sync_factory()
         return self._sync
 
     def run_once(self) -> bool:
