@@ -218,7 +218,7 @@ def test_a_plugin_with_a_missing_key_is_reported_and_skipped(tmp_path):
 @pytest.fixture
 def fresh_process(monkeypatch):
     """What this process has said about plugins, forgotten: as in a newly started worker."""
-    monkeypatch.setattr(runner, "_said", set())
+    monkeypatch.setattr(runner, "_said", logs.Once())
 
 
 def test_a_missing_key_is_said_once_per_process_not_once_per_observable(tmp_path, caplog, fresh_process):

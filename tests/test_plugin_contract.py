@@ -20,7 +20,7 @@ import pytest
 
 from conftest import minimal_config
 from tq_mw_thehive import config as config_mod
-from tq_mw_thehive import state
+from tq_mw_thehive import logs, state
 from tq_mw_thehive.enrichment import gate, registry as registry_mod, runner
 from tq_mw_thehive.enrichment import plugin as contract
 from tq_mw_thehive.enrichment.cache import ResultCache
@@ -112,7 +112,7 @@ def enricher(tmp_path: Path, *infos: PluginInfo) -> Enricher:
 @pytest.fixture
 def fresh_process(monkeypatch):
     """Nothing said yet about any plugin, as in a newly started worker."""
-    monkeypatch.setattr(registry_mod, "_warned", set(), raising=False)
+    monkeypatch.setattr(registry_mod, "_warned", logs.Once())
     monkeypatch.setattr(runner, "_said", set())
 
 

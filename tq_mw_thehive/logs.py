@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Pattern
+from typing import Dict, Hashable, Iterable, Iterator, Optional, Pattern, Set
 
 from tq_mw_thehive.config import TLP_ORDER
 from tq_mw_thehive.enrichment.gate import rank
@@ -43,6 +43,23 @@ _CREDENTIAL = re.compile(r"(?i)\b(Bearer|Basic) +(?:(?=[A-Za-z._~+/-]*[0-9])[A-Z
 _secrets: set = set()
 _secrets_lock = threading.Lock()
 _longest_first: tuple = ()  # _secrets sorted once per change, not once per log line
+
+
+class Once:
+    """What this process has said already: a line that would repeat for every event or value
+    (a plugin skipped for a missing key, a plugin without EXTERNAL) is said the first time only."""
+
+    def __init__(self) -> None:
+        self._said: Set[Hashable] = set()
+        self._lock = threading.Lock()
+
+    def first(self, key: Hashable) -> bool:
+        """True the first time ``key`` is asked for in this process."""
+        with self._lock:
+            if key in self._said:
+                return False
+            self._said.add(key)
+            return True
 
 
 class LogSetupError(Exception):

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from tq_mw_thehive import errors, logs, metrics
 from tq_mw_thehive.inbox import InboxItem
@@ -95,8 +95,7 @@ class Worker:
         self.stopping = threading.Event()
         self._sync: Optional[Sync] = None
         self._thread: Optional[threading.Thread] = None
-        self._seen_errors: Set[Tuple[str, str, int]] = set()
-        self._seen_lock = threading.Lock()
+        self._tracebacks_shown = logs.Once()
 
     @property
     def sync(self) -> Sync:
@@ -175,10 +174,8 @@ class Worker:
         frames = traceback.extract_tb(exc.__traceback__)
         where = (frames[-1].filename, frames[-1].lineno) if frames else ("", 0)
         signature = (type(exc).__name__, *where)
-        with self._seen_lock:
-            if signature in self._seen_errors:
-                return
-            self._seen_errors.add(signature)
+        if not self._tracebacks_shown.first(signature):
+            return
         log.error("unexpected error on inbox event %s (traceback shown once per process; later events "
                   "failing at the same place log only their reason)", item.id, exc_info=exc)
 

@@ -15,12 +15,12 @@ import importlib.util
 import logging
 import pkgutil
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
+from tq_mw_thehive import logs
 from tq_mw_thehive.config import EnrichmentConfig
 from tq_mw_thehive.enrichment.plugin import (DEFAULT_CACHE_TTL_S, DEFAULT_NEGATIVE_CACHE_TTL_S, ContractError,
                                              PluginSpec, name_of, read_spec)
@@ -30,16 +30,7 @@ ENTRY_POINT_GROUP = "tq_mw_thehive.plugins"
 BUNDLED_PACKAGE = "tq_mw_thehive.plugins"
 
 # (name, origin) of the plugins this process has warned about already: said once, not per discovery.
-_warned: Set[Tuple[str, str]] = set()
-_warned_lock = threading.Lock()
-
-
-def _first_warning(name: str, origin: str) -> bool:
-    with _warned_lock:
-        if (name, origin) in _warned:
-            return False
-        _warned.add((name, origin))
-        return True
+_warned = logs.Once()
 
 
 @dataclass(frozen=True)
@@ -66,7 +57,7 @@ class PluginInfo:
             object.__setattr__(self, "module", None)
             object.__setattr__(self, "error", f"invalid plugin: {exc}")
             return
-        if spec.external_assumed and _first_warning(self.name, self.origin):
+        if spec.external_assumed and _warned.first((self.name, self.origin)):
             log.warning("plugin %s (%s) does not declare EXTERNAL: treated as external, so the TLP gate and "
                         "the non-global address rule apply; declare EXTERNAL = False if no value leaves",
                         self.name, self.origin)

@@ -20,10 +20,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional
 
 import requests
 
@@ -38,17 +37,7 @@ from tq_mw_thehive.enrichment.registry import PluginInfo, Registry, plugin_state
 log = logging.getLogger(__name__)
 
 # (plugin, state) pairs this process has logged already: each is said once, not per observable.
-_said: Set[Tuple[str, str]] = set()
-_said_lock = threading.Lock()
-
-
-def _first_time(plugin: str, state: str) -> bool:
-    """Whether this process has not yet said that ``plugin`` is skipped for ``state``."""
-    with _said_lock:
-        if (plugin, state) in _said:
-            return False
-        _said.add((plugin, state))
-        return True
+_said = logs.Once()
 
 
 @dataclass
@@ -112,7 +101,7 @@ class Enricher:
             for info in self.plugins_for(data_type, only):
                 run = self._one(info, data_type, value, tlp, pap, bypass_cache)
                 metrics.plugin_ran(run)
-                if run.for_plugin and _first_time(info.name, run.reason):
+                if run.for_plugin and _said.first((info.name, run.reason)):
                     log.info("enrichment %s skipped for every value until this changes: %s", info.name, run.reason)
                 elif run.status in ("skipped", "error"):
                     level = (logging.WARNING if run.status == "error" else
