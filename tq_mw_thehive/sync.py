@@ -17,7 +17,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.errors import PermanentError
@@ -99,6 +99,16 @@ def _digest(value) -> str:
     """What was last sent for an object: equal digests mean nothing new to write (frozen dataclasses
     and lists of them have a stable repr)."""
     return hashlib.sha256(repr(value).encode("utf-8")).hexdigest()
+
+
+def _detail(skipped: Sequence[str], plan: List[Tuple[IndicatorObject, list]]) -> str:
+    """An observable's log detail: what was not mapped, and the enrichment runs by status."""
+    enrichment: Dict[str, int] = defaultdict(int)
+    for _, runs in plan:
+        for run in runs:
+            enrichment[run.status] += 1
+    shown = ["enrichment " + ", ".join(f"{n} {s}" for s, n in sorted(enrichment.items()))] if enrichment else []
+    return "; ".join(list(skipped) + shown)
 
 
 def _now_utc() -> str:
@@ -292,17 +302,10 @@ class Sync:
         obs_id = event.object_id
         if event.action == "delete":
             return self._delete_observable(obs_id, event.case_id, ts)
-        obj = carried_object(payload)
-        fetched_case_id = None
-        if obj is None:
-            # A thin update (no object, details only the change): read the observable as it is now.
-            known_case = event.case_id or self.state.case_of(obs_id)
-            try:
-                obj, fetched_case_id = self._fetch_observable(obs_id, known_case)
-            except TheHiveNotFound:
-                return Outcome("skipped", detail=f"observable {obs_id} is no longer in TheHive")
-            if fetched_case_id is None and not known_case:
-                return Outcome("skipped", detail=f"observable {obs_id} is in no case (an alert's)")
+        found = self._observable_now(event, payload)
+        if isinstance(found, Outcome):
+            return found
+        obj, fetched_case_id = found
         observable = Observable.from_thehive(obj)
         case_id = observable.case_id or event.case_id or self.state.case_of(obs_id) or fetched_case_id
         embedded_case = obj.get("case") if isinstance(obj.get("case"), dict) else None
@@ -312,46 +315,73 @@ class Sync:
         if self._stale(obs_id, ts):
             return Outcome("stale", number, detail="a newer change of this observable was applied")
         already = self.state.tq_ids(obs_id, "indicators")
-        if self.sync.only_ioc and not observable.ioc and not already:
-            self.state.mark_applied(obs_id, "observable", ts)
-            return Outcome("filtered", number, detail="not an IOC (sync.only_ioc: true)")
         mapped = map_observable(observable, self.types, status=self.sync.indicator_status)
-        if not mapped.indicators:
+        skipped = self._not_synced(observable, mapped, already)
+        if skipped:
             self.state.mark_applied(obs_id, "observable", ts)
-            return Outcome("skipped", number, detail="; ".join(mapped.skipped))
-        case_collection, case_tq_id = self._ensure_case(case_id, embedded_case, ts)
-        refs = [f"{case_collection}/{case_tq_id}"]
-        # Enrichment first (a cache hit costs no call): its answers are part of what must reach ThreatQ.
-        plan = []
-        for indicator in mapped.indicators:
-            data_type = enrichment_type(observable.data_type, indicator.type)
-            runs = self.enricher.run(data_type, indicator.value, observable.tlp, observable.pap) \
-                if self.enricher is not None else []
-            plan.append((indicator, data_type, runs))
-            if observable.ioc and self.watches is not None and self.cfg.enrichment.auto_watch_ioc:
-                self.watches.add(indicator.value, data_type, origin="ioc", tlp=observable.tlp, pap=observable.pap)
-        digest = _digest((case_collection, case_tq_id, [(i, [(r.plugin, sorted(r.attributes.items()))
-                                                             for r in runs]) for i, _, runs in plan]))
+            return Outcome(skipped[0], number, detail=skipped[1])
+        case_ref = self._ensure_case(case_id, embedded_case, ts)
+        refs = [f"{case_ref[0]}/{case_ref[1]}"]
+        plan = self._enrich(observable, mapped.indicators)
+        digest = _digest((*case_ref, [(i, [(r.plugin, sorted(r.attributes.items())) for r in runs])
+                                      for i, runs in plan]))
         if already and self.state.digest(obs_id) == digest:
             self.state.mark_applied(obs_id, "observable", ts)
             return Outcome("unchanged", number, refs + [f"indicators/{i}" for _, i in already],
                            detail="nothing to change in ThreatQ")
-        enrichment: Dict[str, int] = defaultdict(int)
-        stored = StoredIndicators(self.tq, [i for _, i in already],
-                                  lambda tq_id: self.state.forget(obs_id, "indicators", tq_id))
-        synced_tags = self.state.synced_tags(obs_id)
-        for indicator, data_type, runs in plan:
-            tq_id = self._sync_indicator(obs_id, case_id, indicator, runs, (case_collection, case_tq_id),
-                                         mapped.indicators[0].tags, synced_tags, stored)
-            for run in runs:
-                enrichment[run.status] += 1
-            refs.append(f"indicators/{tq_id}")
-        self.state.set_synced_tags(obs_id, "observable", mapped.indicators[0].tags)
+        tags = mapped.indicators[0].tags
+        refs += self._write_indicators(obs_id, case_id, case_ref, tags, plan, [i for _, i in already])
+        self.state.set_synced_tags(obs_id, "observable", tags)
         self.state.mark_applied(obs_id, "observable", ts)
         self.state.set_digest(obs_id, "observable", digest)
-        detail = "; ".join(list(mapped.skipped) + (
-            ["enrichment " + ", ".join(f"{n} {s}" for s, n in sorted(enrichment.items()))] if enrichment else []))
-        return Outcome("synced", number, refs, detail=detail)
+        return Outcome("synced", number, refs, detail=_detail(mapped.skipped, plan))
+
+    def _write_indicators(self, obs_id: str, case_id: str, case_ref: Tuple[str, int], tags: Sequence[str],
+                          plan: List[Tuple[IndicatorObject, list]], stored_ids: List[int]) -> List[str]:
+        """Each indicator of the observable into ThreatQ: their refs."""
+        stored = StoredIndicators(self.tq, stored_ids, lambda tq_id: self.state.forget(obs_id, "indicators", tq_id))
+        synced_tags = self.state.synced_tags(obs_id)
+        return [f"indicators/{self._sync_indicator(obs_id, case_id, ind, runs, case_ref, tags, synced_tags, stored)}"
+                for ind, runs in plan]
+
+    def _observable_now(self, event: events.WebhookEvent, payload: dict) -> Union[Outcome, Tuple[dict, Optional[str]]]:
+        """The observable the event is about and, when TheHive had to say it, its case's id; or the
+        outcome of an event with nothing to apply (the observable is gone, or an alert's)."""
+        obj = carried_object(payload)
+        if obj is not None:
+            return obj, None
+        # A thin update (no object, details only the change): read the observable as it is now.
+        obs_id = event.object_id
+        known_case = event.case_id or self.state.case_of(obs_id)
+        try:
+            obj, fetched_case_id = self._fetch_observable(obs_id, known_case)
+        except TheHiveNotFound:
+            return Outcome("skipped", detail=f"observable {obs_id} is no longer in TheHive")
+        if fetched_case_id is None and not known_case:
+            return Outcome("skipped", detail=f"observable {obs_id} is in no case (an alert's)")
+        return obj, fetched_case_id
+
+    def _not_synced(self, observable: Observable, mapped, already) -> Optional[Tuple[str, str]]:
+        """(outcome, why) when the observable does not go to ThreatQ; None when it does."""
+        if self.sync.only_ioc and not observable.ioc and not already:
+            return "filtered", "not an IOC (sync.only_ioc: true)"
+        if not mapped.indicators:
+            return "skipped", "; ".join(mapped.skipped)
+        return None
+
+    def _enrich(self, observable: Observable,
+                indicators: Sequence[IndicatorObject]) -> List[Tuple[IndicatorObject, list]]:
+        """Each indicator with its plugin runs, before anything is written: a cache hit costs no
+        call, and the answers are part of what must reach ThreatQ. An IOC is watched."""
+        plan = []
+        for indicator in indicators:
+            data_type = enrichment_type(observable.data_type, indicator.type)
+            runs = self.enricher.run(data_type, indicator.value, observable.tlp, observable.pap) \
+                if self.enricher is not None else []
+            plan.append((indicator, runs))
+            if observable.ioc and self.watches is not None and self.cfg.enrichment.auto_watch_ioc:
+                self.watches.add(indicator.value, data_type, origin="ioc", tlp=observable.tlp, pap=observable.pap)
+        return plan
 
     def _sync_indicator(self, obs_id: str, case_id: str, indicator: IndicatorObject, runs,
                         case_ref: Tuple[str, int], tags: Sequence[str], synced_tags: Sequence[str],
