@@ -10,6 +10,7 @@ TheHive's time order: an event older than the newest one applied is skipped as `
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +68,14 @@ def as_text(value: Any) -> Any:
     if isinstance(value, list):
         return [as_text(v) for v in value]
     return value
+
+
+@functools.lru_cache(maxsize=4)
+def decoded(body: str) -> Any:
+    """A stored body, decoded once for the several readers of one event (the worker's log
+    scope, its coalescing check, the sync). Read-only: ``as_text`` builds the sync's own copy.
+    ``ValueError`` when it is not JSON."""
+    return json.loads(body)
 
 
 def thehive_time(obj: Any) -> Optional[int]:
@@ -137,7 +146,7 @@ class Sync:
 
     def handle(self, item: InboxItem) -> Outcome:
         try:
-            payload = as_text(json.loads(item.body))
+            payload = as_text(decoded(item.body))
             event = events.parse(payload)
         except (ValueError, events.PayloadError) as exc:
             raise PermanentSyncError(f"stored body is not a webhook event: {exc}") from None

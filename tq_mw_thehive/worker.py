@@ -11,7 +11,6 @@ again when its lease runs out. One log line per event says what happened.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from tq_mw_thehive import errors, logs, metrics
 from tq_mw_thehive.inbox import InboxItem
-from tq_mw_thehive.sync import Outcome, Sync
+from tq_mw_thehive.sync import Outcome, Sync, decoded
 from tq_mw_thehive.thehive.model import Observable
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ def backoff_s(attempts: int, cap: float = BACKOFF_CAP_S) -> float:
 def _has_object(body: str) -> bool:
     """Whether a stored event carries its object's whole state (``object``), not only a diff."""
     try:
-        payload = json.loads(body)
+        payload = decoded(body)
     except ValueError:
         return False
     return isinstance(payload, dict) and isinstance(payload.get("object"), dict) and bool(payload["object"])
@@ -60,7 +59,7 @@ def observable_values(body: str) -> Tuple[List[str], Optional[str]]:
     must not show them either. Unreadable TLP: None, which withholds (fail closed).
     """
     try:
-        payload = json.loads(body)
+        payload = decoded(body)
     except ValueError:
         return [], None
     if not isinstance(payload, dict):
