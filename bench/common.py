@@ -215,9 +215,15 @@ class Rig:
     """
 
     def __init__(self, workdir: Path, threatq: str = "sim", enrichment: Optional[dict] = None,
-                 workers: int = 2, verbosity: str = "2") -> None:
+                 workers: int = 2, verbosity: str = "2", latency_ms: float = 0,
+                 sync: Optional[dict] = None) -> None:
         self.workdir = Path(workdir)
-        self.sim = ThreatQSimulator(users={EMAIL: PASSWORD})
+        # latency_ms: every simulator answer waits that long (a remote ThreatQ's round trip).
+        self.sim = ThreatQSimulator(users={EMAIL: PASSWORD}, latency_ms=latency_ms)
+        # sync: keys of the config's `sync:` section (compare two configurations in one run).
+        self.sync = dict(sync or {})
+        # The simulator's request count once the rig's own token grant is made, before the daemon starts.
+        self.setup_calls = 0
         self.timed = TimedApp(self.sim.app)
         self.server: Optional[LoopbackServer] = None
         self.threatq = threatq
@@ -234,10 +240,11 @@ class Rig:
         self.server = LoopbackServer(self.timed).start()
         self.sim.url = self.server.url
         tq_url = self.server.url if self.threatq == "sim" else UNREACHABLE
-        write_config(self.workdir, tq_url, enrichment=self.enrichment)
+        write_config(self.workdir, tq_url, enrichment=self.enrichment, **self.sync)
         # The daemon reads its tokens from the config directory (what `configure` stores).
         tq_auth.save_tokens(self.workdir, tq_auth.password_grant(self.server.url, self.sim.client_id,
                                                                  EMAIL, PASSWORD))
+        self.setup_calls = len(self.sim.requests)
         self.daemon.start(timeout=timeout)
         return self
 

@@ -496,6 +496,49 @@ def test_delay_s_makes_client_timeouts_happen(api, sim):
     assert api("GET", "/api/objects").status_code == 200
 
 
+def test_latency_ms_defaults_to_zero_and_is_a_constructor_argument():
+    assert ThreatQSimulator().latency_ms == 0
+    assert ThreatQSimulator(latency_ms=50).latency_ms == 50
+
+
+def test_latency_ms_delays_every_request_including_the_token_grant(api, sim):
+    sim.latency_ms = 150
+    started = time.monotonic()
+    assert api("GET", "/api/objects").status_code == 200
+    assert time.monotonic() - started >= 0.15
+    started = time.monotonic()
+    api.login()
+    assert time.monotonic() - started >= 0.15
+    started = time.monotonic()
+    assert api("GET", "/api/no-such-path").status_code == 404  # even an unknown path waits
+    assert time.monotonic() - started >= 0.15
+
+
+def test_latency_ms_waits_outside_the_lock_so_concurrent_requests_wait_in_parallel(api, sim):
+    sim.latency_ms = 200
+    n = 8
+    statuses = []
+    barrier = threading.Barrier(n)
+
+    def call(i: int) -> None:  # one session per thread: a Session is not thread-safe
+        with requests.Session() as session:
+            session.headers.update(api.session.headers)
+            barrier.wait(timeout=10)
+            statuses.append(session.post(api.url + "/api/indicators", timeout=30,
+                                         json={"value": f"p{i}.example", "type": "FQDN"}).status_code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert statuses == [201] * n and len(sim.indicators) == n
+    assert elapsed >= 0.2
+    assert elapsed < n * 0.2 * 0.6  # serialised they would take n × 200 ms
+
+
 def test_down_answers_503_everywhere_including_token(api, sim):
     sim.down = True
     assert api("GET", "/api/objects").status_code == 503

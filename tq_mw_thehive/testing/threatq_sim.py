@@ -21,6 +21,11 @@ Where each behaviour comes from (contract section, then the research notes behin
 - Fault injection (``fail_next``, ``rate_limit_next``, ``delay_s``, ``down``, ``refresh_fails``,
   ``consume_records_limit``) and the inspection helpers are the simulator's own, for the client's
   tests: no ThreatQ source.
+- Latency (``latency_ms``, a constructor argument and attribute, default 0): every request,
+  ``/api/token`` included, waits that many milliseconds before it is answered, as a remote
+  instance's round trip would (the benchmarks' ``bench/burst.py`` uses 50 ms). The wait happens
+  outside the state lock, so concurrent requests each wait in parallel, as on a real server;
+  ``delay_s`` (a fault knob, seconds) adds to it.
 
 Two answer shapes (``shapes``), because the public sources disagree and the client must accept both:
 
@@ -252,7 +257,7 @@ class ThreatQSimulator:
     def __init__(self, users: Optional[Dict[str, str]] = None, client_id: str = "tq-client-id",
                  client_secrets: Optional[Dict[str, str]] = None, token_ttl: int = 3600,
                  incident_object: bool = True, consume: bool = True, inline: bool = True,
-                 shapes: str = "strict", refuse: Sequence[str] = ()) -> None:
+                 shapes: str = "strict", refuse: Sequence[str] = (), latency_ms: float = 0) -> None:
         self.users = dict(users or {"analyst@example.org": "correct horse battery staple"})
         self.client_id = client_id
         self.client_secrets = dict(client_secrets or {})
@@ -267,6 +272,9 @@ class ThreatQSimulator:
         self.refuse = set(refuse)
         #: At most this many records in a consume answer (0: none), for the client's fallbacks.
         self.consume_records_limit: Optional[int] = None
+        #: Milliseconds every request (token grants included) waits before it is answered, outside
+        #: the lock: a network round trip to a remote instance. May be changed while serving.
+        self.latency_ms: float = latency_ms
         # Fault knobs: tests set these directly while the server runs.
         self.delay_s: float = 0.0
         self.down: bool = False
@@ -504,11 +512,13 @@ class ThreatQSimulator:
         return jsonify(error.body), error.status, error.headers
 
     def _gate(self) -> None:
-        """Before every request: log it, then delay, outage, queued faults and the token check."""
+        """Before every request: log it, then latency and delay, outage, queued faults and the token
+        check. The waits hold no lock: concurrent requests wait in parallel."""
         with self._lock:
             self.requests.append((request.method, request.path))
-        if self.delay_s > 0:
-            time.sleep(self.delay_s)
+        wait_s = max(0.0, self.latency_ms) / 1000 + max(0.0, self.delay_s)
+        if wait_s > 0:
+            time.sleep(wait_s)
         if self.down:
             raise ApiError(503, {"errors": ["Service unavailable"]})
         if request.path == "/api/token" or not request.path.startswith("/api/"):
