@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Burst: one case, then a burst of new observables of it, against a ThreatQ 50 ms away.
 
-    python bench/burst.py [--observables 300] [--latency-ms 50] [--mode today] [--enrichment]
+    python bench/burst.py [--observables 300] [--latency-ms 50] [--mode one-at-a-time] [--mode batched] [--enrichment]
 
 Issue 15, item 1. It starts the ThreatQ simulator in this process (loopback) with ``latency_ms``
 (every answer, token grants included, waits ``--latency-ms``: a remote instance's round trip;
@@ -24,14 +24,13 @@ post to empty inbox) are printed too, with a breakdown by call kind (method, pat
 indicator linked to the case's one event, and the inbox whether nothing is dead.
 
 One summary line per run (a run is one *mode*: a configuration of the daemon, started afresh with
-its own simulator). The first mode is the baseline, today's path (``today``: the daemon as it is,
-one event at a time); a later change adds its own mode in ``MODES`` (say, the ``sync:`` key that
-turns batching on) and both run in the same invocation: the comparison lines then give each
+its own simulator). The first mode is the baseline, ``one-at-a-time`` (``sync.batch_max: 1``, the
+path before batching); ``batched`` is the default configuration; both run in the same invocation: the comparison lines then give each
 mode's ratio to the baseline, and every mode's ratio to the targets (the burst lands in ≤ 5 s with
 ≤ 0.1 calls per observable). Then PASS/FAIL per check: every post answered ``queued``, the inbox
 empty with nothing dead, one event for the case and one indicator per observable, every indicator
 linked to the case's event (per mode), and the two targets (for the last mode run: the newest
-configuration; with ``today`` alone, today's path, which misses them). The last line is ``burst:
+configuration; with ``one-at-a-time`` alone, that path, which misses them). The last line is ``burst:
 N passed, M failed`` and the exit code is 1 when a check failed.
 """
 from __future__ import annotations
@@ -74,7 +73,9 @@ class Mode:
 
 # The first is the baseline every other mode is compared with in the same invocation.
 MODES: Dict[str, Mode] = {m.name: m for m in (
-    Mode("today", "the daemon as it is: one event at a time, each applied alone"),
+    Mode("one-at-a-time", "sync.batch_max: 1, each event applied alone (the path before batching)",
+         {"batch_max": 1}),
+    Mode("batched", "sync.batch_max: 500 (the default): a case's queued events in one go"),
 )}
 BASELINE = next(iter(MODES))
 

@@ -54,18 +54,19 @@ def test_call_kinds_name_ids_and_elide_query_values_but_with_and_grant_type(burs
     assert burst.call_kind("GET", "/api/indicators", "value=1.2.3.4") == "GET /api/indicators?value=…"
 
 
-def test_the_first_mode_is_today_the_baseline(burst):
-    assert burst.BASELINE == "today" and burst.MODES["today"].sync == {}
+def test_the_first_mode_is_one_at_a_time_the_baseline(burst):
+    assert burst.BASELINE == "one-at-a-time" and burst.MODES["one-at-a-time"].sync == {"batch_max": 1}
+    assert burst.MODES["batched"].sync == {}   # the default configuration
     args = burst.parse_args([])
-    assert (args.observables, args.latency_ms, args.mode, args.workers, args.enrichment) == (300, 50.0, ["today"], 2,
-                                                                                              False)
+    assert (args.observables, args.latency_ms, args.mode, args.workers, args.enrichment) == (
+        300, 50.0, ["one-at-a-time", "batched"], 2, False)
 
 
 @pytest.mark.e2e
 def test_a_small_burst_through_the_real_daemon_lands_linked_and_counts_every_call(burst, capsys):
     args = burst.parse_args(["--observables", "6", "--latency-ms", "20", "--timeout", "120"])
     case, events = burst.burst_events(args.observables)
-    result = burst.run(burst.MODES["today"], args, case, events)
+    result = burst.run(burst.MODES["batched"], args, case, events)
     assert result.drained and result.stats["dead"] == 0 and result.stats["done"] == 7, result.stats
     assert result.answers == {"200 queued": 7}
     assert (result.case_events, result.events_in_tq, result.indicators, result.single, result.linked) == (1, 1, 6, 6, 6)
@@ -74,4 +75,4 @@ def test_a_small_burst_through_the_real_daemon_lands_linked_and_counts_every_cal
     assert result.calls_total == sum(kinds.values()) >= result.calls_burst > 0
     assert result.kinds_setup == {"POST /api/token?grant_type=password&client_id=…": 1}
     assert result.seconds >= 0.02 * result.calls_burst / args.workers  # the latency was paid
-    assert "burst[today]:" in result.summary() and "6/6 indicators linked" in result.summary()
+    assert "burst[batched]:" in result.summary() and "6/6 indicators linked" in result.summary()

@@ -654,8 +654,9 @@ def test_what_threatq_serves_is_recorded_for_check_and_the_status_page(world, sh
     world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
     world.drain()
     found = threatq_capabilities(world.cfg.state_db)
+    # The case and its observable were queued together: the indicator was looked up in bulk.
     assert {step: c.supported for step, c in found.items()} == {
-        "query:events": True, "consume:events": True, "query:indicators": True, "consume:indicators": True}
+        "query:events": True, "consume:events": True, "query_many:indicators": True, "consume:indicators": True}
     assert all(c.at > 0 and c.status is None for c in found.values())
 
 

@@ -202,9 +202,9 @@ def test_an_inbox_that_cannot_be_read_is_said_once_while_the_error_lasts(tmp_pat
             worker.stopping.set()
         if polls["n"] <= 4:
             raise sqlite3.OperationalError("database is locked")
-        return None
+        return []
 
-    inbox.claim = failing_claim
+    inbox.claim_batch = failing_claim
     worker.idle_poll_s = 0
     with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):
         worker.run_forever()

@@ -146,6 +146,9 @@ class SyncConfig:
     lease: float = _opt(Duration, 300.0, check=_positive)
     # At start, queue what TheHive changed since the last run (TheHive never re-sends a webhook).
     catch_up: bool = _opt(bool, True)
+    # Events of one case applied in one go (a burst of new observables: one look-up and one consume
+    # call per few hundred); 1 applies them one at a time.
+    batch_max: int = _opt(int, 500, check=_positive)
 
 
 TLP_ORDER = ("WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")

@@ -208,29 +208,63 @@ class Inbox(state.Store):
         It walks the pending events in TheHive's order (index ``inbox_pending_order``) and stops
         at the first one it may take, instead of sorting the whole backlog under the write lock.
         """
-        def take(db: sqlite3.Connection) -> Optional[InboxItem]:
+        return self.write(lambda db: self._take_first(db, owner, lease_s), durable=False)
+
+    def _take_first(self, db: sqlite3.Connection, owner: str, lease_s: float) -> Optional[InboxItem]:
+        now = self.clock()
+        row = db.execute(
+            """SELECT * FROM inbox AS e INDEXED BY inbox_pending_order
+               WHERE e.state = 'pending' AND e.next_attempt_at <= :now
+                 AND (e.lease_until IS NULL OR e.lease_until <= :now)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM inbox AS o
+                     WHERE o.case_key = e.case_key AND o.state = 'pending' AND o.id != e.id
+                       AND ((o.order_ts, o.id) < (e.order_ts, e.id) OR o.lease_until > :now))
+               ORDER BY e.order_ts, e.id LIMIT 1""", {"now": now}).fetchone()
+        if row is None:
+            return None
+        return self._lease(db, row, owner, now + lease_s)
+
+    @staticmethod
+    def _lease(db: sqlite3.Connection, row: sqlite3.Row, owner: str, until: float) -> InboxItem:
+        db.execute("UPDATE inbox SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
+                   "WHERE id = ?", (owner, until, row["id"]))
+        return InboxItem(id=row["id"], dedup_key=row["dedup_key"], object_type=row["object_type"],
+                         action=row["action"], object_id=row["object_id"], audit_id=row["audit_id"],
+                         case_key=row["case_key"], body=row["body"], attempts=row["attempts"] + 1,
+                         received_at=row["received_at"], lease_until=until, order_ts=row["order_ts"],
+                         replayed_at=row["replayed_at"])
+
+    def claim_batch(self, owner: str, lease_s: float = DEFAULT_LEASE_S, limit: int = 1) -> List[InboxItem]:
+        """``claim``, and with it up to ``limit - 1`` due events of the same case queued right
+        behind it, in TheHive's order, stopping at the first that is not due (waiting to retry,
+        or leased): events of a case are still applied in order, several in one go."""
+        def take(db: sqlite3.Connection) -> List[InboxItem]:
+            first = self._take_first(db, owner, lease_s)
+            if first is None or limit <= 1:
+                return [first] if first is not None else []
             now = self.clock()
-            row = db.execute(
-                """SELECT * FROM inbox AS e INDEXED BY inbox_pending_order
-                   WHERE e.state = 'pending' AND e.next_attempt_at <= :now
-                     AND (e.lease_until IS NULL OR e.lease_until <= :now)
-                     AND NOT EXISTS (
-                         SELECT 1 FROM inbox AS o
-                         WHERE o.case_key = e.case_key AND o.state = 'pending' AND o.id != e.id
-                           AND ((o.order_ts, o.id) < (e.order_ts, e.id) OR o.lease_until > :now))
-                   ORDER BY e.order_ts, e.id LIMIT 1""", {"now": now}).fetchone()
-            if row is None:
-                return None
-            until = now + lease_s
-            db.execute("UPDATE inbox SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
-                       "WHERE id = ?", (owner, until, row["id"]))
-            return InboxItem(id=row["id"], dedup_key=row["dedup_key"], object_type=row["object_type"],
-                             action=row["action"], object_id=row["object_id"], audit_id=row["audit_id"],
-                             case_key=row["case_key"], body=row["body"], attempts=row["attempts"] + 1,
-                             received_at=row["received_at"], lease_until=until, order_ts=row["order_ts"],
-                             replayed_at=row["replayed_at"])
+            items = [first]
+            for row in db.execute(
+                    """SELECT * FROM inbox INDEXED BY inbox_case
+                       WHERE case_key = ? AND state = 'pending' AND (order_ts, id) > (?, ?)
+                       ORDER BY order_ts, id LIMIT ?""", (first.case_key, first.order_ts, first.id, limit - 1)):
+                if row["next_attempt_at"] > now or (row["lease_until"] is not None and row["lease_until"] > now):
+                    break
+                items.append(self._lease(db, row, owner, now + lease_s))
+            return items
 
         return self.write(take, durable=False)
+
+    def give_back(self, items: Sequence[InboxItem], owner: str) -> int:
+        """Undo the claim of events this owner leased and did not apply (a batch stopped at an
+        earlier event's failure): claimable again at once, this attempt not counted."""
+        def update(db: sqlite3.Connection) -> int:
+            return sum(db.execute(
+                "UPDATE inbox SET lease_owner = NULL, lease_until = NULL, attempts = attempts - 1 "
+                "WHERE id = ? AND state = 'pending' AND lease_owner = ?", (item.id, owner)).rowcount
+                for item in items)
+        return self.write(update, durable=False)
 
     def latest_state(self, item: InboxItem) -> Optional[sqlite3.Row]:
         """The newest pending create or update of ``item``'s object queued behind it (before any

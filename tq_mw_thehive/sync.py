@@ -51,6 +51,9 @@ class Outcome:
     threatq: List[str] = field(default_factory=list)   # "events/12", "indicators/34"
     detail: str = ""
 
+    def note(self, text: str) -> None:
+        self.detail = f"{self.detail}; {text}" if self.detail else text
+
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
@@ -76,6 +79,16 @@ def decoded(body: str) -> Any:
     scope, its coalescing check, the sync). Read-only: ``as_text`` builds the sync's own copy.
     ``ValueError`` when it is not JSON."""
     return json.loads(body)
+
+
+def carries_object(body: str) -> bool:
+    """Whether a stored event carries its object's whole state (``object``), not only a diff:
+    a later one that does may be applied in place of the ones before it."""
+    try:
+        payload = decoded(body)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("object"), dict) and bool(payload["object"])
 
 
 def thehive_time(obj: Any) -> Optional[int]:
@@ -124,6 +137,23 @@ def _now_utc() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
 
+@dataclass(frozen=True)
+class PendingObservable:
+    """An observable create or update whose indicators are still to be written."""
+
+    obs_id: str
+    case_id: str
+    case_ref: Tuple[str, int]            # the case's ThreatQ object
+    number: Optional[int]                # the case number, for the log line
+    ts: Optional[int]
+    tags: Tuple[str, ...]
+    plan: List[Tuple[IndicatorObject, list]]   # each indicator with its enrichment runs
+    stored_ids: List[int]                # the indicators the state database has for it
+    digest: str
+    skipped: Tuple[str, ...]             # what the mapping could not map
+    synced_tags: List[str]
+
+
 class Sync:
     """Applies inbox events to ThreatQ; one per worker thread (the clients are not shared)."""
 
@@ -145,6 +175,15 @@ class Sync:
     # --- entry ----------------------------------------------------------------------------------
 
     def handle(self, item: InboxItem) -> Outcome:
+        return self.apply(*self.parse(item))
+
+    def handle_batch(self, items: Sequence[InboxItem]) -> list:
+        """Several queued events of one case in one go (``sync_batch``)."""
+        from tq_mw_thehive.sync_batch import handle_batch  # it builds on this module
+        return handle_batch(self, items)
+
+    def parse(self, item: InboxItem) -> Tuple[events.WebhookEvent, dict, Optional[int]]:
+        """The stored event, its payload and its TheHive time (``PermanentSyncError`` if unreadable)."""
         try:
             payload = as_text(decoded(item.body))
             event = events.parse(payload)
@@ -152,6 +191,9 @@ class Sync:
             raise PermanentSyncError(f"stored body is not a webhook event: {exc}") from None
         ts = event.timestamp_ms if event.timestamp_ms is not None else \
             thehive_time(payload.get("object") or payload.get("details"))
+        return event, payload, ts
+
+    def apply(self, event: events.WebhookEvent, payload: dict, ts: Optional[int]) -> Outcome:
         if event.object_type == "case":
             return self._case_event(event, payload, ts)
         if event.object_type == "observable":
@@ -308,9 +350,19 @@ class Sync:
     # --- observables ------------------------------------------------------------------------------
 
     def _observable_event(self, event: events.WebhookEvent, payload: dict, ts: Optional[int]) -> Outcome:
-        obs_id = event.object_id
         if event.action == "delete":
-            return self._delete_observable(obs_id, event.case_id, ts)
+            return self._delete_observable(event.object_id, event.case_id, ts)
+        pending = self.observable_to_write(event, payload, ts)
+        if isinstance(pending, Outcome):
+            return pending
+        return self.observable_written(pending, self.write_indicators(pending))
+
+    def observable_to_write(self, event: events.WebhookEvent, payload: dict,
+                            ts: Optional[int]) -> Union[Outcome, "PendingObservable"]:
+        """Everything of an observable's create or update short of writing its indicators: the
+        outcome when there is nothing to write (stale, filtered, unchanged…), else what to write.
+        Its case's object is made first, if missing."""
+        obs_id = event.object_id
         found = self._observable_now(event, payload)
         if isinstance(found, Outcome):
             return found
@@ -330,28 +382,32 @@ class Sync:
             self.state.mark_applied(obs_id, "observable", ts)
             return Outcome(skipped[0], number, detail=skipped[1])
         case_ref = self._ensure_case(case_id, embedded_case, ts)
-        refs = [f"{case_ref[0]}/{case_ref[1]}"]
         plan = self._enrich(observable, mapped.indicators)
         digest = _digest((*case_ref, [(i, [(r.plugin, sorted(r.attributes.items())) for r in runs])
                                       for i, runs in plan]))
         if already and self.state.digest(obs_id) == digest:
             self.state.mark_applied(obs_id, "observable", ts)
-            return Outcome("unchanged", number, refs + [f"indicators/{i}" for _, i in already],
-                           detail="nothing to change in ThreatQ")
-        tags = mapped.indicators[0].tags
-        refs += self._write_indicators(obs_id, case_id, case_ref, tags, plan, [i for _, i in already])
-        self.state.set_synced_tags(obs_id, "observable", tags)
-        self.state.mark_applied(obs_id, "observable", ts)
-        self.state.set_digest(obs_id, "observable", digest)
-        return Outcome("synced", number, refs, detail=_detail(mapped.skipped, plan))
+            refs = [f"{case_ref[0]}/{case_ref[1]}"] + [f"indicators/{i}" for _, i in already]
+            return Outcome("unchanged", number, refs, detail="nothing to change in ThreatQ")
+        return PendingObservable(obs_id, case_id, case_ref, number, ts, mapped.indicators[0].tags, plan,
+                                 [i for _, i in already], digest, tuple(mapped.skipped),
+                                 self.state.synced_tags(obs_id))
 
-    def _write_indicators(self, obs_id: str, case_id: str, case_ref: Tuple[str, int], tags: Sequence[str],
-                          plan: List[Tuple[IndicatorObject, list]], stored_ids: List[int]) -> List[str]:
-        """Each indicator of the observable into ThreatQ: their refs."""
-        stored = StoredIndicators(self.tq, stored_ids, lambda tq_id: self.state.forget(obs_id, "indicators", tq_id))
-        synced_tags = self.state.synced_tags(obs_id)
-        return [f"indicators/{self._sync_indicator(obs_id, case_id, ind, runs, case_ref, tags, synced_tags, stored)}"
-                for ind, runs in plan]
+    def observable_written(self, pending: "PendingObservable", indicator_ids: Sequence[int]) -> Outcome:
+        """Once its indicators are in ThreatQ: what was synced is remembered; the outcome."""
+        self.state.set_synced_tags(pending.obs_id, "observable", pending.tags)
+        self.state.mark_applied(pending.obs_id, "observable", pending.ts)
+        self.state.set_digest(pending.obs_id, "observable", pending.digest)
+        refs = [f"{pending.case_ref[0]}/{pending.case_ref[1]}"] + [f"indicators/{i}" for i in indicator_ids]
+        return Outcome("synced", pending.number, refs, detail=_detail(pending.skipped, pending.plan))
+
+    def write_indicators(self, pending: "PendingObservable") -> List[int]:
+        """Each indicator of the observable into ThreatQ, one by one: their ids."""
+        stored = StoredIndicators(self.tq, pending.stored_ids,
+                                  lambda tq_id: self.state.forget(pending.obs_id, "indicators", tq_id))
+        return [self._sync_indicator(pending.obs_id, pending.case_id, indicator, runs, pending.case_ref,
+                                     pending.tags, pending.synced_tags, stored)
+                for indicator, runs in pending.plan]
 
     def _observable_now(self, event: events.WebhookEvent, payload: dict) -> Union[Outcome, Tuple[dict, Optional[str]]]:
         """The observable the event is about and, when TheHive had to say it, its case's id; or the
@@ -404,20 +460,30 @@ class Sync:
         with self.objects.lock(indicator_key(indicator.type, indicator.value)):
             hit = stored.take(indicator.value, type_id) or self.tq.find_indicator(indicator.value, type_id,
                                                                                    expand=True)
-            written = self.objects.upsert(self._indicator_upsert(indicator, type_id, runs, case_ref, tags), hit)
-            self.state.record(obs_id, "observable", "indicators", written.tq_id, case_id)
-            if written.consumed:  # attributes, enrichment, tags and the link came in its one call
-                return written.tq_id
-            self.objects.reconcile(written, indicator.attributes, INDICATOR_ATTRIBUTES, tags, synced_tags)
-            self.objects.link(case_ref[0], case_ref[1], written.tq_id, written.fresh)
-            touched = set(INDICATOR_ATTRIBUTES)
-            for run in runs:
-                if run.attributes:  # the snapshot only for names no earlier step changed
-                    unchanged = not touched & set(run.attributes)
-                    self.objects.apply_enrichment("indicators", written.tq_id, run,
-                                                  written.known if unchanged else None)
-                    touched |= set(run.attributes)
+            return self.write_indicator(obs_id, case_id, indicator, type_id, runs, case_ref, tags, synced_tags, hit)
+
+    def write_indicator(self, obs_id: str, case_id: str, indicator: IndicatorObject, type_id: int, runs,
+                        case_ref: Tuple[str, int], tags: Sequence[str], synced_tags: Sequence[str],
+                        hit: Optional[dict]) -> int:
+        """The indicator ``hit`` (None: not in ThreatQ) brought to what the observable says; the
+        caller holds its lock."""
+        written = self.objects.upsert(self._indicator_upsert(indicator, type_id, runs, case_ref, tags), hit)
+        self.state.record(obs_id, "observable", "indicators", written.tq_id, case_id)
+        if written.consumed:  # attributes, enrichment, tags and the link came in its one call
+            return written.tq_id
+        self.objects.reconcile(written, indicator.attributes, INDICATOR_ATTRIBUTES, tags, synced_tags)
+        self.objects.link(case_ref[0], case_ref[1], written.tq_id, written.fresh)
+        touched = set(INDICATOR_ATTRIBUTES)
+        for run in runs:
+            if run.attributes:  # the snapshot only for names no earlier step changed
+                unchanged = not touched & set(run.attributes)
+                self.objects.apply_enrichment("indicators", written.tq_id, run, written.known if unchanged else None)
+                touched |= set(run.attributes)
         return written.tq_id
+
+    def consume_item(self, pending: "PendingObservable", indicator: IndicatorObject, type_id: int, runs) -> dict:
+        """A new indicator of ``pending`` as one item of a consume call (``sync_batch``)."""
+        return self._indicator_upsert(indicator, type_id, runs, pending.case_ref, pending.tags).consume_item()
 
     def _indicator_upsert(self, ind: IndicatorObject, type_id: int, runs, case_ref: Tuple[str, int],
                           tags: Sequence[str]) -> Upsert:

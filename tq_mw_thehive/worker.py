@@ -20,11 +20,11 @@ import threading
 import time
 import traceback
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Union
 
 from tq_mw_thehive import errors, logs, metrics
 from tq_mw_thehive.inbox import InboxItem
-from tq_mw_thehive.sync import Outcome, Sync, decoded
+from tq_mw_thehive.sync import Outcome, Sync, carries_object, decoded
 from tq_mw_thehive.thehive.model import Observable
 
 if TYPE_CHECKING:
@@ -41,15 +41,6 @@ def backoff_s(attempts: int, cap: float = BACKOFF_CAP_S) -> float:
     """Exponential backoff with full jitter in the upper half: 2, 4, 8, … capped at ``cap``."""
     ceiling = min(cap, BACKOFF_FIRST_S * 2 ** max(0, attempts - 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-
-def _has_object(body: str) -> bool:
-    """Whether a stored event carries its object's whole state (``object``), not only a diff."""
-    try:
-        payload = decoded(body)
-    except ValueError:
-        return False
-    return isinstance(payload, dict) and isinstance(payload.get("object"), dict) and bool(payload["object"])
 
 
 def observable_values(body: str) -> Tuple[List[str], Optional[str]]:
@@ -103,65 +94,89 @@ class Worker:
         return self._sync
 
     def run_once(self) -> bool:
-        """Process one due event if there is one; True if one was processed."""
-        item = self.inbox.claim(self.owner, self.lease_s)
-        if item is None:
+        """Process the due events of one case (up to ``sync.batch_max``) if there are any; True
+        if something was processed."""
+        items = self.inbox.claim_batch(self.owner, self.lease_s, self.cfg.sync.batch_max)
+        if not items:
             return False
-        self._process(item)
+        self._process(items)
         return True
 
-    def _keep_lease(self, item: InboxItem, finished: threading.Event) -> None:
-        """Extend the lease while the event is applied, so a slow event is not taken over while we live."""
+    def _keep_leases(self, items: List[InboxItem], finished: threading.Event) -> None:
+        """Extend the leases while the events are applied, so a slow batch is not taken over while we live."""
         while not finished.wait(self.lease_s / 3):
-            try:
-                if not self.inbox.extend(item.id, self.owner, self.lease_s):
-                    log.warning("inbox event %s: lease lost while it was being applied", item.id)
-                    return
-            except sqlite3.Error as exc:  # try again at the next beat, well within the lease
-                log.warning("inbox event %s: lease not extended: %s", item.id, exc)
+            for item in items:
+                try:
+                    if not self.inbox.extend(item.id, self.owner, self.lease_s):
+                        log.warning("inbox event %s: lease lost while it was being applied", item.id)
+                        return
+                except sqlite3.Error as exc:  # try again at the next beat, well within the lease
+                    log.warning("inbox event %s: lease not extended: %s", item.id, exc)
 
-    def _process(self, item: InboxItem) -> None:
+    def _process(self, items: List[InboxItem]) -> None:
         started = time.monotonic()
         finished = threading.Event()
-        heartbeat = threading.Thread(target=self._keep_lease, args=(item, finished), name="tq-lease", daemon=True)
+        heartbeat = threading.Thread(target=self._keep_leases, args=(items, finished), name="tq-lease", daemon=True)
         heartbeat.start()
         try:
             with logs.withholding(self.cfg.logs.max_tlp_values) as withheld:
-                withheld.add(*observable_values(item.body))
-                self._apply(item, started)
+                for item in items:
+                    withheld.add(*observable_values(item.body))
+                if len(items) == 1:
+                    self._apply(items[0], started)
+                else:
+                    self._apply_batch(items, started)
         finally:
             finished.set()
             heartbeat.join()
 
     def _apply(self, item: InboxItem, started: float) -> None:
-        outcome: Optional[Outcome] = None
         try:
-            outcome = self._handle(item)
+            outcome: Union[Outcome, Exception] = self._handle(item)
         except Exception as exc:
-            kind, error = errors.classify(exc), f"{type(exc).__name__}: {exc}"
+            outcome = exc
+        self._record(item, outcome, started)
+
+    def _apply_batch(self, items: List[InboxItem], started: float) -> None:
+        """Several events of one case (``sync_batch``): each recorded with its own outcome and
+        log line; those after a failure are given back, unapplied, to follow its retry."""
+        try:
+            sync = self.sync
+            batched = getattr(sync, "handle_batch", None)   # a stand-in sync may take one at a time
+            results = batched(items) if batched else [sync.handle(items[0])] + [None] * (len(items) - 1)
+        except Exception as exc:  # building the sync failed, or the one event applied: it carries it
+            results = [exc] + [None] * (len(items) - 1)
+        untouched = [item for item, result in zip(items, results) if result is None]
+        for item, result in zip(items, results):
+            if result is not None:
+                self._record(item, result, started)
+        if untouched:
+            self.inbox.give_back(untouched, self.owner)
+
+    def _record(self, item: InboxItem, outcome: Union[Outcome, Exception], started: float) -> None:
+        if isinstance(outcome, Exception):
+            kind, error = errors.classify(outcome), f"{type(outcome).__name__}: {outcome}"
             if kind == errors.TRANSIENT:
                 self._retry_or_dead(item, error, started, unexpected=False)
             elif kind == errors.PERMANENT:
                 self._dead(item, error, started)
             else:  # a bug: keep the event, say what happened, stop after a few tries
-                self._traceback_once(item, exc)
+                self._traceback_once(item, outcome)
                 self._retry_or_dead(item, error, started, unexpected=True)
-        if outcome is not None:
-            if self.inbox.done(item.id, self.owner):
-                self._log(item, outcome.result, started, outcome)
-            else:
-                self._log(item, "lease_lost", started, outcome, level=logging.WARNING)
+        elif self.inbox.done(item.id, self.owner):
+            self._log(item, outcome.result, started, outcome)
+        else:
+            self._log(item, "lease_lost", started, outcome, level=logging.WARNING)
 
     def _handle(self, item: InboxItem) -> Outcome:
         """Apply ``item``; when later changes of the same object are already queued, apply its
         latest state instead: one write to ThreatQ for several events (they then find it done)."""
         latest = self.inbox.latest_state(item)
-        if latest is None or not _has_object(latest["body"]):
+        if latest is None or not carries_object(latest["body"]):
             return self.sync.handle(item)
         logs.withhold(*observable_values(latest["body"]))
         outcome = self.sync.handle(replace(item, body=latest["body"]))
-        note = f"applied the state of inbox event {latest['id']} (queued behind it)"
-        outcome.detail = f"{outcome.detail}; {note}" if outcome.detail else note
+        outcome.note(f"applied the state of inbox event {latest['id']} (queued behind it)")
         return outcome
 
     def _traceback_once(self, item: InboxItem, exc: Exception) -> None:

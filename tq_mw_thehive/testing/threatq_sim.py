@@ -39,7 +39,9 @@ Two answer shapes (``shapes``), because the public sources disagree and the clie
   (SDK2 matches records by value); and the calls without public evidence are not served:
   ``PUT …/sources/{pivot}`` (405), ``GET …/tags`` (404), ``DELETE …/tags/{id}`` (405).
 
-``refuse`` turns off optional calls one by one in either shape (``OPTIONAL_ROUTES``).
+``refuse`` turns off optional calls one by one in either shape (``OPTIONAL_ROUTES``);
+``query_or`` refuses only ``/query`` criteria with ``+or`` (400), as an instance that has the
+endpoint but not that operator may.
 
 ``# [guess]`` marks code that implements a **[guess]** of the contract; ``# [sim choice]`` marks
 what the contract leaves open and this simulator decides (the strict reading, so client bugs show).
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 import secrets
 import threading
@@ -92,7 +95,7 @@ SHAPES = ("strict", "sdk")
 # Optional calls the simulator can refuse, with the status it answers then (a missing method on
 # a served path is 405, a missing path 404, as Laravel's router answers).
 OPTIONAL_ROUTES: Dict[str, int] = {"source_tlp": 405, "source_list": 404, "tag_list": 404, "tag_delete": 405,
-                                   "query": 404}
+                                   "query": 404, "query_or": 400}
 _SDK_REFUSES = frozenset({"source_tlp", "tag_list", "tag_delete"})
 
 Key = Tuple[str, int]  # (collection, id): one object
@@ -721,6 +724,8 @@ class ThreatQSimulator:
         body = _json_body()
         if not isinstance(body, dict):
             raise FieldError("body", "A JSON object with criteria is required.")
+        if self.refuses("query_or") and "+or" in json.dumps(body.get("criteria")):
+            raise FieldError("criteria", "Unknown operator +or.")  # [sim choice] an instance without it
         records = [r for r in self._objects[kind.collection].values()
                    if self._criteria_match(kind, r, body.get("criteria"))
                    and self._criteria_match(kind, r, body.get("filters"))]

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Known = Dict[str, List[dict]]   # an object's sub-resources as ThreatQ answered them inline
 
 _LOCK_BUCKETS = 64
+CONSUME_MANY = 500   # objects in one consume call, as ThreatQ's SDK2 bulk_upload sends them
 
 _INLINE_NEEDS: Dict[str, Callable[[dict], bool]] = {
     "attributes": lambda a: "id" in a and attribute_name(a) is not None,  # `name` or `attribute.name`
@@ -73,6 +74,10 @@ def same_indicator(record: dict, value: str, type_id: int) -> bool:
     answered = record.get("value")
     return (isinstance(answered, str) and answered.casefold() == value.casefold()
             and record_type_id(record) in (None, type_id))
+
+
+def _bucket(key: str) -> int:
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % _LOCK_BUCKETS
 
 
 def indicator_key(indicator_type: str, value: str) -> str:
@@ -156,7 +161,11 @@ class ThreatQObjects:
         beside the state database), so that one ThreatQ object is looked up, created and written
         by one of them at a time: ThreatQ does not de-duplicate, and two writers of one
         attribute would each keep their own value."""
-        bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % _LOCK_BUCKETS
+        with self._bucket_lock(_bucket(key)):
+            yield
+
+    @contextlib.contextmanager
+    def _bucket_lock(self, bucket: int) -> Iterator[None]:
         locks = self.lock_dir / ".locks"
         locks.mkdir(mode=0o700, exist_ok=True)
         with open(locks / f"{bucket}.lock", "a") as handle:
@@ -165,6 +174,16 @@ class ThreatQObjects:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def locks(self, keys: Iterable[str]) -> Iterator[None]:
+        """The locks of several objects at once (a burst's new indicators), taken in one order
+        so that two holders of overlapping sets cannot deadlock; a lock file shared by two keys
+        is taken once."""
+        with contextlib.ExitStack() as stack:
+            for bucket in sorted({_bucket(key) for key in keys}):
+                stack.enter_context(self._bucket_lock(bucket))
+            yield
 
     # --- one object ----------------------------------------------------------------------------
 
@@ -198,6 +217,32 @@ class ThreatQObjects:
         self.sync_attributes(written.collection, written.tq_id, attributes, managed, written.fresh,
                              known=written.known)
         self.sync_tags(written.collection, written.tq_id, written.fresh, tags, synced_tags, known=written.known)
+
+    def consume_many(self, collection: str, items: List[dict]) -> List[Optional[int]]:
+        """New objects in consume calls of up to ``CONSUME_MANY`` items (SDK2 ``bulk_upload``
+        sends 500): each item's id, None where the answer names none or the instance has no
+        consume, or refused a call (400: one bad item refuses the lot): the caller makes those
+        one by one, looking each up first."""
+        ids: List[Optional[int]] = []
+        for start in range(0, len(items), CONSUME_MANY):
+            part = items[start:start + CONSUME_MANY]
+            try:
+                records = self.tq.consume(collection, part)
+            except ThreatQPermanentError as exc:
+                if exc.status != 400:
+                    raise
+                log.warning("ThreatQ refused to consume %d %s at once (%s); creating them one by one",
+                            len(part), collection, exc)
+                records = None
+            if records is None:
+                ids += [None] * len(part)
+                continue
+            for item, record in zip(part, records):
+                if record is None:
+                    log.warning("ThreatQ's answer to POST /api/%s/consume names no record for %r; looking it up",
+                                collection, item.get("value", item.get("title")))
+                ids.append(int(record["id"]) if record else None)
+        return ids
 
     def _consume(self, collection: str, item: dict, what: str) -> _Consumed:
         """One consume call. Without an id the caller goes call by call: no such endpoint, or a
