@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import yaml
@@ -229,14 +230,17 @@ def full_text(exc: BaseException) -> str:
 #   python -m pytest -m "not e2e and not load"    the unit loop, well under two minutes
 #   python -m pytest                              the full suite, as CI runs it
 #
-# Every test is collected either way; this hook only adds markers, and it is the one place that says
-# which tests are e2e (an integration test: a real process, a real server loop, the full bundled data)
-# or load. A test is
+# This hook is the one place that says which tests are e2e or load; it only adds markers, so the full
+# suite collects every test either way. A test is
 #   * load: under tests/load/;
-#   * e2e:  under tests/e2e/ or tests/fault/; or using a fixture of E2E_FIXTURES (defined in the module
-#           named there); or matched by a node-id prefix of E2E_TESTS, which says why for each. Modules and
-#           tests that also mark themselves (pytestmark, @pytest.mark.e2e) are listed here all the same.
-# A unit test that is only slow because of a fixture gets a cheaper fixture, not a marker.
+#   * e2e:  under tests/e2e/ or tests/fault/; or it uses a fixture of E2E_FIXTURES (in the module named
+#           there); or its node id (from tests/ on) starts with a key of E2E_TESTS.
+# e2e means an integration test: it runs the real daemon or gunicorn's worker loop, the program, pip or
+# pytest as a child process, needs the offline indexes of the bundled data (a ~20 s build, once per
+# session), or loops over thousands of generated or bundled values. Tests that also mark themselves
+# (pytestmark, @pytest.mark.e2e) are listed here all the same. A unit test that is only slow because of
+# a fixture gets a cheaper fixture, not a marker. An entry that no longer matches a test of its module
+# is reported as a warning (a renamed test would otherwise drift into the fast loop).
 
 TESTS_DIR = Path(__file__).resolve().parent
 LOAD_DIRS = ("load",)
@@ -245,28 +249,28 @@ E2E_DIRS = ("e2e", "fault")
 # fixture name -> (the module that defines it, why a test using it is e2e)
 E2E_FIXTURES: Dict[str, Tuple[str, str]] = {
     "daemon": ("test_check.py", "runs the real daemon (python -m tq_mw_thehive, gunicorn) on a loopback port"),
-    "live": ("test_hostile_input.py", "runs the real daemon and sends it thousands of generated requests"),
-    "short": ("test_intake.py", "gunicorn's real worker loop on a loopback socket, timed by real deadlines"),
-    "reference": ("test_offline_index.py", "loads every MISP warning list into Python objects (~300 MB)"),
+    "short": ("test_intake.py", "gunicorn's real worker loop on a loopback socket, waiting out real deadlines"),
+    "index_dir": ("test_offline_index.py", "opens the offline indexes of the bundled data"),
+    "reference": ("test_offline_index.py", "also loads every MISP warning list into Python objects (~300 MB)"),
+    "loaded": ("test_plugin_offline.py", "looks values up in the offline indexes of the bundled data"),
 }
 
-# node-id prefix (relative to tests/) -> why
+# node-id prefix (from tests/ on) -> why
 E2E_TESTS: Dict[str, str] = {
-    # installs or runs other tools
-    "test_packaging.py": "pip install of the project into a directory, then runs what it installed",
-    "test_readme.py::test_the_example_plugin_loads_and_its_test_passes": "runs pytest in a child process",
-    # the real daemon, started in the test's body
-    "test_hostile_input.py": "one live daemon (module fixture `live`), hypothesis-driven HTTP",
+    # the real daemon
+    "test_hostile_input.py": "one live daemon, thousands of hypothesis-generated requests",
     "test_security.py::test_no_secret_reaches_any_log_or_console_at_verbosity_3": "real daemons",
     "test_security.py::test_configure_and_the_daemon_create_every_secret_file_0600_even_with_umask_0":
         "real daemons",
     "test_security.py::test_a_config_readable_by_others_is_named_in_a_warning_with_the_chmod_hint": "real daemon",
     "test_security.py::test_a_daemon_started_without_li_binds_127_0_0_1_only": "real daemon",
     "test_security.py::test_no_url_from_a_payload_is_ever_fetched_by_the_daemon": "real daemon",
-    # gunicorn's worker loop in this process (the rest of test_intake.py uses the fixture `short`)
+    # gunicorn's worker loop in this process (the other such tests of the module use the fixture `short`)
     "test_intake.py::test_a_graceful_stop_waits_for_bodies_at_the_minimum_rate_only":
-        "gunicorn's real worker loop on a loopback socket, stopped while requests are in flight",
-    # the program itself as a child interpreter (click's runner covers the same commands in process)
+        "gunicorn's real worker loop, stopped while requests are in flight",
+    # pip, pytest, the program as a child process (click's runner covers the same commands in process)
+    "test_packaging.py": "pip install of the project into a directory, then runs what it installed",
+    "test_readme.py::test_the_example_plugin_loads_and_its_test_passes": "pytest in a child process",
     "test_cli.py::test_status_json_real_process_prints_one_object": "child process",
     "test_cli.py::test_start_with_a_bad_config_exits_2_without_prompting": "child process",
     "test_cli.py::test_external_proxy_without_threatq_proxy_exits_2": "child process",
@@ -288,32 +292,57 @@ E2E_TESTS: Dict[str, str] = {
     "test_progress_jobs.py::test_backfill_on_a_terminal_draws_a_bar": "child process on a pty",
     "test_metrics.py::test_forked_workers_add_up_keep_dead_ones_and_a_new_master_starts_from_zero":
         "a child master that forks workers, as gunicorn does",
-    "test_footprint.py": "builds the three offline indexes, then `enrich` in a child process per test",
-    # exhaustive parity loops over the bundled data (tens of thousands of lookups each)
+    # the offline indexes of the bundled data (warning lists, geoip2fast, Public Suffix List)
+    "test_footprint.py": "builds the indexes, then `enrich` in a child process per test",
+    "test_cache_warm.py::test_warm_fills_the_cache_through_the_gate_and_a_second_run_calls_nothing":
+        "warms with every bundled plugin",
+    "test_cache_warm.py::test_warm_logs_progress_lines_off_a_terminal": "warms with every bundled plugin",
+    "test_cli_enrichment.py::test_enrich_an_ip_then_the_same_again_from_the_cache": "geoip, warning lists",
+    "test_cli_enrichment.py::test_a_non_global_address_never_reaches_an_external_plugin": "geoip, warning lists",
+    "test_cli_enrichment.py::test_enrich_only_one_plugin": "geoip",
+    "test_cli_enrichment.py::test_cache_stats_and_clear": "geoip, warning lists",
+    # loops over thousands of values: exhaustive parity with the bundled data, hypothesis with 200+ examples
     "test_offline_index.py::test_geoip_index_answers_as_geoip2fast": "parity over ~10,000 addresses",
     "test_offline_index.py::test_domain_index_extracts_as_tldextract_for_every_suffix":
         "parity over every Public Suffix List rule",
+    "test_web.py::test_no_body_ever_gets_a_500": "hypothesis, 300 bodies through the whole Flask app",
+    "test_events.py::test_parse_any_json_value": "hypothesis, 300 examples",
+    "test_events.py::test_parse_any_envelope": "hypothesis, 300 examples",
+    "test_mapping.py::test_map_observable_never_raises": "hypothesis, 300 examples",
+    "test_model.py::test_only_model_error_for_any_json": "hypothesis, 200 examples",
 }
 
 
 def _local_id(item: pytest.Item) -> Tuple[str, str]:
     """(the test's folder under tests/, "" for tests/ itself; its node id from tests/ on), the same
-    whatever directory pytest runs from and whatever paths it was given."""
+    whatever directory pytest runs from and whatever paths it is given."""
     rel = Path(str(item.path)).resolve().relative_to(TESTS_DIR)
     rest = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else ""
     return (rel.parts[0] if len(rel.parts) > 1 else ""), rel.as_posix() + ("::" + rest if rest else "")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    modules, used = set(), set()
     for item in items:
         try:
             folder, local = _local_id(item)
         except ValueError:          # not under tests/
             continue
         module = local.split("::", 1)[0]
+        modules.add(module)
         if folder in LOAD_DIRS:
             item.add_marker(pytest.mark.load)
-        if (folder in E2E_DIRS
-                or any(name in item.fixturenames and module == where for name, (where, _) in E2E_FIXTURES.items())
-                or local.startswith(tuple(E2E_TESTS))):
+        reasons = [name for name, (where, _) in E2E_FIXTURES.items()
+                   if where == module and name in getattr(item, "fixturenames", ())]
+        reasons += [prefix for prefix in E2E_TESTS if local.startswith(prefix)]
+        used.update(reasons)
+        if folder in E2E_DIRS or reasons:
             item.add_marker(pytest.mark.e2e)
+    if any("::" in arg for arg in config.args):
+        return                      # tests chosen by node id: the other tests of a module are not there
+    entries = [(name, where) for name, (where, _) in E2E_FIXTURES.items()]
+    entries += [(prefix, prefix.split("::", 1)[0]) for prefix in E2E_TESTS]
+    for entry, module in entries:
+        if module in modules and entry not in used:
+            warnings.warn(pytest.PytestWarning(f"tests/conftest.py: the e2e entry {entry!r} matches no test "
+                                               f"of {module} (renamed?)"))
