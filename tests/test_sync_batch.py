@@ -160,3 +160,36 @@ def test_a_batch_takes_a_cases_due_events_in_order_and_stops_at_one_waiting_to_r
     again = inbox.claim_batch("w1", 60, limit=10)
     assert [i.id for i in again] == [ids[0], ids[2]]          # stops before the one waiting
     assert [i.attempts for i in again] == [2, 1]              # a given-back claim was not counted
+
+
+def test_a_batch_enriches_its_values_side_by_side_each_once(make_world):
+    import dataclasses
+    import threading
+    import types
+
+    from tq_mw_thehive.enrichment.cache import ResultCache
+    from tq_mw_thehive.enrichment.keys import KeyStore
+    from tq_mw_thehive.enrichment.plugin import Result
+    from tq_mw_thehive.enrichment.registry import PluginInfo, Registry
+    from tq_mw_thehive.enrichment.runner import Enricher
+
+    world = make_world()
+    meet, calls = threading.Barrier(2, timeout=10), []   # one lookup alone waits in vain, then fails
+    plugin = types.ModuleType("sidebyside")
+    plugin.NAME, plugin.DATA_TYPES, plugin.EXTERNAL = "sidebyside", ("ip",), False
+
+    def lookup(request):
+        calls.append(request.value)
+        meet.wait()
+        return Result("info", {}, {"Side Score": "1"})
+
+    plugin.lookup = lookup
+    cfg = dataclasses.replace(world.cfg, enrichment=dataclasses.replace(world.cfg.enrichment, enabled=True))
+    world.worker.sync.enricher = Enricher(cfg, Registry([PluginInfo("sidebyside", "test", module=plugin)]),
+                                          ResultCache(cfg.state_db), KeyStore(cfg.state_db, environ={}))
+    world.deliver(sample("th5-case-create.json"), *[observable(n) for n in range(4)])
+    world.drain()
+    assert world.states() == ["done"] * 5
+    assert sorted(calls) == sorted(f"198.18.0.{n + 1}" for n in range(4))     # each value once
+    for indicator in world.tq.indicators.values():
+        assert world.attributes("indicators", indicator["id"])["Side Score"] == "1"

@@ -81,6 +81,11 @@ def decoded(body: str) -> Any:
     return json.loads(body)
 
 
+def enrichment_key(observable: Observable, indicator: IndicatorObject) -> tuple:
+    """What an indicator's plugin runs depend on: (data type as plugins see it, value, TLP, PAP)."""
+    return enrichment_type(observable.data_type, indicator.type), indicator.value, observable.tlp, observable.pap
+
+
 def carries_object(body: str) -> bool:
     """Whether a stored event carries its object's whole state (``object``), not only a diff:
     a later one that does may be applied in place of the ones before it."""
@@ -357,10 +362,11 @@ class Sync:
             return pending
         return self.observable_written(pending, self.write_indicators(pending))
 
-    def observable_to_write(self, event: events.WebhookEvent, payload: dict,
-                            ts: Optional[int]) -> Union[Outcome, "PendingObservable"]:
+    def observable_to_write(self, event: events.WebhookEvent, payload: dict, ts: Optional[int],
+                            enriched: Optional[Dict[tuple, list]] = None) -> Union[Outcome, "PendingObservable"]:
         """Everything of an observable's create or update short of writing its indicators: the
         outcome when there is nothing to write (stale, filtered, unchanged…), else what to write.
+        ``enriched``: plugin runs already made, by ``enrichment_key`` (a batch runs them together).
         Its case's object is made first, if missing."""
         obs_id = event.object_id
         found = self._observable_now(event, payload)
@@ -382,7 +388,7 @@ class Sync:
             self.state.mark_applied(obs_id, "observable", ts)
             return Outcome(skipped[0], number, detail=skipped[1])
         case_ref = self._ensure_case(case_id, embedded_case, ts)
-        plan = self._enrich(observable, mapped.indicators)
+        plan = self._enrich(observable, mapped.indicators, enriched or {})
         digest = _digest((*case_ref, [(i, [(r.plugin, sorted(r.attributes.items())) for r in runs])
                                       for i, runs in plan]))
         if already and self.state.digest(obs_id) == digest:
@@ -426,6 +432,10 @@ class Sync:
             return Outcome("skipped", detail=f"observable {obs_id} is in no case (an alert's)")
         return obj, fetched_case_id
 
+    def enrich(self, data_type: str, value: str, tlp: Optional[str], pap: Optional[str]) -> list:
+        """The plugin runs for one indicator value (none without enrichment)."""
+        return self.enricher.run(data_type, value, tlp, pap) if self.enricher is not None else []
+
     def _not_synced(self, observable: Observable, mapped, already) -> Optional[Tuple[str, str]]:
         """(outcome, why) when the observable does not go to ThreatQ; None when it does."""
         if self.sync.only_ioc and not observable.ioc and not already:
@@ -434,15 +444,15 @@ class Sync:
             return "skipped", "; ".join(mapped.skipped)
         return None
 
-    def _enrich(self, observable: Observable,
-                indicators: Sequence[IndicatorObject]) -> List[Tuple[IndicatorObject, list]]:
+    def _enrich(self, observable: Observable, indicators: Sequence[IndicatorObject],
+                enriched: Dict[tuple, list]) -> List[Tuple[IndicatorObject, list]]:
         """Each indicator with its plugin runs, before anything is written: a cache hit costs no
         call, and the answers are part of what must reach ThreatQ. An IOC is watched."""
         plan = []
         for indicator in indicators:
             data_type = enrichment_type(observable.data_type, indicator.type)
-            runs = self.enricher.run(data_type, indicator.value, observable.tlp, observable.pap) \
-                if self.enricher is not None else []
+            key = enrichment_key(observable, indicator)
+            runs = enriched[key] if key in enriched else self.enrich(*key)
             plan.append((indicator, runs))
             if observable.ioc and self.watches is not None and self.cfg.enrichment.auto_watch_ioc:
                 self.watches.add(indicator.value, data_type, origin="ioc", tlp=observable.tlp, pap=observable.pap)

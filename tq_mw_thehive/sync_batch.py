@@ -16,15 +16,19 @@ after it, as if they had never been taken.
 """
 from __future__ import annotations
 
-import logging
+import concurrent.futures
+import contextvars
 from typing import Dict, List, Sequence, Set, Tuple, Union
 
 from tq_mw_thehive.inbox import InboxItem
-from tq_mw_thehive.sync import Outcome, PendingObservable, Sync, carries_object
+from tq_mw_thehive.mapping import map_observable
+from tq_mw_thehive.sync import (Outcome, PendingObservable, Sync, carried_object, carries_object,
+                                enrichment_key)
+from tq_mw_thehive.thehive.model import Observable
 from tq_mw_thehive.threatq.api import ThreatQStepRefused
 from tq_mw_thehive.threatq.objects import indicator_key
 
-log = logging.getLogger(__name__)
+ENRICH_THREADS = 4   # indicator values enriched at once in a batch (each runs its plugins side by side)
 
 Result = Union[Outcome, Exception, None]   # None: not applied, give it back
 
@@ -43,6 +47,7 @@ def handle_batch(sync: Sync, items: Sequence[InboxItem]) -> List[Result]:
 def _apply_in_order(sync: Sync, items: Sequence[InboxItem], latest: Dict[int, int], results: List[Result]) -> None:
     group: List[Tuple[int, PendingObservable]] = []
     grouped: Set[str] = set()
+    enriched = _enrich_together(sync, items)
     for index, item in enumerate(items):
         try:
             event, payload, ts = sync.parse(items[latest.get(index, index)])
@@ -51,7 +56,7 @@ def _apply_in_order(sync: Sync, items: Sequence[InboxItem], latest: Dict[int, in
                     return
                 group, grouped = [], set()
             if event.object_type == "observable" and event.action != "delete":
-                pending = sync.observable_to_write(event, payload, ts)
+                pending = sync.observable_to_write(event, payload, ts, enriched)
                 if isinstance(pending, PendingObservable):
                     group.append((index, pending))
                     grouped.add(pending.obs_id)
@@ -67,6 +72,34 @@ def _apply_in_order(sync: Sync, items: Sequence[InboxItem], latest: Dict[int, in
                 results[index] = exc
             return
     _write_group(sync, group, results)
+
+
+def _enrich_together(sync: Sync, items: Sequence[InboxItem]) -> Dict[tuple, list]:
+    """The plugin runs of every indicator value the batch's observables carry, ``ENRICH_THREADS``
+    values at a time (each value's plugins run side by side inside ``Enricher.run``, from the
+    cache where it can): a burst does not wait for one lookup after the other. An event that
+    cannot be read here is left to its own turn, which says why."""
+    if sync.enricher is None:
+        return {}
+    wanted = set()
+    for item in items:
+        try:
+            event, payload, _ = sync.parse(item)
+            obj = carried_object(payload)
+            if event.object_type != "observable" or event.action == "delete" or obj is None:
+                continue
+            observable = Observable.from_thehive(obj)
+            mapped = map_observable(observable, sync.types, status=sync.sync.indicator_status)
+        except Exception:
+            continue
+        wanted.update(enrichment_key(observable, indicator) for indicator in mapped.indicators)
+    if len(wanted) < 2:
+        return {}
+    keys = sorted(wanted, key=repr)
+    # Each in a copy of this thread's context: the event's log scope (values withheld) goes along.
+    calls = [(contextvars.copy_context(), key) for key in keys]
+    with concurrent.futures.ThreadPoolExecutor(ENRICH_THREADS, thread_name_prefix="tq-enrich") as pool:
+        return dict(zip(keys, pool.map(lambda call: call[0].run(sync.enrich, *call[1]), calls)))
 
 
 def _latest_states(items: Sequence[InboxItem]) -> Dict[int, int]:
