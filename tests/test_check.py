@@ -317,6 +317,7 @@ def test_all_green_against_the_simulators_and_a_real_daemon(daemon, tmp_path):
                        "step consume:incident"], skipped
     assert "no indicator in ThreatQ to probe with" in results["step tag_list"]["detail"]
     assert results["step query:indicators"]["detail"].startswith("served: look up indicators")
+    assert results["step query_many:indicators"]["detail"].startswith("served: look up many indicators at once")
     hook = results["webhook"]["detail"]
     assert "stored as inbox #" in hook and "removed" in hook
     assert "outcome=self-test" in running.log_text()

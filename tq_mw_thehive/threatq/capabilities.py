@@ -24,6 +24,7 @@ LABELS = {
     "source_list": "read sources (GET …/sources)",
     "tag_list": "read tags (GET …/tags)",
     "tag_delete": "remove a tag (DELETE …/tags/{id})",
+    "query_many:indicators": "look up many indicators at once (POST /api/indicators/query, +or criteria)",
 }
 
 
@@ -94,6 +95,12 @@ def probe(tq: ThreatQClient, collections: List[str]) -> Dict[str, Probe]:
     found: Dict[str, Probe] = {}
     for collection in collections:
         tq.find(collection, PROBE_VALUE)  # a refusal falls back to list filters, and is remembered
+    bulk = ["query_many:indicators"] if "indicators" in collections else []
+    if bulk:
+        try:
+            tq.find_indicators([PROBE_VALUE, PROBE_VALUE + "-2"])   # the +or criteria of a burst
+        except ThreatQStepRefused:
+            pass
     indicator = _first_id(tq, "indicators")
     readers = {"tag_list": tq.tags, "source_list": tq.sources}
     for step, read in readers.items():
@@ -105,7 +112,7 @@ def probe(tq: ThreatQClient, collections: List[str]) -> Dict[str, Probe]:
         except ThreatQStepRefused:
             pass  # remembered by the client, read below
     refused = tq.refused_steps()
-    for step in [f"query:{c}" for c in collections] + [s for s in readers if s not in found]:
+    for step in [f"query:{c}" for c in collections] + bulk + [s for s in readers if s not in found]:
         found[step] = Probe(False, refused[step]) if step in refused else Probe(True)
     return found
 
