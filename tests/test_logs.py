@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tq_mw_thehive import logs
 
@@ -254,6 +256,30 @@ def test_four_character_secret_is_masked() -> None:
     assert logs.redact("key=wxyz") == "key=***"
 
 
+@given(st.text(alphabet="bBeEaArRsSiIcCſKk \t:='\"-_.1234é", max_size=40))
+@example("Authorization: BASIC dXNlcjpwYXNz1")
+@example("Authorization: bEaReR abc123def")
+@example("Authorization: Baſic dXNlcjpwYXNz1")
+@example("Authorization: Basic dXNlcjpwYXNzMQ== sent")
+@settings(max_examples=500, deadline=None)
+def test_the_ascii_shortcut_of_redaction_masks_exactly_what_the_pattern_masks(text: str) -> None:
+    """Redaction skips its pattern for ASCII text without "bearer"/"basic" in any case: it must
+    answer what the pattern answers for every text, the odd cases ("BeArEr", "Baſic") included."""
+    expected = logs._CREDENTIAL.sub(lambda m: f"{m.group(1)} {logs.MASK}", text)
+    assert logs.redact(text) == expected
+    assert logs.redact("Bearer " + text + "1x") == \
+        logs._CREDENTIAL.sub(lambda m: f"{m.group(1)} {logs.MASK}", "Bearer " + text + "1x")
+
+
+def test_the_time_prefix_written_once_a_second_is_what_logging_writes() -> None:
+    ours, theirs = logs.RedactingFormatter("%(asctime)s %(message)s"), logging.Formatter("%(asctime)s %(message)s")
+    for created in (1_760_000_000.001, 1_760_000_000.999, 1_760_000_001.0, 1_760_000_001.5, 1_760_000_000.5):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.formatTime(record) == theirs.formatTime(record)
+        assert ours.formatTime(record, "%H") == theirs.formatTime(record, "%H")
+
+
 # --- control characters ------------------------------------------------------------------------
 
 def test_no_code_point_survives_escaping_as_a_line_break_or_a_control() -> None:
@@ -270,6 +296,12 @@ def test_no_code_point_survives_escaping_as_a_line_break_or_a_control() -> None:
     # Only the controls change: everything else is written as it came.
     printable = "".join(c for c in every[:0x3000] if unicodedata.category(c) not in ("Cc", "Zl", "Zp", "Cf"))
     assert logs.escape_controls(printable) == printable
+
+
+def test_the_printable_ascii_shortcut_of_escaping_changes_nothing_the_pattern_would_change() -> None:
+    for code in range(128):
+        text = f"a{chr(code)}b"
+        assert logs.escape_controls(text) == logs._CONTROL.sub(logs._escape_one, text), hex(code)
 
 
 def test_a_lone_surrogate_is_written_as_an_escape_not_lost_with_its_line(tmp_path: Path, log) -> None:

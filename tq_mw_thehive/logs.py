@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -78,6 +79,13 @@ def redact(text: str) -> str:
     for secret in _longest_first:
         if secret in text:
             text = text.replace(secret, MASK)
+    # Every line passes here: an ASCII line without either scheme name cannot match (the common
+    # case, decided at a fraction of the regex's cost). Other text always meets the regex, whose
+    # case-insensitive match also takes non-ASCII letters such as "ſ" for "s".
+    if text.isascii():
+        lowered = text.lower()
+        if "bearer" not in lowered and "basic" not in lowered:
+            return text
     return _CREDENTIAL.sub(lambda m: f"{m.group(1)} {MASK}", text)
 
 
@@ -96,6 +104,8 @@ def _escape_one(match: "re.Match[str]") -> str:
 
 def escape_controls(text: str) -> str:
     """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    if text.isascii() and text.isprintable():  # no C0 and no DEL: nothing to escape (most lines)
+        return text
     return _CONTROL.sub(_escape_one, text)
 
 
@@ -112,6 +122,17 @@ def _withheld(text: str) -> str:
 
 class RedactingFormatter(logging.Formatter):
     """Escapes, withholds and redacts what a record carries; the line's own prefix stays as it is."""
+
+    _second: Optional[tuple] = None  # (whole second, its date and time text): one strftime a second
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        if datefmt or self.converter is not time.localtime or not self.default_msec_format:
+            return super().formatTime(record, datefmt)
+        whole = int(record.created)
+        cached = self._second
+        if cached is None or cached[0] != whole:
+            cached = self._second = (whole, time.strftime(self.default_time_format, time.localtime(whole)))
+        return self.default_msec_format % (cached[1], record.msecs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # One record, one line: text from a payload (an id with a newline) cannot forge log lines.

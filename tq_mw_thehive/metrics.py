@@ -111,9 +111,12 @@ def event_received() -> None:
     _m.received.inc()
 
 
+_ANSWERED = {"queued": "queued", "duplicate": "duplicate", "ignored": "ignored"}  # outcome: counter
+
+
 def event_answered(outcome: str) -> None:
     """``queued``, ``duplicate`` or ``ignored``: what ``POST /cases`` answered with a 200."""
-    {"queued": _m.queued, "duplicate": _m.duplicate, "ignored": _m.ignored}[outcome].inc()
+    getattr(_m, _ANSWERED[outcome]).inc()
 
 
 def event_rejected(reason: str) -> None:

@@ -74,6 +74,8 @@ _INT64 = 2 ** 63
 
 def _text(value: str, key: str) -> str:
     """``value`` if it can be stored: JSON's ``\ud800`` escapes decode to text UTF-8 cannot hold."""
+    if value.isascii():  # every id TheHive sends: no surrogate, no copy to find out
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
