@@ -244,6 +244,144 @@ def test_a_failed_group_transaction_is_retried_put_by_put_so_one_error_fails_one
     assert stored == {"~lead", "~a", "~b", "~c"} - set(failed)
 
 
+def _th4_pair() -> list:
+    """TheHive 4's create of an observable (naming its case) and its delete (naming none)."""
+    created = json.loads(sample_text("th4-case-artifact-create.json"))
+    deleted = {"operation": "delete", "objectType": "case_artifact", "objectId": created["objectId"],
+               "base": True, "startDate": created["startDate"] + 60_000, "rootId": created["objectId"],
+               "requestId": "th4-delete-1", "details": {}}
+    return [(events.parse(p), json.dumps(p)) for p in (created, deleted)]
+
+
+def test_a_thehive4_create_and_its_case_less_delete_in_one_group_both_go_to_the_case(db_path: Path,
+                                                                                     monkeypatch) -> None:
+    """One INSERT carries a group: the delete cannot look its case up in the table (the create is
+    not there yet), so it takes it from the create ahead of it in the same statement."""
+    (create, create_body), (delete, delete_body) = _th4_pair()
+    assert delete.case_key.startswith("object:")
+    ib = Inbox(db_path)
+    sizes = _held_first_write(ib, others=2, monkeypatch=monkeypatch)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        first = pool.submit(ib.put, *make_event("~lead", CASE_B, 1))
+        deadline = time.monotonic() + 10
+        while not ib._group.committing:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        created = pool.submit(ib.put, create, create_body)
+        while len(ib._group.queue) < 1:  # the create queues first, then the delete
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        deleted = pool.submit(ib.put, delete, delete_body)
+        results = [f.result(timeout=10) for f in (first, created, deleted)]
+    assert sizes == [1, 2]
+    assert all(r.created for r in results)
+    keys = [r[0] for r in ib.db.execute("SELECT case_key FROM inbox WHERE id IN (?, ?) ORDER BY id",
+                                        (results[1].id, results[2].id))]
+    assert keys == ["case:~8396848", "case:~8396848"]
+
+
+def test_put_many_orders_a_case_less_delete_with_the_create_before_it(inbox: Inbox) -> None:
+    results = inbox.put_many(_th4_pair())
+    assert [row(inbox, r.id)["case_key"] for r in results] == ["case:~8396848", "case:~8396848"]
+
+
+def test_a_group_with_keys_stored_before_answers_their_ids_and_inserts_the_rest(inbox: Inbox) -> None:
+    """Ids of one INSERT are read from lastrowid unless a key was there: then they are read back."""
+    old = [inbox.put(*make_event(f"~old-{i}", CASE_A, i)) for i in range(3)]
+    mixed = [make_event(name, CASE_A, 10 + n) for n, name in
+             enumerate(["~new-0", "~old-1", "~new-1", "~new-1", "~old-2", "~new-2"])]
+    results = inbox.put_many(mixed)
+    assert [r.created for r in results] == [True, False, True, False, False, True]
+    assert results[1].id == old[1].id and results[4].id == old[2].id
+    assert results[3].id == results[2].id
+    stored = {r["audit_id"]: r["id"] for r in inbox.db.execute("SELECT audit_id, id FROM inbox")}
+    assert len(stored) == 6
+    for (event, _), result in zip(mixed, results):
+        assert stored[event.audit_id] == result.id
+
+
+def test_put_many_splits_a_group_larger_than_one_statement(inbox: Inbox, monkeypatch) -> None:
+    from tq_mw_thehive import inbox as inbox_mod
+    monkeypatch.setattr(inbox_mod, "_ROWS_PER_INSERT", 4)
+    results = inbox.put_many([make_event(f"~s-{i}", CASE_A, i) for i in range(10)])
+    stored = {r["audit_id"]: r["id"] for r in inbox.db.execute("SELECT audit_id, id FROM inbox")}
+    assert [r.id for r in results] == [stored[f"~s-{i}"] for i in range(10)]
+    assert all(r.created for r in results)
+
+
+class _CountingFlock:
+    """``fcntl`` as the inbox sees it, counting its tries for the put turn."""
+
+    def __init__(self) -> None:
+        import fcntl
+        self.real, self.tries = fcntl, 0
+        self.LOCK_EX, self.LOCK_NB, self.LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+
+    def flock(self, fd: int, op: int) -> None:
+        if op & self.LOCK_EX:
+            self.tries += 1
+        self.real.flock(fd, op)
+
+
+def _hold_turn(db_path: Path) -> int:
+    """Take the put turn as another gunicorn worker would: a lock on a file description of its own."""
+    import fcntl
+    import os
+    fd = os.open(f"{db_path}-put.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_put_waits_for_the_turn_another_worker_holds_then_commits(db_path: Path, monkeypatch) -> None:
+    import fcntl
+    import os
+    from tq_mw_thehive import inbox as inbox_mod
+    counting = _CountingFlock()
+    monkeypatch.setattr(inbox_mod, "fcntl", counting)
+    ib = Inbox(db_path, busy_timeout=30)
+    fd = _hold_turn(db_path)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(ib.put, *make_event("~turn", CASE_A, 1))
+            deadline = time.monotonic() + 10
+            while counting.tries < 3:  # it tried, and tried again: it is waiting for the turn
+                assert time.monotonic() < deadline, "the put never asked for the turn"
+                time.sleep(0.001)
+            assert not pending.done()
+            assert Inbox(db_path).db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            assert pending.result(timeout=10).created
+    finally:
+        os.close(fd)
+    assert Inbox(db_path).db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 1
+
+
+def test_a_turn_not_had_within_the_busy_timeout_does_not_stop_the_put(db_path: Path) -> None:
+    """A worker stuck holding the turn (a hung disk) must not hold every webhook: past the busy
+    timeout the put goes to SQLite without a turn, as it would without the lock file."""
+    import os
+    ib = Inbox(db_path, busy_timeout=0.05)
+    fd = _hold_turn(db_path)
+    try:
+        assert ib.put(*make_event("~no-turn", CASE_A, 1)).created
+    finally:
+        os.close(fd)
+    assert ib.db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 1
+
+
+def test_the_turn_file_is_private_and_a_put_works_when_it_cannot_be_made(tmp_path: Path) -> None:
+    import os
+    import stat as stat_mod
+    path = tmp_path / "state.db"
+    state.open_state(path).close()
+    ib = Inbox(path)
+    ib.put(*make_event("~private", CASE_A, 1))
+    assert stat_mod.S_IMODE(os.stat(f"{path}-put.lock").st_mode) == 0o600
+    blocked = Inbox(path)
+    blocked._turn.path = str(tmp_path / "missing-dir" / "x-put.lock")
+    assert blocked.put(*make_event("~no-file", CASE_A, 2)).created
+
+
 # --- claim and leases --------------------------------------------------------------------------
 
 def test_claim_takes_the_oldest_by_thehive_time(inbox: Inbox, clock: FakeClock) -> None:

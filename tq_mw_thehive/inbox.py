@@ -17,10 +17,13 @@ a million.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -39,6 +42,7 @@ REWRITE_FREE_BYTES = 100e6      # more free than this: no release in place (`pur
 RETENTION_INTERVAL_S = 3600.0   # one retention pass per hour, in one process
 RETENTION_CHECK_S = 300.0       # how often each process looks whether a pass is due
 RETENTION_FIRST_S = 60.0        # after a worker starts: never while it boots
+TURN_POLL_S = 0.0002            # how often a process waiting for its turn to commit puts looks again
 
 
 @dataclass(frozen=True)
@@ -95,15 +99,77 @@ def _with_known_case(db: sqlite3.Connection, row: tuple) -> tuple:
     return row[:_CASE_KEY] + (case_key,) + row[_CASE_KEY + 1:]
 
 
-class _Put:
-    """One event waiting in a group commit: its row, then its result or the error that stopped it."""
+def _with_known_cases(db: sqlite3.Connection, rows: Sequence[tuple]) -> List[tuple]:
+    """``_with_known_case`` for the rows of one statement, in order: a row before this one that
+    names the object's case counts first, as it would once inserted ahead of it (the same
+    observable's create and delete can arrive in one group)."""
+    out: List[tuple] = []
+    for row in rows:
+        object_id, case_key = row[_OBJECT_ID], row[_CASE_KEY]
+        if object_id and case_key.startswith("object:"):
+            earlier = next((r[_CASE_KEY] for r in reversed(out)
+                            if r[_OBJECT_ID] == object_id and r[_CASE_KEY].startswith("case:")), None)
+            row = _with_known_case(db, row) if earlier is None else \
+                row[:_CASE_KEY] + (earlier,) + row[_CASE_KEY + 1:]
+        out.append(row)
+    return out
 
-    __slots__ = ("row", "result", "error")
+
+_INSERT = ("INSERT OR IGNORE INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, object_type, action, "
+           "object_id, case_key, body, next_attempt_at) VALUES ")
+_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # one row, in ``Inbox._row``'s order
+_ROWS_PER_INSERT = 500  # 11 parameters a row: far below SQLite's 32,766 per statement
+
+
+def _insert(db: sqlite3.Connection, rows: List[tuple]) -> List[PutResult]:
+    """Insert ``rows`` (in a transaction) unless their dedup key is here: each one's id, and
+    whether this inserted it (the first of a key inserts it; a later one, or a key already
+    stored, answers the stored row's id).
+
+    One statement for the whole group, not one per row: each statement is a call into SQLite
+    that lets go of the GIL and must take it back, while this process holds SQLite's write lock,
+    which every other worker is waiting for. The rows one statement inserts get consecutive ids
+    above every id in the table (SQLite's rowid: the largest plus one, row after row), which is
+    how the ids are known without reading them back unless a key was already there.
+    """
+    results: List[PutResult] = []
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start:start + _ROWS_PER_INSERT]
+        cursor = db.execute(_INSERT + ", ".join([_VALUES] * len(chunk)), [v for row in chunk for v in row])
+        inserted = cursor.rowcount
+        if inserted == len(chunk):
+            first = cursor.lastrowid - inserted + 1
+            results.extend(PutResult(first + i, True) for i in range(inserted))
+            continue
+        keys = list(dict.fromkeys(row[0] for row in chunk))
+        ids = {r[0]: r[1] for r in db.execute(
+            f"SELECT dedup_key, id FROM inbox WHERE dedup_key IN ({', '.join('?' * len(keys))})", keys)}
+        # Ids above this one are this statement's (when it inserted anything: else lastrowid is
+        # an older insert's).
+        older = cursor.lastrowid - inserted if inserted else None
+        seen = set()
+        for row in chunk:
+            key = row[0]
+            results.append(PutResult(ids[key], older is not None and ids[key] > older and key not in seen))
+            seen.add(key)
+    return results
+
+
+class _Put:
+    """One event waiting in a group commit: its row, then its result or the error that stopped it.
+
+    ``wake`` is held from the start: its release tells the waiting thread that its outcome is
+    set, or, when it is not, that it leads the next group.
+    """
+
+    __slots__ = ("row", "result", "error", "wake")
 
     def __init__(self, row: tuple) -> None:
         self.row = row
         self.result: Optional[PutResult] = None
         self.error: Optional[BaseException] = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
     def outcome(self) -> PutResult:
         if self.error is not None:
@@ -116,9 +182,67 @@ class _Group:
     """The puts of one process waiting for the transaction that carries them."""
 
     def __init__(self) -> None:
-        self.changed = threading.Condition()
+        self.lock = threading.Lock()
         self.queue: List[_Put] = []
-        self.committing = False
+        self.leading = False     # a leader waits for its process's turn or commits: the others wait
+        self.committing = False  # the leader took the queue and commits it
+
+
+class _Turn:
+    """Whose turn it is to commit puts, among the processes (gunicorn workers) writing one database:
+    an exclusive ``flock`` on ``<database>-put.lock``, held by one group leader at a time.
+
+    SQLite lets one connection write at a time, and a process that finds the write lock taken waits
+    in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms, … up to 100 ms between tries: under load
+    one worker commits again and again while the other's webhooks wait for hundreds of milliseconds.
+    A leader waiting here looks again every ``TURN_POLL_S`` instead, and the puts of its process that
+    queue meanwhile go into its transaction. The kernel drops the lock of a process that dies. The
+    wait is bounded (``take``'s timeout, the busy timeout); past it, or when the file cannot be
+    opened, the puts go to SQLite without a turn, as they would without this.
+    """
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = f"{path}-put.lock"
+        self._fd: Optional[int] = None
+        self._pid: Optional[int] = None
+
+    def _file(self) -> Optional[int]:
+        if self._pid != os.getpid():  # first use, or a forked worker: a lock of its own, not its parent's
+            self._pid = os.getpid()
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._fd = None
+            else:
+                weakref.finalize(self, os.close, self._fd)
+        return self._fd
+
+    def take(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the turn; False if it was not had."""
+        fd = self._file()
+        if fd is None:
+            return False
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            elif now >= deadline:
+                return False
+            time.sleep(TURN_POLL_S)
+
+    def give(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except (OSError, TypeError):
+            pass
 
 
 class Inbox(state.Store):
@@ -129,35 +253,56 @@ class Inbox(state.Store):
         super().__init__(path, busy_timeout)
         self.clock = clock
         self._group = _Group()
+        self._turn = _Turn(self.path)
 
     def put(self, event: WebhookEvent, body: str) -> PutResult:
         """Store ``event`` unless its dedup key is already here; committed on return.
 
         Group commit: the web threads of a process that put at the same time share one
-        transaction (one fsync, one turn at SQLite's write lock). The first becomes the leader
-        and commits everything queued; the others wait on a condition instead of in SQLite's
-        busy handler, which sleeps up to 100 ms between tries. Every caller still returns only
-        after its own event is committed, or raises the ``sqlite3.Error`` that stopped it.
+        transaction (one fsync, one turn at SQLite's write lock). The first becomes the leader:
+        it waits for its process's turn (``_Turn``: the other workers' commits), then commits
+        everything queued by then; the others wait, each on its own lock, instead of in SQLite's
+        busy handler, which sleeps up to 100 ms between tries. The leader wakes each put of its
+        batch, and the first put queued behind the batch, which leads the next one. Every caller
+        still returns only after its own event is committed, or raises the ``sqlite3.Error``
+        that stopped it.
         """
         mine = _Put(self._row(event, body))
         group = self._group
-        with group.changed:
+        with group.lock:
             group.queue.append(mine)
-            while mine.result is None and mine.error is None and group.committing:
-                group.changed.wait()
+            leads = not group.leading
+            group.leading = True
+        if not leads:
+            mine.wake.acquire()  # its outcome is set, or it leads the next group
             if mine.result is not None or mine.error is not None:
                 return mine.outcome()
-            batch, group.queue, group.committing = group.queue, [], True
+        batch: List[_Put] = []
+        turn = False
         try:
+            turn = self._turn.take(self.busy_timeout)
+            with group.lock:  # this one's put, and every put queued while it waited for the turn
+                batch, group.queue, group.committing = group.queue, [], True
             self._commit(batch)
         except BaseException as exc:  # not SQLite's (those are per put): fail the whole batch
+            if not batch:
+                with group.lock:
+                    batch, group.queue = group.queue, []
             for put in batch:
                 if put.result is None and put.error is None:
                     put.error = exc
         finally:
-            with group.changed:
+            if turn:
+                self._turn.give()
+            with group.lock:
                 group.committing = False
-                group.changed.notify_all()
+                following = group.queue[0] if group.queue else None  # queued meanwhile: leads the next group
+                group.leading = following is not None
+            for put in batch:
+                if put is not mine:
+                    put.wake.release()
+            if following is not None:
+                following.wake.release()
         return mine.outcome()
 
     def put_many(self, items: Sequence[Tuple[WebhookEvent, str]]) -> List[PutResult]:
@@ -177,25 +322,15 @@ class Inbox(state.Store):
 
     def _commit(self, batch: List["_Put"]) -> None:
         """One transaction for ``batch``; if it fails, each put alone, so one error fails one."""
-        def insert(db: sqlite3.Connection, put: "_Put") -> PutResult:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, "
-                "object_type, action, object_id, case_key, body, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _with_known_case(db, put.row))
-            if cur.rowcount == 1:
-                return PutResult(cur.lastrowid, True)
-            row = db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (put.row[0],)).fetchone()
-            return PutResult(row["id"], False)
-
         try:
-            results = self.write(lambda db: [insert(db, put) for put in batch])
+            results = self.write(lambda db: _insert(db, _with_known_cases(db, [put.row for put in batch])))
         except sqlite3.Error as exc:
             if len(batch) == 1:
                 batch[0].error = exc
                 return
             for put in batch:
                 try:
-                    put.result = self.write(lambda db: insert(db, put))
+                    put.result = self.write(lambda db: _insert(db, _with_known_cases(db, [put.row]))[0])
                 except sqlite3.Error as single:
                     put.error = single
             return
