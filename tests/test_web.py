@@ -8,6 +8,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
+import flask
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -154,6 +155,62 @@ def test_other_methods_get_405_and_unknown_paths_404(client):
     response = client.post("/nope", data="{}", headers=BEARER)
     assert response.status_code == 404
     assert response.json["status"] == "error"
+
+
+def _wsgi_answer(wsgi_app, body: bytes, headers: dict):
+    environ = EnvironBuilder(path="/cases", method="POST", data=body, headers=headers).get_environ()
+    app_iter, status_line, answer_headers = run_wsgi_app(wsgi_app, environ, buffered=True)
+    return status_line, list(answer_headers.items()), b"".join(app_iter)
+
+
+DOOR_REQUESTS = {
+    "queued": (sample_text("th5-case-create.json").encode(), BEARER),
+    "duplicate": (sample_text("th5-case-create.json").encode(), BEARER),
+    "ignored": (json.dumps({"_id": "~1", "action": "create", "objectType": "Task", "objectId": "~2"}).encode(),
+                BEARER),
+    "invalid": (b'{"action": "create"', BEARER),
+    "unauthorized": (b"{}", {}),
+    "too large": (b"x" * 20_000, BEARER),
+}
+
+
+@pytest.mark.parametrize("auth", [{"auth": "bearer", "token": WEBHOOK_TOKEN},
+                                  {"auth": "basic", "username": "thehive", "password": WEBHOOK_TOKEN}])
+def test_post_cases_answers_the_same_bytes_as_flasks_route(tmp_path, auth):
+    """``_Door`` answers POST /cases without Flask's machinery; what TheHive (and a proxy) sees
+    must stay what Flask's route sends: status line, headers, body."""
+    (tmp_path / "door").mkdir()
+    (tmp_path / "flask").mkdir()
+    door, _ = make_app(tmp_path / "door", webhook={"max_body_mb": 0.01, **auth})
+    flask_app, _ = make_app(tmp_path / "flask", webhook={"max_body_mb": 0.01, **auth})
+    flask_route = flask_app.wsgi_app.flask_wsgi_app
+    headers_for = {"bearer": BEARER, "basic": {"Authorization": basic("thehive", WEBHOOK_TOKEN)}}
+    seen = set()
+    for name, (body, headers) in DOOR_REQUESTS.items():
+        headers = headers_for[auth["auth"]] if headers else {}
+        ours = _wsgi_answer(door.wsgi_app, body, headers)
+        theirs = _wsgi_answer(flask_route, body, headers)
+        assert ours == theirs, name
+        status, _, answer = ours
+        with flask_app.app_context():  # what jsonify writes for that document
+            assert answer == flask.jsonify(json.loads(answer)).get_data(), name
+        seen.add(status)
+    assert seen == {"200 OK", "400 BAD REQUEST", "401 UNAUTHORIZED", "413 REQUEST ENTITY TOO LARGE"}
+
+
+def test_an_unexpected_error_on_post_cases_is_logged_and_answered_500_in_json(app_inbox, monkeypatch, caplog):
+    app, inbox = app_inbox
+
+    def broken(payload):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(web.events, "parse", broken)
+    with caplog.at_level(logging.ERROR, logger="tq_mw_thehive"):
+        response = app.test_client().post("/cases", data=sample_text("th5-case-create.json"), headers=BEARER)
+    assert response.status_code == 500
+    assert response.json == {"status": "error", "error": "internal error (logged)"}
+    assert any("internal error on POST /cases" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert rows(inbox) == []
 
 
 def test_trailing_slash_is_accepted(client):

@@ -259,9 +259,12 @@ class _IntakeSocket(socket.socket):
     __slots__ = ()
 
     def setblocking(self, flag: bool) -> None:
+        # gthread and this worker ask for the mode a request needs at several steps; each change
+        # is a system call, so a mode the socket has already is not set again.
         if flag:
-            self.settimeout(THREAD_IO_TIMEOUT_S)
-        else:
+            if self.gettimeout() != THREAD_IO_TIMEOUT_S:
+                self.settimeout(THREAD_IO_TIMEOUT_S)
+        elif self.gettimeout() != 0.0:
             super().setblocking(False)
 
 
@@ -416,11 +419,12 @@ class IntakeWorker(gthread.ThreadWorker):
         conn.continue_sent = False
         conn.sock.setblocking(False)
         self.reading.add(conn)
-        self._register(conn)
         if leftover:
             self._advance(conn)
         elif not fresh:
-            self._on_readable(conn)  # gthread saw it readable already
+            self._on_readable(conn)  # gthread saw it readable already: most often the whole request is there
+        if conn in self.reading:  # not complete yet: the loop reads the rest as it comes
+            self._register(conn)
 
     def _register(self, conn: IntakeConn) -> None:
         if not conn.registered:
