@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import pytest
 
@@ -310,7 +310,7 @@ def test_put_many_splits_a_group_larger_than_one_statement(inbox: Inbox, monkeyp
 
 
 class _CountingFlock:
-    """``fcntl`` as the inbox sees it, counting its tries for the put turn."""
+    """``fcntl`` as the state module sees it, counting its tries for the write turn."""
 
     def __init__(self) -> None:
         import fcntl
@@ -324,36 +324,51 @@ class _CountingFlock:
 
 
 def _hold_turn(db_path: Path) -> int:
-    """Take the put turn as another gunicorn worker would: a lock on a file description of its own."""
+    """Take the write turn as another gunicorn worker would: a lock on a file description of its own."""
     import fcntl
     import os
-    fd = os.open(f"{db_path}-put.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(f"{db_path}-write.lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
-def test_a_put_waits_for_the_turn_another_worker_holds_then_commits(db_path: Path, monkeypatch) -> None:
+def _waits_for_the_turn_then_writes(db_path: Path, monkeypatch, write: Callable[[Inbox], object]) -> object:
+    """Run ``write`` while another process holds the write turn: it must wait (ask again and again,
+    write nothing) until the turn is given back, then write."""
     import fcntl
     import os
-    from tq_mw_thehive import inbox as inbox_mod
     counting = _CountingFlock()
-    monkeypatch.setattr(inbox_mod, "fcntl", counting)
+    monkeypatch.setattr(state, "fcntl", counting)
     ib = Inbox(db_path, busy_timeout=30)
     fd = _hold_turn(db_path)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(ib.put, *make_event("~turn", CASE_A, 1))
+            pending = pool.submit(write, ib)
             deadline = time.monotonic() + 10
             while counting.tries < 3:  # it tried, and tried again: it is waiting for the turn
-                assert time.monotonic() < deadline, "the put never asked for the turn"
+                assert time.monotonic() < deadline, "the write never asked for the turn"
                 time.sleep(0.001)
             assert not pending.done()
-            assert Inbox(db_path).db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 0
             fcntl.flock(fd, fcntl.LOCK_UN)
-            assert pending.result(timeout=10).created
+            return pending.result(timeout=10)
     finally:
         os.close(fd)
+
+
+def test_a_put_waits_for_the_turn_another_worker_holds_then_commits(db_path: Path, monkeypatch) -> None:
+    result = _waits_for_the_turn_then_writes(db_path, monkeypatch, lambda ib: ib.put(*make_event("~turn", CASE_A, 1)))
+    assert result.created
     assert Inbox(db_path).db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 1
+
+
+def test_the_sync_s_bookkeeping_waits_for_the_same_turn(db_path: Path, monkeypatch) -> None:
+    """Not only webhooks: every write of the state database takes the turn, so a webhook never
+    sleeps in SQLite's busy handler behind the sync's claim, done mark or object map write."""
+    seed = Inbox(db_path)
+    item_id = put(seed, "~claimed")
+    claimed = _waits_for_the_turn_then_writes(db_path, monkeypatch, lambda ib: ib.claim("w1", lease_s=60))
+    assert claimed is not None and claimed.id == item_id
+    assert row(seed, item_id)["lease_owner"] == "w1"
 
 
 def test_a_turn_not_had_within_the_busy_timeout_does_not_stop_the_put(db_path: Path) -> None:
@@ -376,10 +391,28 @@ def test_the_turn_file_is_private_and_a_put_works_when_it_cannot_be_made(tmp_pat
     state.open_state(path).close()
     ib = Inbox(path)
     ib.put(*make_event("~private", CASE_A, 1))
-    assert stat_mod.S_IMODE(os.stat(f"{path}-put.lock").st_mode) == 0o600
-    blocked = Inbox(path)
-    blocked._turn.path = str(tmp_path / "missing-dir" / "x-put.lock")
-    assert blocked.put(*make_event("~no-file", CASE_A, 2)).created
+    assert stat_mod.S_IMODE(os.stat(f"{path}-write.lock").st_mode) == 0o600
+
+    other = tmp_path / "other" / "state.db"
+    other.parent.mkdir()
+    state.open_state(other).close()
+    Path(f"{other}-write.lock").mkdir()  # cannot be opened as a file
+    assert Inbox(other).put(*make_event("~no-file", CASE_A, 2)).created
+
+
+def test_a_thread_that_has_the_turn_may_write_again_and_others_wait_for_it(db_path: Path) -> None:
+    ib = Inbox(db_path)
+    turn = ib.turn
+    assert turn is state.write_turn(db_path) is Inbox(db_path).turn  # one per database and process
+    assert turn.take(1)
+    try:
+        assert ib.put(*make_event("~nested", CASE_A, 1)).created  # takes it again: no deadlock
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            assert pool.submit(turn.take, 0.01).result(timeout=10) is False  # held by this thread
+    finally:
+        turn.give()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(lambda: turn.take(0.01) and (turn.give() or True)).result(timeout=10)
 
 
 # --- claim and leases --------------------------------------------------------------------------

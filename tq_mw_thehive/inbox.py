@@ -17,13 +17,10 @@ a million.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import sqlite3
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -42,7 +39,6 @@ REWRITE_FREE_BYTES = 100e6      # more free than this: no release in place (`pur
 RETENTION_INTERVAL_S = 3600.0   # one retention pass per hour, in one process
 RETENTION_CHECK_S = 300.0       # how often each process looks whether a pass is due
 RETENTION_FIRST_S = 60.0        # after a worker starts: never while it boots
-TURN_POLL_S = 0.0002            # how often a process waiting for its turn to commit puts looks again
 
 
 @dataclass(frozen=True)
@@ -188,63 +184,6 @@ class _Group:
         self.committing = False  # the leader took the queue and commits it
 
 
-class _Turn:
-    """Whose turn it is to commit puts, among the processes (gunicorn workers) writing one database:
-    an exclusive ``flock`` on ``<database>-put.lock``, held by one group leader at a time.
-
-    SQLite lets one connection write at a time, and a process that finds the write lock taken waits
-    in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms, … up to 100 ms between tries: under load
-    one worker commits again and again while the other's webhooks wait for hundreds of milliseconds.
-    A leader waiting here looks again every ``TURN_POLL_S`` instead, and the puts of its process that
-    queue meanwhile go into its transaction. The kernel drops the lock of a process that dies. The
-    wait is bounded (``take``'s timeout, the busy timeout); past it, or when the file cannot be
-    opened, the puts go to SQLite without a turn, as they would without this.
-    """
-
-    def __init__(self, path: Union[str, Path]) -> None:
-        self.path = f"{path}-put.lock"
-        self._fd: Optional[int] = None
-        self._pid: Optional[int] = None
-
-    def _file(self) -> Optional[int]:
-        if self._pid != os.getpid():  # first use, or a forked worker: a lock of its own, not its parent's
-            self._pid = os.getpid()
-            try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
-                self._fd = None
-            else:
-                weakref.finalize(self, os.close, self._fd)
-        return self._fd
-
-    def take(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the turn; False if it was not had."""
-        fd = self._file()
-        if fd is None:
-            return False
-        deadline = None
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                pass
-            except OSError:
-                return False
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + timeout
-            elif now >= deadline:
-                return False
-            time.sleep(TURN_POLL_S)
-
-    def give(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        except (OSError, TypeError):
-            pass
-
-
 class Inbox(state.Store):
     """The ``inbox`` table."""
 
@@ -253,14 +192,14 @@ class Inbox(state.Store):
         super().__init__(path, busy_timeout)
         self.clock = clock
         self._group = _Group()
-        self._turn = _Turn(self.path)
 
     def put(self, event: WebhookEvent, body: str) -> PutResult:
         """Store ``event`` unless its dedup key is already here; committed on return.
 
         Group commit: the web threads of a process that put at the same time share one
         transaction (one fsync, one turn at SQLite's write lock). The first becomes the leader:
-        it waits for its process's turn (``_Turn``: the other workers' commits), then commits
+        it waits for the write turn (``state.WriteTurn``: the sync's writes, the other workers'
+        commits), then commits
         everything queued by then; the others wait, each on its own lock, instead of in SQLite's
         busy handler, which sleeps up to 100 ms between tries. The leader wakes each put of its
         batch, and the first put queued behind the batch, which leads the next one. Every caller
@@ -280,7 +219,7 @@ class Inbox(state.Store):
         batch: List[_Put] = []
         turn = False
         try:
-            turn = self._turn.take(self.busy_timeout)
+            turn = self.turn.take(self.busy_timeout)
             with group.lock:  # this one's put, and every put queued while it waited for the turn
                 batch, group.queue, group.committing = group.queue, [], True
             self._commit(batch)
@@ -293,7 +232,7 @@ class Inbox(state.Store):
                     put.error = exc
         finally:
             if turn:
-                self._turn.give()
+                self.turn.give()
             with group.lock:
                 group.committing = False
                 following = group.queue[0] if group.queue else None  # queued meanwhile: leads the next group

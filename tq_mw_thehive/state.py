@@ -7,11 +7,13 @@ not only a crash of the process.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, TypeVar, Union
 
@@ -336,6 +338,105 @@ def open_state(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> 
 T = TypeVar("T")
 
 
+TURN_POLL_S = 0.0002  # how often a writer waiting for another process's turn looks again
+
+
+class WriteTurn:
+    """Whose turn it is to write one database, among the threads and processes of the daemon: an
+    ``RLock`` in each process, and an exclusive ``flock`` on ``<database>-write.lock`` between them.
+
+    SQLite lets one connection write at a time, and a connection that finds the write lock taken
+    waits in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms, … up to 100 ms between tries: a
+    webhook arriving while the sync commits its bookkeeping, or while the other gunicorn worker
+    commits its webhooks, waited for tens of milliseconds when the lock was free again after one.
+    Here a thread waits on its process's lock, and the one thread of a process that wants the
+    other's turn looks again every ``TURN_POLL_S``. The kernel drops the lock of a process that
+    dies. Every wait is bounded by the caller's timeout (the busy timeout); past it, or when the
+    file cannot be opened, the write goes to SQLite without a turn, as it would without this, so
+    a process stuck holding the turn (a hung disk) delays the others, never stops them.
+
+    Re-entrant: a thread that has the turn may write again (the inbox's group commit takes the
+    turn, then writes). One instance per database and process (``write_turn``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = f"{path}-write.lock"
+        self._pid: Optional[int] = None
+        self._setup = threading.Lock()
+
+    def _for_this_process(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._setup:
+            if self._pid == os.getpid():
+                return
+            # First use, or a forked worker: a lock of its own. A file description inherited from
+            # the parent would share the parent's flock; a lock held by a parent thread stays held.
+            self._lock = threading.RLock()
+            self._held = threading.local()
+            try:
+                self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._fd = None
+            else:
+                weakref.finalize(self, os.close, self._fd)
+            self._pid = os.getpid()
+
+    def take(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the turn. True: this thread holds it, and must
+        ``give`` it back; False: it was not had in time (write anyway: SQLite still serialises)."""
+        self._for_this_process()
+        if not self._lock.acquire(timeout=max(timeout, 0.0)):
+            return False
+        depth = getattr(self._held, "depth", 0)
+        if depth == 0:
+            self._held.flocked = self._flock(timeout)
+        self._held.depth = depth + 1
+        return True
+
+    def give(self) -> None:
+        self._held.depth -= 1
+        if self._held.depth == 0 and self._held.flocked:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._lock.release()
+
+    def _flock(self, timeout: float) -> bool:
+        if self._fd is None:
+            return False
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            elif now >= deadline:
+                return False
+            time.sleep(TURN_POLL_S)
+
+
+_turns: "weakref.WeakValueDictionary[str, WriteTurn]" = weakref.WeakValueDictionary()
+_turns_lock = threading.Lock()
+
+
+def write_turn(path: Union[str, Path]) -> WriteTurn:
+    """The ``WriteTurn`` of the database at ``path``, shared by every store of this process on it."""
+    key = os.path.abspath(path)
+    with _turns_lock:
+        turn = _turns.get(key)
+        if turn is None:
+            turn = _turns[key] = WriteTurn(key)
+        return turn
+
+
 class Store:
     """A table family in the state database, with one connection per thread.
 
@@ -348,6 +449,7 @@ class Store:
     def __init__(self, path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.turn = write_turn(self.path)  # every write of every store on this database takes it
         self._local = threading.local()
         self._identity: FileIdentity = None  # of the file this store's first connection opened
         self._moved_logged = False
@@ -431,6 +533,14 @@ class Store:
             raise
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T], durable: Optional[bool]) -> T:
+        turn = self.turn.take(self.busy_timeout)
+        try:
+            return self._transaction_in_turn(fn, durable)
+        finally:
+            if turn:
+                self.turn.give()
+
+    def _transaction_in_turn(self, fn: Callable[[sqlite3.Connection], T], durable: Optional[bool]) -> T:
         db = self.db
         mode = "FULL" if (self.DURABLE_WRITES if durable is None else durable) else "NORMAL"
         if getattr(self._local, "synchronous", "FULL") != mode:
