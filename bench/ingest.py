@@ -2,6 +2,7 @@
 """Ingest: how fast the daemon takes webhooks on POST /cases, against a bare Flask app on the same gunicorn.
 
     python bench/ingest.py [--requests 5000] [--rate 200] [--paced-seconds 15] [--threatq sim|down]
+                           [--store sqlite|nofsync|noop] [--batch-max N]
 
 Two servers, one after the other, in the same run and with the same gunicorn settings (gthread,
 ``--workers`` processes × 4 threads, 127.0.0.1, an ephemeral port):
@@ -21,6 +22,14 @@ every one. Each server gets a warm-up, then a paced phase (``--rate`` requests/s
 for ``--paced-seconds``), then a closed-loop phase (``--requests`` as fast as
 ``--processes`` × ``--threads`` keep-alive clients can, in separate processes).
 
+``--store`` says what the daemon's ``Inbox.put`` does, to show what the durable commit costs:
+``sqlite`` (the default: the product as it is, each event committed with an fsync before its
+answer), ``nofsync`` (the same SQLite transactions committed without waiting for the disk,
+``synchronous=NORMAL``) or ``noop`` (nothing stored: every event answered ``queued``, the rest of
+the request path unchanged). The last two are measurements only, made by a ``sitecustomize`` this
+script writes into its temporary directory and puts on the daemon's ``PYTHONPATH``; with ``noop``
+the "every event stored" check is skipped.
+
 Prints requests/s, p50 and p99 latency, the daemon/baseline ratios, then PASS/FAIL against the
 issue's targets: throughput at least 0.7 of the baseline; p99 under 20 ms at 200 requests/s;
 plus every answer 200 and every event stored. The last line is ``ingest: N passed, M failed``;
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -43,6 +53,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BareGunicorn, Report, Rig, cpu_seconds, encode, inbox_stats, mixed_stream,  # noqa: E402
                     percentile, post_load, process_tree)
 
+
+# Loaded by the daemon's processes (and only theirs) with --store nofsync|noop: a measurement, not the product.
+STORE_SITECUSTOMIZE = '''\
+import itertools, os, threading
+_store = os.environ.get("TQ_MW_BENCH_STORE")
+if _store in ("nofsync", "noop"):
+    from tq_mw_thehive import inbox as _inbox
+    if _store == "nofsync":
+        _inbox.Inbox.DURABLE_WRITES = False  # the same transactions, committed with synchronous=NORMAL
+    else:
+        _ids, _ids_lock = itertools.count(1), threading.Lock()
+
+        def _put(self, event, body):
+            with _ids_lock:
+                return _inbox.PutResult(next(_ids), True)
+
+        _inbox.Inbox.put = _put
+'''
 
 HANDLER_MS = re.compile(r"event audit=~(\d+) .*? outcome=\w+.*? ms=([\d.]+)")
 RUNS = {10: "warm-up", 11: "paced", 12: "closed loop", 20: "warm-up", 21: "paced", 22: "closed loop"}
@@ -119,6 +147,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers, both servers")
     parser.add_argument("--threatq", choices=("sim", "down"), default="sim",
                         help="sim: the ThreatQ simulator runs (realistic); down: ThreatQ unreachable")
+    parser.add_argument("--store", choices=("sqlite", "nofsync", "noop"), default="sqlite",
+                        help="the daemon's Inbox.put: sqlite (the product), nofsync (no fsync on commit) "
+                             "or noop (nothing stored); the last two are measurements only")
+    parser.add_argument("--batch-max", type=int, default=None,
+                        help="the daemon's sync.batch_max (default: the config's default)")
     parser.add_argument("--min-ratio", type=float, default=0.7)
     parser.add_argument("--max-p99-ms", type=float, default=20.0)
     args = parser.parse_args(argv)
@@ -126,7 +159,8 @@ def main(argv=None) -> int:
     report = Report("ingest")
     print(f"ingest: {args.workers} gunicorn workers × 4 threads (gthread) for both servers; "
           f"{args.processes}×{args.threads} clients; {args.requests} closed-loop requests; "
-          f"paced {args.rate:g}/s for {args.paced_seconds:g} s; ThreatQ {args.threatq}; enrichment off",
+          f"paced {args.rate:g}/s for {args.paced_seconds:g} s; ThreatQ {args.threatq}; enrichment off"
+          + (f"; store {args.store} (a measurement, not the product)" if args.store != "sqlite" else ""),
           flush=True)
 
     with tempfile.TemporaryDirectory(prefix="tq-mw-bench-ingest-") as work:
@@ -138,7 +172,15 @@ def main(argv=None) -> int:
         finally:
             bare.stop()
 
-        rig = Rig(Path(work) / "daemon", threatq=args.threatq, workers=args.workers)
+        rig = Rig(Path(work) / "daemon", threatq=args.threatq, workers=args.workers,
+                  sync={} if args.batch_max is None else {"batch_max": args.batch_max})
+        if args.store != "sqlite":
+            site = Path(work) / "store"
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(STORE_SITECUSTOMIZE)
+            env = rig.daemon.env
+            env["TQ_MW_BENCH_STORE"] = args.store
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
         try:
             rig.start()
             print(f"daemon: tq_mw_thehive on gunicorn, port {rig.daemon.port}, ThreatQ "
@@ -186,7 +228,10 @@ def main(argv=None) -> int:
     all_ok = all(r.ok == r.count for run in (base, ours) for r in (run["warm"], run["paced"], run["full"]))
     report.check("every answer 200", all_ok,
                  f"baseline {dict(b.statuses)}, daemon {dict(o.statuses)}" if not all_ok else "")
-    report.check("every event stored in the inbox", stored == ours["posted"], f"{stored} of {ours['posted']}")
+    if args.store == "noop":
+        print(f"  (store noop: nothing stored, {stored} events in the inbox: no \"every event stored\" check)")
+    else:
+        report.check("every event stored in the inbox", stored == ours["posted"], f"{stored} of {ours['posted']}")
     report.check(f"throughput at least {args.min_ratio:g} of the bare app", ratio >= args.min_ratio,
                  f"{o.rate:.0f} / {b.rate:.0f} req/s = {ratio:.2f}")
     report.check(f"p99 under {args.max_p99_ms:g} ms at {args.rate:g} requests/s", op < args.max_p99_ms,
