@@ -516,3 +516,33 @@ def test_an_ipv6_client_is_counted_by_its_slash_64(make):
     assert wrong_login(from_address(client, "2001:db8:1:3::1")) == 403  # another /64
     assert wrong_login(from_address(client, "::ffff:192.0.2.1")) == 403  # IPv4-mapped: that IPv4 address
     assert [wrong_login(from_address(client, "192.0.2.1")) for _ in range(5)] == [403] * 4 + [429]
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+def test_the_last_reconciliation_sweep_is_shown(make):
+    from dataclasses import asdict
+
+    from tq_mw_thehive.reconcile import LAST_KEY, Sweep
+    clock = Clock()
+    _, inbox, client = make(clock=clock)
+    page = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert 'id="reconcile-none"' in page and "15 min 00 s after the start" in page
+    sweep = Sweep(clock.now - 125, 0.42, "ok", cases=12, observables=40, found=3, known=49)
+    inbox.write(lambda db: db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LAST_KEY, json.dumps(asdict(sweep)))))
+    page = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert re.search(r'id="reconcile-outcome">ok<', page)
+    assert 'data-found="3"' in page and ">2 min 05 s<" in page and "in 420 ms" in page
+    failed = Sweep(clock.now, 0.01, "failed", error="TheHiveUnavailable: <refused>")
+    inbox.write(lambda db: db.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(asdict(failed)), LAST_KEY)))
+    page = client.get("/status", headers=BEARER).get_data(as_text=True)
+    assert re.search(r'id="reconcile-outcome">failed<', page)
+    assert "TheHiveUnavailable: &lt;refused&gt;" in page  # escaped
+
+
+def test_reconciliation_off_says_so(tmp_path):
+    raw = minimal_config(web={"admin_token": ADMIN_TOKEN}, sync={"reconcile_every": 0})
+    cfg = config_mod.from_dict(raw, tmp_path)
+    state.open_state(cfg.state_db).close()
+    client = create_app(Services(cfg, Inbox(cfg.state_db, clock=Clock()))).test_client()
+    assert 'id="reconcile-off"' in client.get("/status", headers=BEARER).get_data(as_text=True)

@@ -43,17 +43,18 @@ class BackfillResult:
     observables: int = 0
     queued: int = 0
     duplicates: int = 0
+    known: int = 0  # states skipped as already received or applied (a sweep's ``covered``)
     mark_ms: Optional[int] = None
 
 
-def _updated(obj: dict) -> int:
+def updated_ms(obj: dict) -> int:
     value = obj.get("_updatedAt") or obj.get("_createdAt") or 0
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _event(kind: str, obj: dict, case_id: str) -> dict:
     """A TheHive 5 version 1 audit event carrying ``obj`` as its state at ``_updatedAt``."""
-    ts = _updated(obj)
+    ts = updated_ms(obj)
     return {"_id": f"backfill:{obj['_id']}:{ts}", "_type": "Audit", "action": "update",
             "objectType": kind, "objectId": obj["_id"], "rootId": case_id, "_createdAt": ts,
             "details": {}, "object": obj}
@@ -104,16 +105,27 @@ class Marks(state.Store):
 
 
 class Backfill:
+    """``covered(object)``, when given, says that a state is here already (received or applied):
+    it is not queued again (the periodic sweep queues only what no webhook brought)."""
+
     def __init__(self, inbox: Inbox, thehive, marks: Marks, sync_state: Optional[SyncState] = None,
-                 progress: Optional[Callable[[BackfillResult], None]] = None) -> None:
+                 progress: Optional[Callable[[BackfillResult], None]] = None,
+                 covered: Optional[Callable[[dict], bool]] = None) -> None:
         self.inbox = inbox
         self.thehive = thehive
         self.marks = marks
         self.sync_state = sync_state
         self.progress = progress
+        self.covered = covered
 
     def _queue(self, payloads: List[dict], result: BackfillResult) -> None:
         """Store ``payloads`` (a case and its observables) in one transaction."""
+        if self.covered is not None:
+            wanted = [p for p in payloads if not self.covered(p["object"])]
+            result.known += len(payloads) - len(wanted)
+            payloads = wanted
+        if not payloads:
+            return
         for put in self.inbox.put_many([(events.parse(p), json.dumps(p)) for p in payloads]):
             if put.created:
                 result.queued += 1
@@ -131,13 +143,13 @@ class Backfill:
             case_id = case["_id"]
             payloads = [_event("Case", case, case_id)]
             for observable in self.thehive.iter_case_observables(case_id):
-                if everything or since_ms is None or _updated(observable) >= since_ms:
+                if everything or since_ms is None or updated_ms(observable) >= since_ms:
                     payloads.append(_event("Observable", dict(observable, case=case), case_id))
                     queued_observables.add(observable["_id"])
             self._queue(payloads, result)
             result.cases += 1
             result.observables += len(payloads) - 1
-            newest = max(_updated(p["object"]) for p in payloads)
+            newest = max(updated_ms(p["object"]) for p in payloads)
             result.mark_ms = max(result.mark_ms or 0, newest)
             if self.progress:
                 self.progress(result)
@@ -163,7 +175,7 @@ class Backfill:
                 continue
             self._queue([_event("Observable", observable, case_id)], result)
             result.observables += 1
-            result.mark_ms = max(result.mark_ms or 0, _updated(observable))
+            result.mark_ms = max(result.mark_ms or 0, updated_ms(observable))
             if self.progress:
                 self.progress(result)
 

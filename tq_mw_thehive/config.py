@@ -70,6 +70,10 @@ def _positive(value: float) -> Optional[str]:
     return None if value > 0 else "must be more than 0"
 
 
+def _off_or_positive(value: float) -> Optional[str]:
+    return None if value >= 0 else "must be 0 (off) or more"
+
+
 class Duration(float):
     """A length of time in seconds, written as a number or with a unit: 90s, 30m, 48h, 2d."""
 
@@ -149,6 +153,9 @@ class SyncConfig:
     # Events of one case applied in one go (a burst of new observables: one look-up and one consume
     # call per few hundred); 1 applies them one at a time.
     batch_max: int = _opt(int, 500, check=_positive)
+    # While the daemon runs, one process re-reads what TheHive changed since the last mark this
+    # often and queues what no webhook brought (lost webhooks found in minutes); 0 turns it off.
+    reconcile_every: float = _opt(Duration, 900.0, check=_off_or_positive)
 
 
 TLP_ORDER = ("WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")

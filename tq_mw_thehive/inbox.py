@@ -446,6 +446,11 @@ class Inbox(state.Store):
                 counts[row["state"]] = counts.get(row["state"], 0) + row["n"]
         return counts
 
+    def newest_order_ts(self, object_id: str) -> Optional[int]:
+        """TheHive's time (ms) of the newest event held for ``object_id``, whatever its state."""
+        row = self.db.execute("SELECT MAX(order_ts) FROM inbox WHERE object_id = ?", (object_id,)).fetchone()
+        return row[0]
+
     def get(self, item_id: int) -> Optional[sqlite3.Row]:
         return self.db.execute("SELECT * FROM inbox WHERE id = ?", (item_id,)).fetchone()
 

@@ -82,6 +82,10 @@ class _Metrics:
                                 registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        self.sweeps = Counter(PREFIX + "reconcile_sweeps", "Periodic reconciliation sweeps, by outcome "
+                              "(ok, failed, first)", ["outcome"], registry=r)
+        self.swept_found = Counter(PREFIX + "reconcile_found", "Changes found by reconciliation sweeps that no "
+                                   "webhook brought (queued by the sweep)", registry=r)
         self.processed = Counter(PREFIX + "events_processed", "Inbox events handled by a sync worker, by outcome",
                                  ["outcome"], registry=r)
         self.threatq_seconds = Histogram(PREFIX + "threatq_request_duration_seconds",
@@ -122,6 +126,13 @@ def event_answered(outcome: str) -> None:
 def event_rejected(reason: str) -> None:
     """One of ``REJECT_REASONS``: a 401, 400, 413 or 503 answer to ``POST /cases``."""
     _m.rejected.labels(reason).inc()
+
+
+def reconcile_swept(outcome: str, found: int) -> None:
+    """A reconciliation sweep ended (``ok``, ``failed`` or ``first``) having queued ``found`` changes."""
+    _m.sweeps.labels(outcome).inc()
+    if found:
+        _m.swept_found.inc(found)
 
 
 def event_processed(outcome: str) -> None:

@@ -27,6 +27,7 @@ from gunicorn.app.base import BaseApplication
 
 from tq_mw_thehive import intake, metrics, web
 from tq_mw_thehive.backfill import catch_up_in_background
+from tq_mw_thehive.reconcile import Reconciler
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.services import Services
@@ -110,6 +111,9 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
         # The workers of one gunicorn master share its pid: one catch-up per daemon start.
         catch_up_in_background(services, worker.owner, worker.wakeup.set,
                                run_id=f"{socket.gethostname()}:{os.getppid()}")
+    if cfg.sync.reconcile_every and cfg.thehive.api_key:
+        reconciler = Reconciler(services, worker.owner, worker.wakeup.set, cfg.sync.reconcile_every).start()
+        atexit.register(reconciler.stop)
     app = web.create_app(services, name=name, on_queued=worker.wakeup.set, retention=True)
     app.extensions[web.EXTENSION]["worker"] = worker
     return app

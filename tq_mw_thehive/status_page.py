@@ -35,6 +35,7 @@ from tq_mw_thehive.auth import (COOKIE, DIGITS, SESSION_MAX_AGE_S, AdminAuth, Lo
                                 login_client, set_session_cookie)
 from tq_mw_thehive.enrichment.registry import Registry, plugin_state
 from tq_mw_thehive.services import Services
+from tq_mw_thehive.reconcile import last_sweep
 from tq_mw_thehive.sync_state import read_capabilities
 from tq_mw_thehive.threatq import capabilities
 
@@ -215,7 +216,13 @@ def _view(page: StatusPage, session: str, notice: Optional[str]) -> Response:
     plugins = [{"name": p.name, "state": plugin_state(p, page.cfg.enrichment, page.keys), "version": p.version,
                 "data_types": ", ".join(p.data_types) or "-", "origin": p.origin}
                for p in page.registry.plugins]
+    sweep = last_sweep(inbox)
+    shown_sweep = None if sweep is None else dict(
+        vars(sweep), when=_utc(sweep.started_at), ago=age_text(max(0.0, now - sweep.started_at)),
+        ms=f"{sweep.seconds * 1000:.0f}")
+    every = page.cfg.sync.reconcile_every if page.cfg.thehive.api_key else 0
     return _html("page", title="status", version=__version__, now=_utc(now), notice=notice,
+                 sweep=shown_sweep, sweep_every=age_text(every) if every else None,
                  session=session != "bearer", csrf=page.auth.csrf_token(session),
                  url_logout=url_for("status_page.logout"), stats=stats,
                  oldest=age_text(stats["oldest_pending_age_s"]), chart=chart_svg(inbox.hourly_counts(CHART_HOURS)),

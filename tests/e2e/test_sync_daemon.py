@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -358,3 +359,36 @@ def test_an_unreachable_thehive_delays_catch_up_only(start, simulators, tmp_path
     assert post(daemon, sample("th5-case-create.json")) == ["queued"]
     assert drained(daemon)["done"] == 1 and len(tq.events) == 1
     wait_for(lambda: "catch-up stopped" in daemon.log_text(), 90, "catch-up to give up for now")
+
+
+def _webhook(kind: str, obj: dict, case: dict) -> dict:
+    """TheHive 5's audit event of ``obj``'s last change (stamped just after it)."""
+    obj = dict(obj, case=case) if kind == "Observable" else dict(obj)
+    stamp = (obj.get("_updatedAt") or obj["_createdAt"]) + 12
+    return {"_id": f"~audit-{obj['_id']}", "_type": "Audit", "action": "create", "objectType": kind,
+            "objectId": obj["_id"], "rootId": case["_id"], "_createdAt": stamp, "details": {}, "object": obj}
+
+
+def test_a_lost_webhook_is_found_by_the_periodic_sweep_while_the_daemon_runs(start, simulators, tmp_path):
+    tq, hive = simulators
+    daemon = start(reconcile_every="2s")
+    wait_for(lambda: "catch-up: first start" in daemon.log_text(), 30, "the first catch-up")
+    delivered = hive.add_case(title="Delivered")
+    assert post(daemon, _webhook("Case", delivered, delivered)) == ["queued"]
+    lost = hive.add_case(title="Its webhook was lost")
+    hive.add_observable(lost["_id"], dataType="domain", data="lost.example.net", tlp=1, pap=1)
+    wait_for(lambda: len(tq.events) == 2 and tq.find_indicators("lost.example.net"), 60,
+             "the lost case in ThreatQ, found by a sweep")
+    wait_for(lambda: "reconcile done found=0" in daemon.log_text(), 30, "a later sweep that finds nothing more")
+    log = daemon.log_text()
+    assert log.count("tq_mw_thehive.reconcile: reconcile found=") == 1, log
+    assert "reconcile found=2 " in log  # the lost case and its observable; the delivered case is here
+    db = sqlite3.connect(f"file:{tmp_path / 'tq_mw_thehive.db'}?mode=ro", uri=True)
+    try:
+        swept = [r[0] for r in db.execute("SELECT object_id FROM inbox WHERE audit_id LIKE 'backfill:%'")]
+    finally:
+        db.close()
+    assert sorted(swept) == sorted([lost["_id"], next(iter(o for o in hive.observables))])
+    text = requests.get(daemon.url + "/metrics", timeout=10).text
+    assert "tq_mw_thehive_reconcile_found_total 2.0" in text
+    assert 'tq_mw_thehive_reconcile_sweeps_total{outcome="ok"}' in text
