@@ -106,7 +106,7 @@ def test_every_key_has_a_row_and_every_row_a_key_with_its_default():
 def test_the_schema_walk_sees_every_section_and_top_level_key():
     keys = schema()
     assert {k.split(".")[0] for k in keys if "." in k} == {"threatq", "thehive", "webhook", "sync",
-                                                           "enrichment", "web", "inbox", "logs"}
+                                                           "enrichment", "web", "inbox", "logs", "writeback"}
     assert "state_db" in keys and "sync.catch_up" in keys and "enrichment.plugins" in keys
     # config_dir is left out because config.yaml may not set it:
     with pytest.raises(ConfigError, match="config_dir: unknown key"):

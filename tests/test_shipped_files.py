@@ -20,7 +20,7 @@ def test_example_config_is_valid_and_lists_every_key(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text((ROOT / "config" / "config.example.yaml").read_text())
     cfg = config_mod.load(tmp_path)
     assert cfg.webhook.token == "value-of-tq_mw_webhook_token"
-    assert set(cfg.to_dict()) == {"threatq", "thehive", "webhook", "sync", "enrichment", "web", "inbox", "logs",
+    assert set(cfg.to_dict()) == {"threatq", "thehive", "webhook", "sync", "enrichment", "web", "inbox", "logs", "writeback",
                                   "state_db"}
     example = (ROOT / "config" / "config.example.yaml").read_text()
     for section, values in cfg.to_dict().items():

@@ -205,6 +205,21 @@ class LogsConfig:
     max_tlp_values: str = _opt(str, "AMBER", choices=TLP_ORDER)
 
 
+def _tag_prefix(value: str) -> Optional[str]:
+    if not value or any(c in value for c in ":= \t\n") or not value.isprintable():
+        return "must be a word without ':', '=' or spaces"
+    return None
+
+
+@dataclass(frozen=True)
+class WritebackConfig:
+    # Off by default: the daemon then only reads TheHive. On: what landed in ThreatQ is told
+    # back to TheHive as tags (and a case custom field), see docs/sync.md.
+    enabled: bool = _opt(bool, False)
+    tag_prefix: str = _opt(str, "threatq", check=_tag_prefix)
+    case_custom_field: Optional[str] = _opt(str, check=_non_empty)
+
+
 _SECTIONS = {
     "threatq": ThreatQConfig,
     "thehive": TheHiveConfig,
@@ -214,6 +229,7 @@ _SECTIONS = {
     "web": WebConfig,
     "inbox": InboxConfig,
     "logs": LogsConfig,
+    "writeback": WritebackConfig,
 }
 _REQUIRED_SECTIONS = ("threatq", "thehive")
 
@@ -228,6 +244,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
+    writeback: WritebackConfig = field(default_factory=WritebackConfig)
     state_db: Path = Path(DEFAULT_STATE_DB)
     config_dir: Path = Path(".")
 
@@ -398,6 +415,8 @@ def _check_cross_field(cfg: Config) -> None:
     if hook.auth == "basic" and not (hook.username and hook.password):
         raise ConfigError("webhook.username: webhook.username and webhook.password are required "
                           "when webhook.auth is basic")
+    if cfg.writeback.enabled and not cfg.thehive.api_key:
+        raise ConfigError("writeback.enabled: needs thehive.api_key (the daemon writes to TheHive's API)")
 
 
 def load(config_dir: Path) -> Config:

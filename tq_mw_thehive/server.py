@@ -28,6 +28,7 @@ from gunicorn.app.base import BaseApplication
 from tq_mw_thehive import intake, metrics, web
 from tq_mw_thehive.backfill import catch_up_in_background
 from tq_mw_thehive.reconcile import Reconciler
+from tq_mw_thehive.writeback import Sender
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.services import Services
@@ -111,6 +112,10 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
         # The workers of one gunicorn master share its pid: one catch-up per daemon start.
         catch_up_in_background(services, worker.owner, worker.wakeup.set,
                                run_id=f"{socket.gethostname()}:{os.getppid()}")
+    if services.outbox is not None:
+        sender = Sender(services.outbox, services.thehive(), worker.owner, cfg.writeback.case_custom_field).start()
+        services.outbox.on_due = sender.wake.set
+        atexit.register(sender.stop)
     if cfg.sync.reconcile_every and cfg.thehive.api_key:
         reconciler = Reconciler(services, worker.owner, worker.wakeup.set, cfg.sync.reconcile_every).start()
         atexit.register(reconciler.stop)

@@ -25,6 +25,7 @@ from tq_mw_thehive.thehive.api import TheHiveClient
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.threatq.objects import ThreatQObjects
 from tq_mw_thehive.type_mapping import TypeMapping
+from tq_mw_thehive.writeback import Outbox
 
 
 class Services:
@@ -56,6 +57,11 @@ class Services:
         return KeyStore(self.cfg.state_db)
 
     @cached_property
+    def outbox(self) -> Optional[Outbox]:
+        """What TheHive is to be told (``writeback.enabled``); None when write-back is off."""
+        return Outbox(self.cfg.state_db) if self.cfg.writeback.enabled else None
+
+    @cached_property
     def types(self) -> TypeMapping:
         return TypeMapping.from_config(self.cfg.sync)
 
@@ -83,11 +89,17 @@ class Services:
     def sync(self) -> Sync:
         """One per worker thread: its clients are its own."""
         return Sync(self.cfg, self.threatq(), self.thehive(), self.sync_state, self.types,
-                    enricher=self.enricher(), watches=self.watches)
+                    enricher=self.enricher(), watches=self.watches, outbox=self.outbox)
 
     def objects(self, threatq: Optional[ThreatQClient] = None) -> ThreatQObjects:
         return ThreatQObjects(threatq or self.threatq(), self.cfg.threatq.source, self.cfg.state_db.parent)
 
     def monitor(self, enricher: Enricher) -> Monitor:
         """Re-checks of the watch list that write changed answers to ThreatQ as the sync does."""
-        return Monitor(enricher, self.watches, self.objects(), self.types)
+        return Monitor(enricher, self.watches, self.objects(), self.types,
+                       on_verdict=self._verdict_changed if self.outbox is not None else None)
+
+    def _verdict_changed(self, indicator_ids, plugin: str, verdict: Optional[str]) -> None:
+        """A watched IOC's new verdict: the verdict tag of its TheHive observables follows."""
+        self.outbox.set_verdict(self.sync_state.observables_of(indicator_ids), self.cfg.writeback.tag_prefix,
+                                plugin, verdict)

@@ -172,6 +172,23 @@ _M008_OBJECT_ORDER = [
     "CREATE INDEX inbox_object ON inbox (object_id, id)",
 ]
 
+_M009_WRITEBACK = [
+    # What the daemon tells TheHive (writeback.enabled): per case or observable, the daemon's own
+    # tags it should carry and what TheHive was last told; a row with due_at is waiting to be sent.
+    """CREATE TABLE writeback (
+            thehive_id  TEXT    PRIMARY KEY,
+            kind        TEXT    NOT NULL CHECK (kind IN ('case', 'observable')),
+            want_tags   TEXT    NOT NULL DEFAULT '[]',  -- JSON list
+            sent_tags   TEXT    NOT NULL DEFAULT '[]',  -- JSON list
+            want_field  TEXT,                           -- a case's ThreatQ URL (writeback.case_custom_field)
+            sent_field  TEXT,
+            due_at      REAL,                           -- NULL: TheHive has what it should
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            last_error  TEXT
+        )""",
+    "CREATE INDEX writeback_due ON writeback (due_at) WHERE due_at IS NOT NULL",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
@@ -183,6 +200,7 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (6, "status page login", _M006_STATUS_LOGIN),
     (7, "inbox retention and counts", _M007_RETENTION),
     (8, "inbox order by object", _M008_OBJECT_ORDER),
+    (9, "writeback", _M009_WRITEBACK),
 ]
 
 BUSY_TIMEOUT_S = 5.0

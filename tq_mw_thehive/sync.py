@@ -32,6 +32,7 @@ from tq_mw_thehive.thehive.model import Case, Observable
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.threatq.objects import Known, StoredIndicators, ThreatQObjects, Upsert, indicator_key, inline
 from tq_mw_thehive.type_mapping import TypeMapping
+from tq_mw_thehive.writeback import case_tags, case_url, observable_tags, theirs
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class Sync:
     """Applies inbox events to ThreatQ; one per worker thread (the clients are not shared)."""
 
     def __init__(self, cfg: Config, threatq, thehive, state: SyncState, types: TypeMapping,
-                 enricher=None, watches=None) -> None:
+                 enricher=None, watches=None, outbox=None) -> None:
         self.cfg = cfg
         self.sync = cfg.sync
         self.tq = threatq
@@ -173,6 +174,9 @@ class Sync:
         self.enricher = enricher
         self.watches = watches
         self.case_collection = "incident" if cfg.sync.cases_as == "incident" else "events"
+        # writeback.enabled: what landed is recorded for TheHive (writeback.Outbox); None: off.
+        self.outbox = outbox
+        self.prefix = cfg.writeback.tag_prefix
         self.objects = ThreatQObjects(threatq, cfg.threatq.source, cfg.state_db.parent)
         if isinstance(threatq, ThreatQClient) and threatq.on_capability is None:
             threatq.on_capability = state.record_capability  # for `check` and the status page
@@ -224,7 +228,7 @@ class Sync:
                 obj = self._fetch_case(case_id)
             except TheHiveNotFound:
                 return Outcome("skipped", detail=f"case {case_id} is no longer in TheHive")
-        case = Case.from_thehive(obj)
+        case = self.case_of(obj)
         if self._stale(case_id, ts):
             return Outcome("stale", case.number, detail="a newer change of this case was applied")
         if (not self.sync.include_cases_without_observables and not self.state.tq_ids(case_id)
@@ -234,6 +238,7 @@ class Sync:
                            "(sync.include_cases_without_observables: false)")
         ref = self._upsert_case(case)
         self.state.mark_applied(case_id, "case", ts)
+        self._tell_case(case_id, ref)
         return Outcome("synced", case.number, [f"{ref[0]}/{ref[1]}"])
 
     def _fetch_observable(self, obs_id: str, known_case: Optional[str]) -> Tuple[dict, Optional[str]]:
@@ -348,8 +353,9 @@ class Sync:
         else:
             obj = self._fetch_case(case_id)
             case_ts = thehive_time(obj)
-        ref = self._upsert_case(Case.from_thehive(obj))
+        ref = self._upsert_case(self.case_of(obj))
         self.state.mark_applied(case_id, "case", case_ts)
+        self._tell_case(case_id, ref)
         return ref
 
     # --- observables ------------------------------------------------------------------------------
@@ -373,7 +379,7 @@ class Sync:
         if isinstance(found, Outcome):
             return found
         obj, fetched_case_id = found
-        observable = Observable.from_thehive(obj)
+        observable = self.observable_of(obj)
         case_id = observable.case_id or event.case_id or self.state.case_of(obs_id) or fetched_case_id
         embedded_case = obj.get("case") if isinstance(obj.get("case"), dict) else None
         number = embedded_case.get("number", embedded_case.get("caseId")) if embedded_case else None
@@ -393,6 +399,7 @@ class Sync:
                                       for i, runs in plan]))
         if already and self.state.digest(obs_id) == digest:
             self.state.mark_applied(obs_id, "observable", ts)
+            self._tell_observable(obs_id, [i for _, i in already], plan)
             refs = [f"{case_ref[0]}/{case_ref[1]}"] + [f"indicators/{i}" for _, i in already]
             return Outcome("unchanged", number, refs, detail="nothing to change in ThreatQ")
         return PendingObservable(obs_id, case_id, case_ref, number, ts, mapped.indicators[0].tags, plan,
@@ -404,8 +411,29 @@ class Sync:
         self.state.set_synced_tags(pending.obs_id, "observable", pending.tags)
         self.state.mark_applied(pending.obs_id, "observable", pending.ts)
         self.state.set_digest(pending.obs_id, "observable", pending.digest)
+        self._tell_observable(pending.obs_id, indicator_ids, pending.plan)
         refs = [f"{pending.case_ref[0]}/{pending.case_ref[1]}"] + [f"indicators/{i}" for i in indicator_ids]
         return Outcome("synced", pending.number, refs, detail=_detail(pending.skipped, pending.plan))
+
+    # --- TheHive's own view: the daemon's tags stay out of ThreatQ, what landed is told back -----
+
+    def case_of(self, obj: Any) -> Case:
+        case = Case.from_thehive(obj)
+        return replace(case, tags=theirs(case.tags, self.prefix))
+
+    def observable_of(self, obj: Any) -> Observable:
+        observable = Observable.from_thehive(obj)
+        return replace(observable, tags=theirs(observable.tags, self.prefix))
+
+    def _tell_case(self, case_id: str, ref: Tuple[str, int]) -> None:
+        if self.outbox is not None:
+            url = case_url(self.cfg.threatq.base_url, ref[0], ref[1]) if self.cfg.writeback.case_custom_field else None
+            self.outbox.want(case_id, "case", case_tags(self.prefix, ref[0], ref[1]), url)
+
+    def _tell_observable(self, obs_id: str, indicator_ids: Sequence[int], plan) -> None:
+        if self.outbox is not None and indicator_ids:
+            runs = [run for _, plugin_runs in plan for run in plugin_runs]
+            self.outbox.want(obs_id, "observable", observable_tags(self.prefix, indicator_ids, runs))
 
     def write_indicators(self, pending: "PendingObservable") -> List[int]:
         """Each indicator of the observable into ThreatQ, one by one: their ids."""

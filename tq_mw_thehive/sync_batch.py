@@ -24,7 +24,6 @@ from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.mapping import map_observable
 from tq_mw_thehive.sync import (Outcome, PendingObservable, Sync, carried_object, carries_object,
                                 enrichment_key)
-from tq_mw_thehive.thehive.model import Observable
 from tq_mw_thehive.threatq.api import ThreatQStepRefused
 from tq_mw_thehive.threatq.objects import indicator_key
 
@@ -88,7 +87,7 @@ def _enrich_together(sync: Sync, items: Sequence[InboxItem]) -> Dict[tuple, list
             obj = carried_object(payload)
             if event.object_type != "observable" or event.action == "delete" or obj is None:
                 continue
-            observable = Observable.from_thehive(obj)
+            observable = sync.observable_of(obj)
             mapped = map_observable(observable, sync.types, status=sync.sync.indicator_status)
         except Exception:
             continue

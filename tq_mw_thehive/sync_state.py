@@ -89,6 +89,15 @@ class SyncState(state.Store):
             params.append(tq_id)
         self.write(lambda db: db.execute(sql, params))
 
+    def observables_of(self, indicator_ids: Sequence[int]) -> List[str]:
+        """The TheHive observables that reached ThreatQ as these indicators."""
+        ids = list(indicator_ids)
+        if not ids:
+            return []
+        return [r[0] for r in self.db.execute(
+            f"SELECT DISTINCT thehive_id FROM object_map WHERE kind = 'observable' AND collection = 'indicators' "
+            f"AND tq_id IN ({', '.join('?' * len(ids))})", ids)]
+
     def case_of(self, thehive_id: str) -> Optional[str]:
         """The case an observable was synced under (a TheHive 4 delete event does not say)."""
         row = self.db.execute("SELECT case_id FROM object_map WHERE thehive_id = ? AND case_id IS NOT NULL "

@@ -180,11 +180,14 @@ class Monitor:
 
     def __init__(self, enricher: Enricher, watches: WatchList, objects: Optional["ThreatQObjects"] = None,
                  types: Optional[TypeMapping] = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_verdict: Optional[Callable[[List[int], str, Optional[str]], None]] = None) -> None:
         self.enricher = enricher
         self.watches = watches
         self.objects = objects
         self.types = types
+        # Told (indicator ids written, plugin, new verdict) after a change lands: write-back's verdict tags.
+        self.on_verdict = on_verdict
         self.pacer = Pacer(clock, sleep)
 
     def run_once(self) -> Dict[str, int]:
@@ -234,7 +237,9 @@ class Monitor:
         """Set the new attributes on the ThreatQ indicators with this value (there may be none yet)."""
         if self.objects is None or not run.attributes:
             return
-        self.objects.enrich_by_value(self._threatq_types(data_type, value), value, run)
+        written = self.objects.enrich_by_value(self._threatq_types(data_type, value), value, run)
+        if written and self.on_verdict is not None:
+            self.on_verdict(written, run.plugin, run.verdict if run.status == "fetched" else None)
 
     def _threatq_types(self, data_type: str, value: str) -> List[str]:
         if data_type == "filename":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import requests
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none, wait_random_exponential
@@ -49,11 +49,15 @@ class TheHiveError(Exception):
 
 class TheHiveRefused(TheHiveError, PermanentError):
     """TheHive refused the request itself (a 4xx other than 401/403/429) or answered something
-    that is not what its API returns: asking again cannot help."""
+    that is not what its API returns: asking again cannot help. ``status``: TheHive's HTTP status."""
+
+    status: Optional[int] = None
 
 
 class TheHiveNotFound(TheHiveRefused):
     """The case or observable does not exist (404, or an empty ``getCase`` result)."""
+
+    status = 404
 
 
 class TheHiveUnavailable(TheHiveError, TransientError):
@@ -92,6 +96,8 @@ class TheHiveClient:
             self._headers["X-Organisation"] = organisation
         # tenacity's sleep; tests replace it to record the waits instead of sleeping.
         self._sleep: Callable[[float], None] = time.sleep
+        # Whether TheHive takes addTags/removeTags (TheHive 5) or only whole tag lists (4); None: not known yet.
+        self.add_tags_supported: Optional[bool] = None
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "TheHiveClient":
@@ -179,6 +185,47 @@ class TheHiveClient:
         so there it costs more than a plain listing.
         """
         return self._pages("list-observables", self._listing(CASE_OBSERVABLES, since_ms))
+
+    # -- write-back (writeback.enabled) -------------------------------------------------------------
+
+    def update_tags(self, kind: str, object_id: str, add: Sequence[str], remove: Sequence[str]) -> None:
+        """Add and remove tags of a case or observable (``kind``), leaving its other tags alone.
+
+        TheHive 5: ``PATCH /api/v1/{kind}/{id}`` with ``addTags``/``removeTags`` (thehive4py 2.x
+        ``InputUpdateObservable``/``InputUpdateCase``; StrangeBeeCorp/thehive4go, generated from
+        TheHive 5's OpenAPI spec). TheHive 4 knows only ``tags``, which replaces the whole list
+        (TheHive-Project/TheHive ``controllers/v1/Properties.scala``): when ``addTags`` is refused
+        with a 400, the client reads the object's tags, changes only ours, and sends the list; it
+        remembers that for the rest of the process. A tag an analyst adds between that read and
+        write is lost [guess: TheHive 4 offers nothing better].
+        """
+        path = f"/api/v1/{kind}/{object_id}"
+        if self.add_tags_supported is not False:
+            body = {k: list(v) for k, v in (("addTags", add), ("removeTags", remove)) if v}
+            try:
+                self._request("PATCH", path, json=body)
+                self.add_tags_supported = True
+                return
+            except TheHiveRefused as exc:
+                if exc.status != 400 or self.add_tags_supported:
+                    raise
+                self.add_tags_supported = False
+                logger.info("TheHive refused addTags/removeTags (TheHive 4): tags are written as the whole "
+                            "list from now on (%s)", exc)
+        current = self.get_observable(object_id) if kind == "observable" else self.get_case(object_id)
+        tags = [t for t in current.get("tags") or [] if isinstance(t, str) and t not in set(remove)]
+        tags += [t for t in add if t not in tags]
+        self._request("PATCH", path, json={"tags": tags})
+
+    def set_case_custom_field(self, case_id: str, name: str, value: str) -> None:
+        """Set one custom field of a case, leaving the others alone: TheHive 5 adds a map's fields
+        to the case's (thehive4go ``InputUpdateCaseCustomFields``); TheHive 4 replaces them all with
+        a map and sets one field only by the path ``customFields.<name>`` (``Properties.scala``,
+        ``CaseSrv.updateCustomField``). Which one this TheHive is comes from ``update_tags``;
+        [guess] whether TheHive 5 also takes the path form is not known, so it is not sent there."""
+        body = ({f"customFields.{name}": value} if self.add_tags_supported is False
+                else {"customFields": {name: value}})
+        self._request("PATCH", f"/api/v1/case/{case_id}", json=body)
 
     # -- organisation configuration (TheHive 4; `tq-mw-thehive thehive-setup`) ---------------------
 
@@ -300,7 +347,9 @@ class TheHiveClient:
             # Not in the brief's list; the request was fine, TheHive just wants us to slow down.
             raise TheHiveUnavailable(f"{where}: HTTP 429: rate limited{self._detail(response)}")
         if status >= 400:
-            raise TheHiveRefused(f"{where}: HTTP {status}{self._detail(response)}")
+            refused = TheHiveRefused(f"{where}: HTTP {status}{self._detail(response)}")
+            refused.status = status
+            raise refused
         if status == 204 or not response.content:
             return None  # e.g. a configuration PUT answered "No Content"
         try:
