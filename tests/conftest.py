@@ -110,7 +110,7 @@ class World:
 
     def deliver(self, *payloads: dict) -> None:
         for payload in payloads:
-            self.inbox.put(events.parse(payload), json.dumps(payload))
+            self.inbox.put(events.parse(payload, alerts=self.cfg.sync.alerts), json.dumps(payload))
 
     def drain(self, limit: int = 500) -> None:
         for _ in range(limit):

@@ -156,6 +156,9 @@ class SyncConfig:
     # While the daemon runs, one process re-reads what TheHive changed since the last mark this
     # often and queues what no webhook brought (lost webhooks found in minutes); 0 turns it off.
     reconcile_every: float = _opt(Duration, 900.0, check=_off_or_positive)
+    # TheHive alerts and their observables go to ThreatQ too (alerts as events of this type).
+    alerts: bool = _opt(bool, False)
+    alert_event_type: str = _opt(str, "Sighting", check=_non_empty)
 
 
 TLP_ORDER = ("WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")

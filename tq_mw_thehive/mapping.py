@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from tq_mw_thehive.thehive.model import Case, Observable
+from tq_mw_thehive.thehive.model import Alert, Case, Observable
 from tq_mw_thehive.type_mapping import FILE, FILENAME, TypeMapping
 
 if TYPE_CHECKING:  # only for the annotation: this module stays free of configuration loading
@@ -130,6 +130,41 @@ def map_case(case: Case, sync: "SyncConfig") -> CaseObject:
             ("Severity", severity),
             ("PAP", case.pap),
             ("Flagged", _yes_no(case.flag)),
+        ),
+    )
+
+
+ALERT_TITLE_PREFIX = "Hive Alert #"
+
+
+def alert_title(alert_id: str, title: str) -> str:
+    """``Hive Alert #<_id> <title>``: an alert's ThreatQ event (``sync.alerts``)."""
+    title = title.strip()
+    return f"{ALERT_TITLE_PREFIX}{alert_id} {title}" if title else f"{ALERT_TITLE_PREFIX}{alert_id}"
+
+
+def map_alert(alert: Alert, sync: "SyncConfig") -> CaseObject:
+    """An alert as the ThreatQ event it becomes (type ``sync.alert_event_type``), with the
+    fields of a case it has and what says where it came from."""
+    severity = alert.severity_label
+    if not severity and alert.severity is not None:
+        severity = SEVERITY_LABELS.get(alert.severity)
+    return CaseObject(
+        collection="events",
+        title=alert_title(alert.id, alert.title),
+        event_type=sync.alert_event_type,
+        description=alert.description,
+        happened_at=_utc(alert.date_ms if alert.date_ms is not None else alert.created_ms),
+        tags=alert.tags,
+        tlp_id=tlp_id(alert.tlp),
+        attributes=_attributes(
+            ("TheHive Id", alert.id),
+            ("Status", alert.status),
+            ("Severity", severity),
+            ("PAP", alert.pap),
+            ("Alert Type", alert.type),
+            ("Alert Source", alert.source),
+            ("Alert Source Ref", alert.source_ref),
         ),
     )
 

@@ -24,11 +24,12 @@ from tq_mw_thehive.config import Config
 from tq_mw_thehive.errors import PermanentError
 from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_title, case_title_prefix,
-                                   case_consume_item, consume_item, enrichment_type, map_case, map_observable)
+                                   case_consume_item, consume_item, enrichment_type, map_alert, map_case,
+                                   map_observable)
 from tq_mw_thehive.sync_state import SyncState
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.thehive.api import TheHiveNotFound
-from tq_mw_thehive.thehive.model import Case, Observable
+from tq_mw_thehive.thehive.model import Alert, Case, Observable
 from tq_mw_thehive.threatq.api import ThreatQClient
 from tq_mw_thehive.threatq.objects import Known, StoredIndicators, ThreatQObjects, Upsert, indicator_key, inline
 from tq_mw_thehive.type_mapping import TypeMapping
@@ -37,6 +38,8 @@ from tq_mw_thehive.writeback import case_tags, case_url, observable_tags, theirs
 log = logging.getLogger(__name__)
 
 CASE_ATTRIBUTES = frozenset({"TheHive Id", "Status", "Owner", "Case Id", "Severity", "PAP", "Flagged"})
+ALERT_ATTRIBUTES = frozenset({"TheHive Id", "Status", "Severity", "PAP", "Alert Type", "Alert Source",
+                              "Alert Source Ref"})
 INDICATOR_ATTRIBUTES = frozenset({"PAP", "Sighted?", "Indicator Of Compromise?"})
 _KIND = {"events": "event", "incident": "incident"}
 
@@ -195,7 +198,7 @@ class Sync:
         """The stored event, its payload and its TheHive time (``PermanentSyncError`` if unreadable)."""
         try:
             payload = as_text(decoded(item.body))
-            event = events.parse(payload)
+            event = events.parse(payload, alerts=self.sync.alerts)
         except (ValueError, events.PayloadError) as exc:
             raise PermanentSyncError(f"stored body is not a webhook event: {exc}") from None
         ts = event.timestamp_ms if event.timestamp_ms is not None else \
@@ -207,6 +210,8 @@ class Sync:
             return self._case_event(event, payload, ts)
         if event.object_type == "observable":
             return self._observable_event(event, payload, ts)
+        if event.object_type == "alert" and self.sync.alerts:
+            return self._alert_event(event, payload, ts)
         return Outcome("skipped", detail=f"{event.raw_object_type} events are not synced")
 
     def _stale(self, thehive_id: str, ts: Optional[int]) -> bool:
@@ -358,6 +363,79 @@ class Sync:
         self._tell_case(case_id, ref)
         return ref
 
+    # --- alerts (sync.alerts) ------------------------------------------------------------------------
+
+    def _alert_event(self, event: events.WebhookEvent, payload: dict, ts: Optional[int]) -> Outcome:
+        """An alert becomes an event of ``sync.alert_event_type``; once TheHive imports or merges it
+        into a case, its event and indicators are linked to the case's object (not made again)."""
+        alert_id = event.object_id
+        if event.action == "delete":
+            self.state.mark_applied(alert_id, "case", ts)
+            return Outcome("skipped", detail="a deleted alert's ThreatQ event stays (intelligence is never deleted)")
+        obj = carried_object(payload)
+        if obj is not None and str(obj.get("_type", "alert")).lower() != "alert":
+            obj = None  # TheHive 4's alert update on import carries the case as its object (AuditSrv)
+        if obj is None:
+            try:
+                obj = self._fetch_alert(alert_id)
+            except TheHiveNotFound:
+                return Outcome("skipped", detail=f"alert {alert_id} is no longer in TheHive")
+        alert = Alert.from_thehive(obj)
+        details = payload.get("details") if isinstance(payload.get("details"), dict) else {}
+        if alert.case_id is None and isinstance(details.get("caseId"), str):
+            alert = replace(alert, case_id=details["caseId"])
+        alert = replace(alert, tags=theirs(alert.tags, self.prefix))
+        if self._stale(alert_id, ts):
+            return Outcome("stale", detail="a newer change of this alert was applied")
+        ref = self._upsert_alert(alert)
+        self.state.mark_applied(alert_id, "case", ts)
+        refs = [f"{ref[0]}/{ref[1]}"]
+        if alert.case_id:
+            case_ref = self._ensure_case(alert.case_id, None, None)
+            self._link_alert_to_case(alert.id, ref, case_ref)
+            refs.append(f"{case_ref[0]}/{case_ref[1]}")
+        return Outcome("synced", threatq=refs, detail=f"alert, in case {alert.case_id}" if alert.case_id else "alert")
+
+    def _fetch_alert(self, alert_id: str) -> dict:
+        if self.thehive is None:
+            raise PermanentSyncError(f"alert {alert_id} is not in the event and no TheHive API key is "
+                                     "configured (thehive.api_key)")
+        return self.thehive.get_alert(alert_id)
+
+    def _upsert_alert(self, alert: Alert) -> Tuple[str, int]:
+        obj = map_alert(alert, self.sync)
+        existing = self.state.tq_ids(alert.id, "events")
+        digest = _digest((obj, alert.case_id))
+        if existing and self.state.digest(alert.id) == digest:
+            return existing[0]  # nothing new: no call at all
+        with self.objects.lock(f"case:{alert.id}"):
+            tq_id = existing[0][1] if existing else self._find_case_object(obj, alert.id)
+            written = self.objects.upsert(self._case_upsert(obj, alert.id), None if tq_id is None else {"id": tq_id})
+            self.state.record(alert.id, "case", "events", written.tq_id)
+            self.objects.reconcile(written, obj.attributes, ALERT_ATTRIBUTES, obj.tags, self.state.synced_tags(alert.id))
+        self.state.set_synced_tags(alert.id, "case", obj.tags)
+        self.state.set_digest(alert.id, "case", digest)
+        return "events", written.tq_id
+
+    def _ensure_alert(self, alert_id: str, embedded: Optional[dict], ts: Optional[int]) -> Tuple[str, int]:
+        """The alert's ThreatQ event, made first from the embedded alert (or TheHive's) if missing."""
+        existing = self.state.tq_ids(alert_id, "events")
+        if existing:
+            return existing[0]
+        obj = embedded if embedded and embedded.get("_id") else self._fetch_alert(alert_id)
+        alert = Alert.from_thehive(obj)
+        ref = self._upsert_alert(replace(alert, tags=theirs(alert.tags, self.prefix)))
+        self.state.mark_applied(alert_id, "case", ts if embedded else thehive_time(obj))
+        return ref
+
+    def _link_alert_to_case(self, alert_id: str, alert_ref: Tuple[str, int], case_ref: Tuple[str, int]) -> None:
+        """The alert's event and indicators, linked to the case's object: TheHive copies the
+        observables into the case, and their values find these same indicators."""
+        if not any(link.get("id") == case_ref[1] for link in self.tq.links(alert_ref[0], alert_ref[1], case_ref[0])):
+            self.tq.link(alert_ref[0], alert_ref[1], case_ref[0], case_ref[1])
+        for indicator_id in self.state.indicators_in(alert_id):
+            self.objects.link(case_ref[0], case_ref[1], indicator_id)
+
     # --- observables ------------------------------------------------------------------------------
 
     def _observable_event(self, event: events.WebhookEvent, payload: dict, ts: Optional[int]) -> Outcome:
@@ -393,7 +471,11 @@ class Sync:
         if skipped:
             self.state.mark_applied(obs_id, "observable", ts)
             return Outcome(skipped[0], number, detail=skipped[1])
-        case_ref = self._ensure_case(case_id, embedded_case, ts)
+        if event.alert_id:
+            embedded_alert = obj.get("alert") if isinstance(obj.get("alert"), dict) else None
+            case_ref = self._ensure_alert(event.alert_id, embedded_alert, ts)
+        else:
+            case_ref = self._ensure_case(case_id, embedded_case, ts)
         plan = self._enrich(observable, mapped.indicators, enriched or {})
         digest = _digest((*case_ref, [(i, [(r.plugin, sorted(r.attributes.items())) for r in runs])
                                       for i, runs in plan]))

@@ -98,6 +98,12 @@ class SyncState(state.Store):
             f"SELECT DISTINCT thehive_id FROM object_map WHERE kind = 'observable' AND collection = 'indicators' "
             f"AND tq_id IN ({', '.join('?' * len(ids))})", ids)]
 
+    def indicators_in(self, case_id: str) -> List[int]:
+        """The indicators of the observables synced under a case (or an alert)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT tq_id FROM object_map WHERE kind = 'observable' AND collection = 'indicators' "
+            "AND case_id = ? ORDER BY tq_id", (case_id,))]
+
     def case_of(self, thehive_id: str) -> Optional[str]:
         """The case an observable was synced under (a TheHive 4 delete event does not say)."""
         row = self.db.execute("SELECT case_id FROM object_map WHERE thehive_id = ? AND case_id IS NOT NULL "

@@ -189,7 +189,7 @@ def _receive(app: Flask, environ: dict) -> _Answer:
         return _too_large(app, remote)
     try:
         text, payload = _decode(body)
-        event = events.parse(payload)
+        event = events.parse(payload, alerts=ext["alerts"])
     except events.PayloadError as exc:
         if ext["rejections"].allow(400):
             log.warning("rejected outcome=invalid remote=%s reason=%r", remote, str(exc))
@@ -328,6 +328,7 @@ def create_app(services: Services, name: str = "tq_mw_thehive", on_queued: Optio
         "inbox": services.inbox,
         "on_queued": on_queued,
         "rejections": RejectionLog(),
+        "alerts": cfg.sync.alerts,  # sync.alerts: alert events are stored, not answered "ignored"
     }
     if retention:
         ext = app.extensions[EXTENSION]

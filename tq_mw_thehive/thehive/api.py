@@ -129,6 +129,14 @@ class TheHiveClient:
             raise TheHiveNotFound(f"TheHive has no observable {observable_id}")
         return found[0]
 
+    def get_alert(self, alert_id: str) -> dict:
+        """The alert in API v1 form (``getAlert``: thehive4py 2.x ``endpoints/alert.py``); an
+        unknown id raises TheHiveNotFound."""
+        found = self._query("get-alert", [{"_name": "getAlert", "idOrName": alert_id}])
+        if not found:
+            raise TheHiveNotFound(f"TheHive has no alert {alert_id}")
+        return found[0]
+
     def case_of_observable(self, observable_id: str) -> Optional[str]:
         """The ``_id`` of the observable's case, None for an alert's observable (the ``case``
         traversal of ``ObservableCtrl.scala`` ``extraQueries``: ``Query[Traversal.V[Observable],

@@ -60,6 +60,9 @@ class WebhookEvent:
     organisation: Optional[str]
     dedup_key: str
     ignore_reason: Optional[str]
+    # The alert an alert event or an alert's observable belongs to (``parse(..., alerts=True)``);
+    # ``case_id`` is then that alert's id too, so an alert's events are ordered as a case's.
+    alert_id: Optional[str] = None
 
     @property
     def case_key(self) -> str:
@@ -166,21 +169,40 @@ def _dedup_key(payload: Mapping[str, Any], audit_id: Optional[str], action_key: 
     return "digest:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _alert_bound(obj: Mapping[str, Any], context: Mapping[str, Any]) -> bool:
+    """An observable of an alert: its object embeds the alert (no case), or its context is the alert."""
+    return ("alert" in obj and "case" not in obj) or str(context.get("_type", "")).lower() == "alert"
+
+
 def _ignore_reason(object_type: str, raw_object_type: str, action: str, raw_action: str,
-                   obj: Mapping[str, Any], context: Mapping[str, Any]) -> Optional[str]:
-    if object_type not in SYNCED_OBJECT_TYPES:
-        return f"object type {raw_object_type} is not synced to ThreatQ"
+                   obj: Mapping[str, Any], context: Mapping[str, Any], alerts: bool) -> Optional[str]:
+    if object_type not in SYNCED_OBJECT_TYPES and not (alerts and object_type == "alert"):
+        return f"object type {raw_object_type} is not synced to ThreatQ" + (
+            " (sync.alerts: false)" if object_type == "alert" else "")
     if action not in ("create", "update", "delete"):
         return f"action {raw_action} is not synced to ThreatQ"
-    if object_type == "observable":
-        alert_bound = ("alert" in obj and "case" not in obj) or str(context.get("_type", "")).lower() == "alert"
-        if alert_bound:
-            return "observable of an alert, not of a case"
+    if object_type == "observable" and not alerts and _alert_bound(obj, context):
+        return "observable of an alert, not of a case (sync.alerts: false)"
     return None
 
 
-def parse(payload: Any) -> WebhookEvent:
-    """Read the envelope of a decoded webhook body; raise ``PayloadError`` if it is not one."""
+def _alert_id(object_type: str, object_id: Optional[str], root_id: Optional[str], obj: Mapping[str, Any],
+              context: Mapping[str, Any]) -> Optional[str]:
+    if object_type == "alert":
+        return object_id
+    if object_type != "observable" or not _alert_bound(obj, context):
+        return None
+    embedded = _embedded_id(obj, "alert")
+    if embedded:
+        return embedded
+    if str(context.get("_type", "")).lower() == "alert" and isinstance(context.get("_id"), str):
+        return _text(context["_id"], "context._id")
+    return root_id if root_id != object_id else None  # an alert observable's rootId is its alert
+
+
+def parse(payload: Any, alerts: bool = False) -> WebhookEvent:
+    """Read the envelope of a decoded webhook body; raise ``PayloadError`` if it is not one.
+    ``alerts`` (``sync.alerts``): alerts and their observables are events to sync, not ignored."""
     if not isinstance(payload, dict):
         raise PayloadError(f"body must be a JSON object, got {type(payload).__name__}")
     shape = _shape(payload)
@@ -213,9 +235,10 @@ def parse(payload: Any) -> WebhookEvent:
 
     object_type = _OBJECT_TYPES.get(raw_object_type.lower(), raw_object_type.lower())
     action = _ACTIONS.get(raw_action.lower(), raw_action.lower())
-    ignore = _ignore_reason(object_type, raw_object_type, action, raw_action, obj, context)
+    ignore = _ignore_reason(object_type, raw_object_type, action, raw_action, obj, context, alerts)
     if ignore is None and not object_id:
         raise PayloadError(f"missing objectId for a {raw_object_type} event")
+    alert_id = _alert_id(object_type, object_id, root_id, obj, context) if alerts and ignore is None else None
 
     return WebhookEvent(
         shape=shape,
@@ -226,11 +249,12 @@ def parse(payload: Any) -> WebhookEvent:
         object_id=object_id,
         audit_id=audit_id,
         request_id=request_id,
-        case_id=_case_id(shape, object_type, object_id, root_id, obj, context),
+        case_id=alert_id or _case_id(shape, object_type, object_id, root_id, obj, context),
         timestamp_ms=timestamp,
         organisation=_organisation(payload),
         dedup_key=_dedup_key(payload, audit_id, action_key, timestamp_key),
         ignore_reason=ignore,
+        alert_id=alert_id,
     )
 
 

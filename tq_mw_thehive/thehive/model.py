@@ -217,3 +217,57 @@ class Observable:
             updated_ms=_int(obj, kind, "_updatedAt", "updatedAt"),
             case_id=case_id or None,
         )
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A TheHive alert (``sync.alerts``); ``case_id`` is the case it was imported or merged into.
+
+    TheHive 5 API v1 and audit objects name that case ``caseId`` (thehive4py 2.x ``OutputAlert``);
+    TheHive 4's v0 webhook object names it ``case`` (TheHive-Project/TheHive ``dto/v0/Alert.scala``).
+    """
+
+    id: str
+    title: str
+    description: str
+    severity: Optional[int]
+    severity_label: Optional[str]
+    date_ms: Optional[int]
+    tags: Tuple[str, ...]
+    tlp: Optional[str]
+    pap: Optional[str]
+    status: Optional[str]
+    type: Optional[str]
+    source: Optional[str]
+    source_ref: Optional[str]
+    case_id: Optional[str]
+    created_ms: Optional[int]
+    updated_ms: Optional[int]
+
+    @classmethod
+    def from_thehive(cls, obj: Any) -> "Alert":
+        kind = "alert"
+        obj = _require_object(obj, kind)
+        case = obj.get("caseId", obj.get("case"))
+        if isinstance(case, dict):  # an embedded case, as some renderings give it [guess]
+            case = case.get("_id")
+        if case is not None and not isinstance(case, str):
+            raise ModelError(f"{kind}.caseId: must be a string, got {_type_name(case)}")
+        return cls(
+            id=_id(obj, kind),
+            title=_str(obj, kind, "title") or "",
+            description=_str(obj, kind, "description") or "",
+            severity=_int(obj, kind, "severity"),
+            severity_label=_label(obj, kind, "severity", None),
+            date_ms=_int(obj, kind, "date"),
+            tags=_strings(obj, kind, "tags"),
+            tlp=_label(obj, kind, "tlp", TLP_LABELS),
+            pap=_label(obj, kind, "pap", PAP_LABELS),
+            status=_str(obj, kind, "status"),
+            type=_str(obj, kind, "type"),
+            source=_str(obj, kind, "source"),
+            source_ref=_str(obj, kind, "sourceRef"),
+            case_id=case or None,
+            created_ms=_int(obj, kind, "_createdAt", "createdAt"),
+            updated_ms=_int(obj, kind, "_updatedAt", "updatedAt"),
+        )
