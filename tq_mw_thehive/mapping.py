@@ -108,12 +108,17 @@ def _yes_no(flag: bool) -> str:
     return "Yes" if flag else "No"
 
 
+def _severity(label: Optional[str], number: Optional[int]) -> Optional[str]:
+    """TheHive's label when it sent one, else the label of its number."""
+    if not label and number is not None:
+        return SEVERITY_LABELS.get(number)
+    return label
+
+
 def map_case(case: Case, sync: "SyncConfig") -> CaseObject:
     """A case as the ThreatQ event (``sync.cases_as: event``) or incident it becomes."""
     as_event = sync.cases_as != "incident"
-    severity = case.severity_label
-    if not severity and case.severity is not None:
-        severity = SEVERITY_LABELS.get(case.severity)
+    severity = _severity(case.severity_label, case.severity)
     return CaseObject(
         collection="events" if as_event else "incident",
         title=case_title(case.id, case.title),
@@ -146,9 +151,7 @@ def alert_title(alert_id: str, title: str) -> str:
 def map_alert(alert: Alert, sync: "SyncConfig") -> CaseObject:
     """An alert as the ThreatQ event it becomes (type ``sync.alert_event_type``), with the
     fields of a case it has and what says where it came from."""
-    severity = alert.severity_label
-    if not severity and alert.severity is not None:
-        severity = SEVERITY_LABELS.get(alert.severity)
+    severity = _severity(alert.severity_label, alert.severity)
     return CaseObject(
         collection="events",
         title=alert_title(alert.id, alert.title),
