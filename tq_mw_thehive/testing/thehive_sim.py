@@ -25,6 +25,16 @@ staying a bare array (ScalliGraph ``query/QueryExecutor.scala``; TheHive 4 ``ric
 to, extraData.contains("total"))``); ``send_total = False`` plays a TheHive that never
 sends it.
 
+Writes (``version`` 4 or 5; sources as in ``thehive/api.py``: thehive4py 2.x, StrangeBeeCorp/thehive4go,
+TheHive 4 ``controllers/v1/Properties.scala``): ``PATCH /api/v1/observable/{id}``
+and ``PATCH /api/v1/case/{idOrNumber}`` answer 204 with an empty body. Tags: ``tags`` replaces the list;
+``addTags``/``removeTags`` exist on TheHive 5 only. Case custom fields: on 5 ``customFields`` as a map sets
+those fields and keeps the others, as a list replaces them all; on 4 ``customFields.<name>`` sets one and
+the object form replaces them all (``CaseSrv.updateCustomField``). Each change builds an audit
+(``audits``), TheHive 5's webhook version 1 or TheHive 4's version 0, handed to ``webhook`` in order from
+one background thread (``drain_webhooks`` waits for it). ``promote_alert`` and ``merge_alert`` play the
+alert import and merge with their audit sequences; the Python helpers build audits with ``emit_audits``.
+
 Choices where the reference has no source ([guess]):
 - A never-updated object has no ``_updatedAt`` (as in the TheHive 5 captures);
   sorting puts objects without the field last in both directions, like Elasticsearch, or
@@ -36,6 +46,7 @@ Choices where the reference has no source ([guess]):
 from __future__ import annotations
 
 import copy
+import queue
 import re
 import threading
 import time
@@ -61,9 +72,27 @@ def _error(status: int, kind: str, message: str):
 
 
 class TheHiveSimulator:
-    def __init__(self, api_key: str = "thehive-sim-api-key", organisation: Optional[str] = None) -> None:
+    def __init__(self, api_key: str = "thehive-sim-api-key", organisation: Optional[str] = None,
+                 version: int = 5) -> None:
+        if version not in (4, 5):
+            raise ValueError(f"version must be 4 or 5, not {version!r}")
         self.api_key = api_key
         self.organisation = organisation
+        self.version = version  # 4 or 5: PATCH semantics and the audit ("webhook") shape
+        self.api_user = "sync-bot@thehive.sim"  # the API key's user: the actor of changes made over HTTP
+        # Custom fields an admin has created; setting any other one answers 404.
+        self.custom_fields_defined = {"threatq-url", "threatq-id"}
+        self.patches: List[dict] = []  # every PATCH: {"path", "body" (parsed JSON or None), "status"}
+        self.audits: List[dict] = []   # every audit built, in order (version 5 or version 4 "v0" shape)
+        # Called with each audit (a copy), in order, from one background thread, never under _lock.
+        self.webhook: Optional[Callable[[dict], None]] = None
+        self.webhook_errors: List[str] = []  # exceptions raised by ``webhook``, as "Type: message"
+        self.emit_audits = False  # True: the Python helpers (add_case, ...) build audits too
+        self._hook_queue: "queue.Queue[Tuple[Callable[[dict], None], dict]]" = queue.Queue()
+        self._hook_cond = threading.Condition()
+        self._hook_pending = 0  # queued plus in flight
+        self._hook_thread: Optional[threading.Thread] = None
+        self._next_request = 0
         self.cases: Dict[str, dict] = {}
         self.alerts: Dict[str, dict] = {}
         self.observables: Dict[str, dict] = {}  # of cases and of alerts
@@ -102,6 +131,14 @@ class TheHiveSimulator:
     def add_case(self, **fields: Any) -> dict:
         """Store a case with TheHive 5 defaults; ``fields`` override them. Returns a copy."""
         with self._lock:
+            case = self._store_case(fields)
+            if self.emit_audits:
+                self._audit("create", case, _served(case), SIM_USER, self._request_id())
+            return copy.deepcopy(case)
+
+    def _store_case(self, fields: Dict[str, Any]) -> dict:
+        """Store a case (no audit); the stored dict."""
+        with self._lock:
             now = self._now_ms()
             number = fields.get("number", self._next_number)
             self._next_number = max(self._next_number, int(number)) + 1
@@ -116,7 +153,7 @@ class TheHiveSimulator:
             case.update(fields)
             _label(case)
             self.cases[case["_id"]] = case
-            return copy.deepcopy(case)
+            return case
 
     def update_case(self, case_id: str, **fields: Any) -> dict:
         """Change a case as an analyst would: ``_updatedAt``/``_updatedBy`` move on."""
@@ -125,6 +162,8 @@ class TheHiveSimulator:
             case.update(fields)
             _label(case)
             self._touch(case)
+            if self.emit_audits:
+                self._audit("update", case, copy.deepcopy(fields), SIM_USER, self._request_id())
             return copy.deepcopy(case)
 
     def add_observable(self, case_id: str, **fields: Any) -> dict:
@@ -133,6 +172,8 @@ class TheHiveSimulator:
             case = self.cases[case_id]
             observable = self._new_observable(_CASE_LINK, case_id, fields)
             self._touch(case)
+            if self.emit_audits:
+                self._audit("create", observable, _served(observable), SIM_USER, self._request_id())
             return _served(observable)
 
     def add_alert(self, **fields: Any) -> dict:
@@ -146,6 +187,8 @@ class TheHiveSimulator:
             alert.update(fields)
             _label(alert)
             self.alerts[alert["_id"]] = alert
+            if self.emit_audits:
+                self._audit("create", alert, _served(alert), SIM_USER, self._request_id())
             return copy.deepcopy(alert)
 
     def add_alert_observable(self, alert_id: str, **fields: Any) -> dict:
@@ -154,6 +197,8 @@ class TheHiveSimulator:
             alert = self.alerts[alert_id]
             observable = self._new_observable(_ALERT_LINK, alert_id, fields)
             self._touch(alert)
+            if self.emit_audits:
+                self._audit("create", observable, _served(observable), SIM_USER, self._request_id())
             return _served(observable)
 
     def _new_observable(self, link: str, parent_id: str, fields: Dict[str, Any]) -> dict:
@@ -177,16 +222,313 @@ class TheHiveSimulator:
             observable.update(fields)
             _label(observable)
             self._touch(observable)
+            if self.emit_audits:
+                self._audit("update", observable, copy.deepcopy(fields), SIM_USER, self._request_id())
             return _served(observable)
 
-    def _touch(self, obj: dict) -> None:
+    def _touch(self, obj: dict, by: str = SIM_USER) -> None:
         obj["_updatedAt"] = self._now_ms()
-        obj["_updatedBy"] = SIM_USER
+        obj["_updatedBy"] = by
 
     def fail_next(self, n: int, status: int = 500) -> None:
         """Answer the next ``n`` API requests with ``status`` before looking at them."""
         with self._lock:
             self._failures.extend([status] * n)
+
+    # -- alert flows (TheHive 4 AlertSrv/AlertAudit; TheHive#2064) -------------------------------------------------------------
+
+    def promote_alert(self, alert_id: str) -> dict:
+        """Import an alert into a new case as an analyst would (TheHive 5 ``POST /api/v1/alert/{id}/case``,
+        TheHive 4 ``createCase``): the alert's observables are copied (new ids), the alert gets ``caseId``.
+        Returns the served case. ValueError if the alert is already imported, KeyError if absent."""
+        with self._lock:
+            alert = self.alerts[alert_id]
+            if alert.get("caseId"):
+                raise ValueError("Alert is already imported")
+            request_id = self._request_id()
+            case = self._store_case({"title": alert["title"], "description": alert.get("description", ""),
+                                     "severity": alert.get("severity", 2), "tags": list(alert.get("tags", [])),
+                                     "tlp": alert.get("tlp", 2), "pap": alert.get("pap", 2),
+                                     "alertDate": alert.get("date"), "alertNewDate": alert["_createdAt"]})
+            copies = self._copy_alert_observables(alert, case)
+            self._mark_imported(alert, case)
+            case["alertImportedDate"] = alert["importedDate"]
+            from_alert = self._from_alert(alert)
+            if self.emit_audits:
+                case_details = dict(_served(case), fromAlert=from_alert)
+                if self.version == 5:
+                    self._audit("create", case, case_details, SIM_USER, request_id)
+                    self._audit("update", alert, {"caseId": case["_id"]}, SIM_USER, request_id, root_id=case["_id"])
+                    for observable in copies:
+                        self._audit("create", observable, _served(observable), SIM_USER, request_id)
+                else:
+                    # TheHive 4 AlertAudit.createCase: the alert update first (context and object: the
+                    # case), then the case create; "No audit for markAsRead and observables" (AlertSrv).
+                    # base false on the alert update is a [guess].
+                    self._audit("update", alert, {"caseId": case["_id"]}, SIM_USER, request_id,
+                                root_id=case["_id"], v0_object=_v0_case(case), base=False)
+                    self._audit("create", case, _v1_details(case_details), SIM_USER, request_id)
+            return _served(case)
+
+    def merge_alert(self, alert_id: str, case_id: str) -> dict:
+        """Merge an alert into an existing case (``POST /api/v1/alert/{id}/merge/{caseId}``): observables the
+        case lacks (by dataType+data) are copied, the alert's tags join the case's and its description is
+        appended (TheHive 4 ``AlertSrv.mergeInCase``; the same on TheHive 5 is a [guess]). Returns the
+        served case. ValueError if the alert is already imported, KeyError for an unknown alert or case."""
+        with self._lock:
+            alert = self.alerts[alert_id]
+            case = self._find_case(case_id)
+            if case is None:
+                raise KeyError(case_id)
+            if alert.get("caseId"):
+                raise ValueError("Alert is already imported")
+            request_id = self._request_id()
+            copies = self._copy_alert_observables(alert, case)
+            self._mark_imported(alert, case)
+            case["tags"] = list(dict.fromkeys(list(case.get("tags", [])) + list(alert.get("tags", []))))
+            case["description"] = (f"{case.get('description', '')}\n  \n#### Merged with alert "
+                                   f"#{alert.get('sourceRef')} {alert.get('title')}\n\n{alert.get('description', '')}")
+            self._touch(case)
+            from_alert = self._from_alert(alert)
+            if self.emit_audits:
+                if self.version == 5:
+                    # Not captured on TheHive 5: by analogy with TheHive 4, an update (not a
+                    # "merge" action) carrying fromAlert and the case tags [guess].
+                    self._audit("update", alert, {"caseId": case["_id"]}, SIM_USER, request_id, root_id=case["_id"])
+                    self._audit("update", case, {"fromAlert": from_alert, "tags": list(case["tags"])},
+                                SIM_USER, request_id)
+                    for observable in copies:
+                        self._audit("create", observable, _served(observable), SIM_USER, request_id)
+                else:
+                    # TheHive 4 AlertAudit.mergeToCase; the capture in TheHive#2064 has base false.
+                    self._audit("update", alert, {"caseId": case["_id"]}, SIM_USER, request_id,
+                                root_id=case["_id"], v0_object=_v0_case(case), base=False)
+                    self._audit("update", case, {"customFields": _v0_custom_fields(case),
+                                                 "description": case["description"], "tags": list(case["tags"]),
+                                                 "fromAlert": from_alert}, SIM_USER, request_id, base=False)
+            return _served(case)
+
+    def _copy_alert_observables(self, alert: dict, case: dict) -> List[dict]:
+        """New case observables copied from the alert's, skipping dataType+data the case already has."""
+        have = {(o.get("dataType"), o.get("data")) for o in self.observables.values()
+                if o.get(_CASE_LINK) == case["_id"]}
+        copies = []
+        for source in [o for o in self.observables.values() if o.get(_ALERT_LINK) == alert["_id"]]:
+            key = (source.get("dataType"), source.get("data"))
+            if key in have:
+                continue
+            have.add(key)
+            fields = {k: copy.deepcopy(source[k]) for k in ("dataType", "data", "tags", "tlp", "pap", "ioc")
+                      if k in source}
+            copies.append(self._new_observable(_CASE_LINK, case["_id"], fields))
+        return copies
+
+    def _mark_imported(self, alert: dict, case: dict) -> None:
+        alert.update(caseId=case["_id"], status="Imported", stage="Imported", importedDate=self._now_ms())
+        self._touch(alert)
+
+    def _from_alert(self, alert: dict) -> dict:
+        """``details.fromAlert``: TheHive 5 adds the title, TheHive 4 does not
+        (TheHive 4 ``AlertAudit``; the TheHive 5 shape is a [guess] from its alert view)."""
+        keys = ("_id", "type", "source", "sourceRef", "title") if self.version == 5 else (
+            "_id", "type", "source", "sourceRef")
+        return {k: alert.get(k) for k in keys}
+
+    # -- writes: PATCH /api/v1/observable/{id}, PATCH /api/v1/case/{idOrNumber} -------------
+
+    def _patch(self, obj: dict, body: dict) -> Tuple[int, Optional[dict]]:
+        """Apply a PATCH body to ``obj`` (all or nothing). Returns (status, error body or None)."""
+        is_case = obj.get("_type") == "Case"
+        updated = copy.deepcopy(obj)
+        details: Dict[str, Any] = {}
+        tag_change = False
+        for key in ("addTags", "removeTags"):
+            if key in body and self.version == 4:
+                # TheHive 4 has no addTags/removeTags (Properties.scala); this message text is a [guess].
+                return 400, {"type": "BadRequestError", "message": f"Invalid field {key}"}
+        if "tags" in body:
+            if not _str_list(body["tags"]):
+                return 400, {"type": "BadRequestError", "message": "Invalid format for tags: a list of strings"}
+            updated["tags"] = list(dict.fromkeys(body["tags"]))
+            tag_change = True
+        if "addTags" in body:
+            if not _str_list(body["addTags"]):
+                return 400, {"type": "BadRequestError", "message": "Invalid format for addTags: a list of strings"}
+            updated["tags"] = list(dict.fromkeys(list(updated.get("tags", [])) + body["addTags"]))
+            tag_change = True
+        if "removeTags" in body:
+            if not _str_list(body["removeTags"]):
+                return 400, {"type": "BadRequestError", "message": "Invalid format for removeTags: a list of strings"}
+            updated["tags"] = [t for t in updated.get("tags", []) if t not in body["removeTags"]]
+            tag_change = True
+        if tag_change:
+            details["tags"] = list(updated["tags"])
+
+        custom_keys = [k for k in body if k == "customFields" or k.startswith("customFields.")]
+        if custom_keys and not is_case:
+            # Observables have no custom fields in TheHive's v1 API; the status is a [guess].
+            return 400, {"type": "BadRequestError", "message": f"Invalid field {custom_keys[0]}"}
+        if custom_keys:
+            values, replace, error = self._custom_field_change(body, custom_keys)
+            if error:
+                return error
+            unknown = sorted(set(values) - self.custom_fields_defined, key=list(values).index)
+            if unknown:
+                # TheHive 4: customFieldSrv.getOrFail; the same on TheHive 5 is a [guess].
+                return 404, {"type": "NotFoundError", "message": f"CustomField {unknown[0]} not found"}
+            _set_custom_fields(updated, values, replace)
+            if self.version == 4:
+                # fixCustomFieldDetails: {name: {type: value, order}} (reference §2)
+                details["customFields"] = {k: v for k, v in _v0_custom_fields(updated).items() if k in values}
+            else:  # [guess] the TheHive 5 details of a custom field change: name -> new value
+                details["customFields"] = dict(values)
+
+        for key, value in body.items():
+            if key in ("tags", "addTags", "removeTags") or key in custom_keys:
+                continue
+            if key.startswith("_") or key in ("number", "data") or "." in key:
+                # Read-only or unknown paths; TheHive's exact answer for these is a [guess].
+                return 400, {"type": "BadRequestError", "message": f"Invalid field {key}"}
+            updated[key] = copy.deepcopy(value)
+            details[key] = copy.deepcopy(value)
+
+        _label(updated)
+        obj.clear()
+        obj.update(updated)
+        self._touch(obj, self.api_user)
+        self._audit("update", obj, details, self.api_user, self._request_id())
+        return 204, None
+
+    def _custom_field_change(self, body: dict, keys: List[str]) -> Tuple[Dict[str, Any], bool, Optional[tuple]]:
+        """The custom field values a PATCH sets and whether they replace all others (``CaseSrv.updateCustomField``; thehive4go)."""
+        values: Dict[str, Any] = {}
+        replace = False
+        for key in keys:
+            value = body[key]
+            if key != "customFields":
+                if self.version == 5:
+                    # Whether TheHive 5 accepts the dotted form is unconfirmed; refusing it
+                    # keeps a client on the documented map form [guess].
+                    return {}, False, (400, {"type": "BadRequestError", "message": f"Invalid field {key}"})
+                values[key[len("customFields."):]] = copy.deepcopy(value)
+            elif isinstance(value, dict):
+                values.update(copy.deepcopy(value))
+                replace = self.version == 4  # TheHive 4 updateCustomField drops the fields not listed
+            elif isinstance(value, list) and self.version == 5:
+                if not all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
+                    return {}, False, (400, {"type": "BadRequestError", "message": "Invalid custom fields format"})
+                values = {v["name"]: copy.deepcopy(v.get("value")) for v in value}
+                replace = True  # "replaces the whole list" (TheHive 5 spec)
+            else:
+                return {}, False, (400, {"type": "BadRequestError", "message": "Invalid custom fields format"})
+        return values, replace, None
+
+    # -- audits and webhooks -----------------------------------------------------------------------------
+
+    def _request_id(self) -> str:
+        """One id per request or flow, shared by all its audits, shaped like TheHive's."""
+        with self._lock:
+            self._next_request += 1
+            return f"sim0000000000000:-1:18fd3a1b2c4:-8000:{self._next_request}"
+
+    def _audit(self, action: str, obj: dict, details: dict, actor: str, request_id: str,
+               root_id: Optional[str] = None, v0_object: Optional[dict] = None, base: bool = True) -> dict:
+        """Build the audit of a change to ``obj`` (already made), record it and queue it for ``webhook``."""
+        with self._lock:
+            kind = obj.get("_type")
+            parent = self._parent(obj)
+            now = self._now_ms()  # after the change, so later than the object's _updatedAt
+            org_name = self.organisation or "sim-org"
+            if self.version == 5:
+                served = _served(obj)
+                if parent is not None:
+                    served["case" if parent["_type"] == "Case" else "alert"] = _served(parent)
+                audit = {"_id": self._new_id(), "_type": "Audit", "_createdBy": actor, "_createdAt": now,
+                         "action": action, "requestId": request_id, "objectId": obj["_id"], "objectType": kind,
+                         # the case or alert an observable belongs to, the object itself otherwise
+                         "rootId": root_id or (parent or obj)["_id"],
+                         "details": copy.deepcopy(details), "object": served,
+                         "organisation": {"organisationId": "~1", "organisation": org_name}}
+            else:
+                # TheHive 4 webhook version 0 (Webhook.scala buildMessage; tests/samples/th4-case-artifact-
+                # create.json): v0 objects, flat organisation. A case observable is its own context, so its
+                # rootId is itself; an alert observable's is its alert (AuditSrv).
+                if root_id is None:
+                    root_id = parent["_id"] if parent is not None and parent["_type"] == "Alert" else obj["_id"]
+                audit = {"operation": action, "objectType": {"Case": "case", "Observable": "case_artifact",
+                                                             "Alert": "alert"}[kind],
+                         "objectId": obj["_id"], "base": base, "startDate": now, "rootId": root_id,
+                         "requestId": request_id, "details": _v1_details(details) if action == "create" else
+                         copy.deepcopy(details),
+                         "object": v0_object if v0_object is not None else self._v0_object(obj),
+                         "organisationId": "~1", "organisation": org_name}
+            self.audits.append(audit)
+            self._enqueue_webhook(audit)
+            return audit
+
+    def _parent(self, obj: dict) -> Optional[dict]:
+        if obj.get(_CASE_LINK) in self.cases:
+            return self.cases[obj[_CASE_LINK]]
+        if obj.get(_ALERT_LINK) in self.alerts:
+            return self.alerts[obj[_ALERT_LINK]]
+        return None
+
+    def _v0_object(self, obj: dict) -> dict:
+        kind = obj.get("_type")
+        if kind == "Case":
+            return _v0_case(obj)
+        if kind == "Alert":
+            return _v0_alert(obj)
+        served = _v0_observable(obj)
+        parent = self._parent(obj)
+        if parent is not None:  # the key is named after the parent's type (AuditRenderer)
+            served["case" if parent["_type"] == "Case" else "alert"] = self._v0_object(parent)
+        return served
+
+    def _enqueue_webhook(self, audit: dict) -> None:
+        """Queue an audit for ``webhook``; a lone daemon thread hands them over in order, outside _lock."""
+        hook = self.webhook
+        if hook is None:
+            return
+        with self._hook_cond:
+            self._hook_pending += 1
+            if self._hook_thread is None:
+                self._hook_thread = threading.Thread(target=self._send_webhooks, name="thehive-sim-webhooks",
+                                                     daemon=True)
+                self._hook_thread.start()
+        self._hook_queue.put((hook, copy.deepcopy(audit)))
+
+    def _send_webhooks(self) -> None:
+        while True:
+            hook, audit = self._hook_queue.get()
+            try:
+                hook(audit)
+            except Exception as exc:  # keep the sender alive; a test reads webhook_errors
+                with self._hook_cond:
+                    self.webhook_errors.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._hook_cond:
+                    self._hook_pending -= 1
+                    self._hook_cond.notify_all()
+
+    def drain_webhooks(self, timeout: float = 10) -> None:
+        """Wait until every queued audit has been handed to ``webhook`` and the last call returned.
+        TimeoutError after ``timeout`` seconds."""
+        with self._hook_cond:
+            if not self._hook_cond.wait_for(lambda: self._hook_pending == 0, timeout=timeout):
+                raise TimeoutError(f"{self._hook_pending} webhook(s) still pending after {timeout}s")
+
+    def post_webhooks_to(self, url: str, headers: dict) -> None:
+        """Send each audit from now on as TheHive's webhook notifier does: a JSON POST to ``url``.
+        A non-2xx answer or a connection error lands in ``webhook_errors``."""
+        import requests  # a runtime dependency of the project; imported here to keep the module light
+
+        sent_headers = dict(headers)
+
+        def post(audit: dict) -> None:
+            requests.post(url, json=audit, headers=sent_headers, timeout=10).raise_for_status()
+
+        self.webhook = post
 
     # -- query engine -----------------------------------------------------------------------------
 
@@ -338,6 +680,30 @@ class TheHiveSimulator:
                     return _error(404, "NotFoundError", f"Observable {observable_id} not found")
                 return jsonify(_served(observable))
 
+        def patch(kind: str, find: Callable[[str], Optional[dict]], key: str):
+            body = request.get_json(silent=True)
+            with self._lock:
+                if not isinstance(body, dict):
+                    status, error = 400, {"type": "BadRequest", "message": "Invalid JSON body: expected an object"}
+                else:
+                    obj = find(key)
+                    if obj is None:
+                        status, error = 404, {"type": "NotFoundError", "message": f"{kind} {key} not found"}
+                    else:
+                        status, error = self._patch(obj, body)
+                self.patches.append({"path": request.path, "body": copy.deepcopy(body), "status": status})
+            if error is not None:
+                return _error(status, error["type"], error["message"])
+            return "", 204  # TheHive 4 Results.NoContent; TheHive 5 an empty body [guess]
+
+        @app.patch("/api/v1/observable/<observable_id>")
+        def patch_observable(observable_id: str):
+            return patch("Observable", self.observables.get, observable_id)
+
+        @app.patch("/api/v1/case/<id_or_number>")
+        def patch_case(id_or_number: str):
+            return patch("Case", self._find_case, id_or_number)
+
         self._add_config_routes(app)
 
         # [guess] TheHive's statuses for these; its body shape is ScalliGraph's {type, message}.
@@ -393,6 +759,79 @@ class TheHiveSimulator:
 def _served(obj: dict) -> dict:
     """A copy as the API shows it: no internal links, safe to mutate."""
     return {k: copy.deepcopy(v) for k, v in obj.items() if k not in _LINKS}
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _set_custom_fields(obj: dict, values: Dict[str, Any], replace: bool) -> None:
+    """Set custom field values, keeping (or, with ``replace``, dropping) the others; both the v1 list
+    ``customFields`` ({name, value, order, type}) and the ``customFieldValues`` map follow."""
+    fields = [] if replace else [dict(f) for f in obj.get("customFields", [])]
+    by_name = {f["name"]: f for f in fields}
+    for name, value in values.items():
+        if name in by_name:
+            by_name[name]["value"] = value
+        else:
+            field = {"name": name, "value": value, "order": len(fields), "type": "string"}
+            fields.append(field)
+            by_name[name] = field
+    obj["customFields"] = fields
+    obj["customFieldValues"] = {f["name"]: f.get("value") for f in fields}
+
+
+def _v0_custom_fields(obj: dict) -> Dict[str, dict]:
+    """TheHive 4 v0 custom fields: ``{name: {type: value, order}}``."""
+    return {f["name"]: {f.get("type", "string"): f.get("value"), "order": f.get("order", 0)}
+            for f in obj.get("customFields", [])}
+
+
+def _v1_details(obj: dict) -> dict:
+    """``details`` of a TheHive 4 create: the v1 entity, which has no ``*Label`` fields nor
+    ``customFieldValues`` (TheHive 4 dto/v1) [guess for the exact key set]."""
+    return {k: copy.deepcopy(v) for k, v in obj.items()
+            if k not in _LINKS and not k.endswith("Label") and k != "customFieldValues"}
+
+
+def _v0_common(obj: dict, kind: str) -> dict:
+    out = {"_id": obj["_id"], "id": obj["_id"], "_type": kind, "createdBy": obj.get("_createdBy"),
+           "createdAt": obj.get("_createdAt")}
+    if "_updatedAt" in obj:
+        out.update(updatedBy=obj.get("_updatedBy"), updatedAt=obj["_updatedAt"])
+    return out
+
+
+def _v0_case(case: dict) -> dict:
+    """A case as TheHive 4 v0 renders it (reference §2; the status mapping is a [guess])."""
+    out = _v0_common(case, "case")
+    out.update({k: copy.deepcopy(case.get(k)) for k in ("title", "description", "severity", "startDate", "tags",
+                                                         "flag", "tlp", "pap")})
+    out.update(caseId=case.get("number"), owner=case.get("assignee"),
+               status="Resolved" if case.get("stage") == "Closed" else "Open",
+               customFields=_v0_custom_fields(case), stats={}, permissions=[])
+    return out
+
+
+def _v0_observable(observable: dict) -> dict:
+    """An observable as TheHive 4 v0 renders it: ``case_artifact``, no ``pap`` (reference §2)."""
+    out = _v0_common(observable, "case_artifact")
+    out.update({k: copy.deepcopy(observable.get(k)) for k in ("dataType", "data", "startDate", "tlp", "tags", "ioc",
+                                                               "sighted", "message", "reports", "ignoreSimilarity")})
+    out["stats"] = {}
+    return out
+
+
+def _v0_alert(alert: dict) -> dict:
+    """An alert as TheHive 4 v0 renders it (TheHive 4 ``controllers/v0/Conversion.scala``); ``status`` from the case link, the unread
+    variant ("Updated") not played."""
+    out = _v0_common(alert, "alert")
+    out.update({k: copy.deepcopy(alert.get(k)) for k in ("type", "source", "sourceRef", "externalLink", "title",
+                                                         "description", "severity", "date", "tags", "tlp", "pap",
+                                                         "follow", "caseTemplate")})
+    out.update(case=alert.get("caseId"), status="Imported" if alert.get("caseId") else "New",
+               customFields=_v0_custom_fields(alert), artifacts=[])
+    return out
 
 
 def _wants_total(page: dict) -> bool:
