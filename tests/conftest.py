@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import yaml
@@ -96,17 +96,18 @@ class World:
     """A config dir wired to live simulators, an inbox and a worker that never waits to retry."""
 
     def __init__(self, tmp_path: Path, tq_url: str, hive_url: str, tq: ThreatQSimulator,
-                 hive: TheHiveSimulator, **sync) -> None:
+                 hive: TheHiveSimulator, writeback: Optional[dict] = None, **sync) -> None:
         self.tq, self.hive = tq, hive
         # Enrichment has its own tests (test_enrichment.py, e2e): here only the sync's own attributes.
         raw = minimal_config(threatq={"host": tq_url, "client_id": tq.client_id},
                              thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync,
-                             enrichment={"enabled": False})
+                             enrichment={"enabled": False}, writeback=writeback or {"enabled": False})
         self.cfg = config_mod.from_dict(raw, tmp_path)
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, SYNC_EMAIL, SYNC_PASSWORD))
         state.open_state(self.cfg.state_db).close()
         self.inbox = Inbox(self.cfg.state_db)
-        self.worker = Worker(Services(self.cfg, self.inbox), backoff_cap_s=0)
+        self.services = Services(self.cfg, self.inbox)
+        self.worker = Worker(self.services, backoff_cap_s=0)
 
     def deliver(self, *payloads: dict) -> None:
         for payload in payloads:
@@ -159,7 +160,7 @@ def make_world(tmp_path, servers):
                                          incident_object=sync.pop("incident_object", True),
                                          consume=sync.pop("consume", True), inline=sync.pop("inline", True),
                                          shapes=sync.pop("shapes", "strict"), refuse=sync.pop("refuse", ()))
-        hive_box["sim"] = TheHiveSimulator(api_key=HIVE_KEY)
+        hive_box["sim"] = TheHiveSimulator(api_key=HIVE_KEY, version=sync.pop("thehive_version", 5))
         return World(tmp_path, tq_url, hive_url, tq_box["sim"], hive_box["sim"], **sync)
 
     return make

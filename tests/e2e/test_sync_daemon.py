@@ -52,10 +52,10 @@ def start(tmp_path, simulators):
     tq, hive = simulators
     daemons = []
 
-    def start(enrichment=None, env=None, **sync) -> Daemon:
+    def start(enrichment=None, env=None, writeback=None, **sync) -> Daemon:
         write_config(tmp_path, threatq={"host": tq.url, "client_id": tq.client_id},
                      thehive={"url": hive.url, "api_key": HIVE_KEY}, sync=sync,
-                     enrichment=enrichment or {"enabled": False})
+                     enrichment=enrichment or {"enabled": False}, writeback=writeback or {"enabled": False})
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq.url, tq.client_id, EMAIL, PASSWORD))
         daemon = Daemon(tmp_path, tmp_path / "logs", env=env)
         daemons.append(daemon)
@@ -392,3 +392,51 @@ def test_a_lost_webhook_is_found_by_the_periodic_sweep_while_the_daemon_runs(sta
     text = requests.get(daemon.url + "/metrics", timeout=10).text
     assert "tq_mw_thehive_reconcile_found_total 2.0" in text
     assert 'tq_mw_thehive_reconcile_sweeps_total{outcome="ok"}' in text
+
+
+def _due_writebacks(state_db) -> int:
+    db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM writeback WHERE due_at IS NOT NULL").fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("version", [5, 4])
+def test_write_back_tells_thehive_and_its_webhooks_for_our_changes_end_there(start, simulators, version, tmp_path):
+    """The loop, end to end: TheHive's simulator sends its webhooks to the daemon, the daemon
+    PATCHes TheHive, the simulator sends the audit events of those PATCHes back, and the daemon
+    answers them without a ThreatQ call and without writing back again."""
+    tq, hive = simulators
+    hive.version = version
+    daemon = start(writeback={"enabled": True, "case_custom_field": "threatq-url"})
+    hive.post_webhooks_to(daemon.url + "/cases", BEARER)
+    hive.emit_audits = True
+    case = hive.add_case(title="Loop check", tags=["analyst-tag"])
+    observable = hive.add_observable(case["_id"], dataType="domain", data="loop.example.net", tlp=1, pap=1)
+
+    def told() -> bool:
+        return (any(t.startswith("threatq:indicator=") for t in hive.observables[observable["_id"]]["tags"])
+                and any(t.startswith("threatq:event=") for t in hive.cases[case["_id"]]["tags"])
+                and "threatq-url" in (hive.cases[case["_id"]].get("customFieldValues") or {}))
+
+    wait_for(told, 60, "the write-back tags and field in TheHive")
+
+    def settled() -> bool:  # every webhook delivered and applied, nothing left to tell TheHive
+        hive.drain_webhooks()
+        return status(daemon)["pending"] == 0 and _due_writebacks(tmp_path / "tq_mw_thehive.db") == 0
+
+    wait_for(settled, 60, "the echoes of our own changes to be applied", 0.2)
+    wait_for(settled, 60, "nothing more after them", 0.2)  # a loop would have queued more by now
+    # TheHive 5 names the actor on the audit, TheHive 4 only as the object's updatedBy
+    echoes = [a for a in hive.audits if hive.api_user in (a.get("_createdBy"), a["object"].get("updatedBy"))]
+    assert len(echoes) == 3  # the observable's tags, the case's tags, the case's field
+    ok = [p for p in hive.patches if p["status"] < 300]
+    assert len(ok) == 3, hive.patches  # observable tags, case tags, case field: once each, never again
+    assert all(p["status"] == 400 and "addTags" in p["body"] for p in hive.patches if p["status"] >= 300)
+    (event,) = tq.events.values()
+    assert hive.cases[case["_id"]]["customFieldValues"]["threatq-url"].endswith(f"/events/{event['id']}/details")
+    assert "analyst-tag" in hive.cases[case["_id"]]["tags"]
+    assert tq.tags_of("events", event["id"]) == ["analyst-tag"]
+    (indicator,) = tq.find_indicators("loop.example.net")
+    assert not [t for t in tq.tags_of("indicators", indicator["id"]) if t.startswith("threatq:")]
