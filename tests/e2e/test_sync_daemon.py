@@ -440,3 +440,29 @@ def test_write_back_tells_thehive_and_its_webhooks_for_our_changes_end_there(sta
     assert tq.tags_of("events", event["id"]) == ["analyst-tag"]
     (indicator,) = tq.find_indicators("loop.example.net")
     assert not [t for t in tq.tags_of("indicators", indicator["id"]) if t.startswith("threatq:")]
+
+
+@pytest.mark.parametrize("version", [5, 4])
+def test_an_alert_and_its_promotion_reach_threatq_as_two_linked_events(start, simulators, version):
+    """TheHive's webhooks for an alert, its observable and its import into a case, sent by the
+    simulator to a real daemon with ``sync.alerts`` on: one event each, linked, the value once."""
+    tq, hive = simulators
+    hive.version = version
+    daemon = start(alerts=True)
+    hive.post_webhooks_to(daemon.url + "/cases", BEARER)
+    hive.emit_audits = True
+    alert = hive.add_alert(title="Beacon", type="splunk", source="splunk", sourceRef="SPL-9")
+    hive.add_alert_observable(alert["_id"], dataType="ip", data=IP, tlp=1, pap=1)
+    hive.drain_webhooks()
+    wait_for(lambda: len(tq.find_indicators(IP)) == 1, 60, "the alert's indicator")
+    hive.promote_alert(alert["_id"])
+    hive.drain_webhooks()
+    assert not hive.webhook_errors
+    drained(daemon)
+    titles = sorted(e["title"].split(" #")[0] for e in tq.events.values())
+    assert titles == ["Hive Alert", "Hive Case"]
+    alert_event, case_event = sorted(tq.events.values(), key=lambda e: e["title"])
+    assert tq.links_of("events", alert_event["id"], "events") == [case_event["id"]]
+    (indicator,) = tq.find_indicators(IP)
+    assert sorted(tq.links_of("indicators", indicator["id"], "events")) == sorted([alert_event["id"], case_event["id"]])
+    assert status(daemon)["dead"] == 0
