@@ -96,12 +96,14 @@ class World:
     """A config dir wired to live simulators, an inbox and a worker that never waits to retry."""
 
     def __init__(self, tmp_path: Path, tq_url: str, hive_url: str, tq: ThreatQSimulator,
-                 hive: TheHiveSimulator, writeback: Optional[dict] = None, **sync) -> None:
+                 hive: TheHiveSimulator, writeback: Optional[dict] = None, enrichment: Optional[dict] = None,
+                 **sync) -> None:
         self.tq, self.hive = tq, hive
-        # Enrichment has its own tests (test_enrichment.py, e2e): here only the sync's own attributes.
+        # Enrichment has its own tests (test_enrichment.py, test_quota.py, e2e): by default here
+        # only the sync's own attributes.
         raw = minimal_config(threatq={"host": tq_url, "client_id": tq.client_id},
                              thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync,
-                             enrichment={"enabled": False}, writeback=writeback or {"enabled": False})
+                             enrichment=enrichment or {"enabled": False}, writeback=writeback or {"enabled": False})
         self.cfg = config_mod.from_dict(raw, tmp_path)
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, SYNC_EMAIL, SYNC_PASSWORD))
         state.open_state(self.cfg.state_db).close()

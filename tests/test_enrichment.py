@@ -105,7 +105,7 @@ def test_a_cache_hit_makes_no_call_and_says_how_old(tmp_path):
     assert (first.status, second.status) == ("fetched", "cached")
     assert len(plugin.calls) == 1
     assert second.attributes == first.attributes == {"Intel Score": "50", "Intel Verdict": "suspicious"}
-    assert second.describe() == "cached, 0 min old"
+    assert second.describe() == "cached, 0 s old"
     assert enricher.run("domain", "example.org", tlp="GREEN", bypass_cache=True)[0].status == "fetched"
     assert len(plugin.calls) == 2
 

@@ -47,6 +47,7 @@ VALID: Dict[str, str] = {
     "CACHE_TTL": "CACHE_TTL = 3600",
     "NEGATIVE_CACHE_TTL": "NEGATIVE_CACHE_TTL = 60.5",
     "RATE_LIMIT_PER_MIN": "RATE_LIMIT_PER_MIN = 30",
+    "RATE_LIMIT_PER_DAY": "RATE_LIMIT_PER_DAY = 500",
     "lookup": "def lookup(request):\n    return Result()",
     "prepare": "def prepare(request=None):\n    pass",
 }
@@ -69,6 +70,7 @@ WRONG = [
     ("NEGATIVE_CACHE_TTL", 'NEGATIVE_CACHE_TTL = "10m"'), ("NEGATIVE_CACHE_TTL", "NEGATIVE_CACHE_TTL = 0"),
     ("RATE_LIMIT_PER_MIN", "RATE_LIMIT_PER_MIN = 0"), ("RATE_LIMIT_PER_MIN", 'RATE_LIMIT_PER_MIN = "60"'),
     ("RATE_LIMIT_PER_MIN", "RATE_LIMIT_PER_MIN = -5"),
+    ("RATE_LIMIT_PER_DAY", "RATE_LIMIT_PER_DAY = 0"), ("RATE_LIMIT_PER_DAY", "RATE_LIMIT_PER_DAY = True"),
     ("lookup", 'lookup = "not a function"'), ("lookup", "def lookup():\n    return Result()"), ("lookup", None),
     ("prepare", "prepare = 42"), ("prepare", "def prepare(request, extra):\n    pass"),
 ]

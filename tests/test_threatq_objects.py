@@ -17,7 +17,7 @@ class _Verdict:
     """What ``Enricher.run`` answers: one plugin run with new attributes."""
 
     def __init__(self, score: str) -> None:
-        self.plugin, self.status, self.attributes = "intel", "fetched", {"Intel Score": score}
+        self.plugin, self.title, self.status, self.attributes = "intel", "Intel", "fetched", {"Intel Score": score}
 
 
 class _StubEnricher:
@@ -31,7 +31,10 @@ class _StubEnricher:
     def plugins_for(self, data_type):
         return [self.plugin] if data_type == "ip" else []
 
-    def run(self, data_type, value, tlp, pap, bypass_cache=False, only=None):
+    def limits(self, plugin):
+        return types.SimpleNamespace(per_minute=None, per_day=None)
+
+    def run(self, data_type, value, tlp, pap, bypass_cache=False, only=None, origin="case"):
         return [_Verdict("90")]
 
 

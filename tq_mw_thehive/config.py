@@ -66,6 +66,22 @@ def _non_empty(value: str) -> Optional[str]:
     return None if value.strip() else "must not be empty"
 
 
+LIMIT_WINDOWS = ("per_minute", "per_day")
+
+
+def _limits(value: Dict[str, Any]) -> Optional[str]:
+    for plugin, limits in value.items():
+        if not isinstance(limits, dict):
+            return f"{plugin}: must be a mapping such as {{per_minute: 4, per_day: 500}}"
+        for window, limit in limits.items():
+            if window not in LIMIT_WINDOWS:
+                return f"{plugin}.{window}: unknown limit (known: {', '.join(LIMIT_WINDOWS)})"
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                return (f"{plugin}.{window}: must be a whole number of calls of 1 or more, or null for no "
+                        f"limit (to stop a plugin, list it in enrichment.disabled)")
+    return None
+
+
 def _positive(value: float) -> Optional[str]:
     return None if value > 0 else "must be more than 0"
 
@@ -179,6 +195,9 @@ class EnrichmentConfig:
     # Per-plugin settings, e.g. {"geoip": {"mmdb_path": "/var/lib/GeoIP/GeoLite2-City.mmdb"},
     # "virustotal": {"cache_ttl": "7d"}}: handed to the plugin as Lookup.settings.
     plugins: Dict[str, Dict[str, Any]] = _opt(dict, None)
+    # Per-plugin call limits, per API key, replacing the plugin's declared free-tier defaults, e.g.
+    # {"virustotal": {"per_minute": 4, "per_day": 500}}; null lifts that limit (a paid key).
+    limits: Dict[str, Dict[str, Any]] = _opt(dict, None, check=lambda v: _limits(v))
 
 
 @dataclass(frozen=True)

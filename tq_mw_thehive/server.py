@@ -116,6 +116,9 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
         sender = Sender(services.outbox, services.thehive(), worker.owner, cfg.writeback.case_custom_field).start()
         services.outbox.on_due = sender.wake.set
         atexit.register(sender.stop)
+    drainer = services.drainer(worker.owner)  # lookups that waited for quota (enrichment/deferred.py)
+    if drainer is not None:
+        atexit.register(drainer.start().stop)
     if cfg.sync.reconcile_every and cfg.thehive.api_key:
         reconciler = Reconciler(services, worker.owner, worker.wakeup.set, cfg.sync.reconcile_every).start()
         atexit.register(reconciler.stop)

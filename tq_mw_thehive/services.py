@@ -15,7 +15,9 @@ from typing import Optional
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.enrichment.keys import KeyStore
+from tq_mw_thehive.enrichment.deferred import Drainer
 from tq_mw_thehive.enrichment.monitor import Monitor, WatchList
+from tq_mw_thehive.enrichment.quota import QuotaBook
 from tq_mw_thehive.enrichment.registry import Registry
 from tq_mw_thehive.enrichment.runner import Enricher
 from tq_mw_thehive.inbox import Inbox
@@ -57,6 +59,10 @@ class Services:
         return KeyStore(self.cfg.state_db)
 
     @cached_property
+    def quota(self) -> QuotaBook:
+        return QuotaBook(self.cfg.state_db)
+
+    @cached_property
     def outbox(self) -> Optional[Outbox]:
         """What TheHive is to be told (``writeback.enabled``); None when write-back is off."""
         return Outbox(self.cfg.state_db) if self.cfg.writeback.enabled else None
@@ -84,7 +90,7 @@ class Services:
         """None when ``enrichment.enabled`` is false."""
         if not self.cfg.enrichment.enabled:
             return None
-        return Enricher(self.cfg, self.registry, self.cache, self.keys)
+        return Enricher(self.cfg, self.registry, self.cache, self.keys, quota=self.quota)
 
     def sync(self) -> Sync:
         """One per worker thread: its clients are its own."""
@@ -98,6 +104,13 @@ class Services:
         """Re-checks of the watch list that write changed answers to ThreatQ as the sync does."""
         return Monitor(enricher, self.watches, self.objects(), self.types,
                        on_verdict=self._verdict_changed if self.outbox is not None else None)
+
+    def drainer(self, owner: str) -> Optional[Drainer]:
+        """The lookups that waited for quota, run when it returns; None when enrichment is off."""
+        enricher = self.enricher()
+        if enricher is None:
+            return None
+        return Drainer(enricher, self.quota, self.monitor(enricher), owner)
 
     def _verdict_changed(self, indicator_ids, plugin: str, verdict: Optional[str]) -> None:
         """A watched IOC's new verdict: the verdict tag of its TheHive observables follows."""

@@ -189,6 +189,44 @@ _M009_WRITEBACK = [
     "CREATE INDEX writeback_due ON writeback (due_at) WHERE due_at IS NOT NULL",
 ]
 
+_M010_QUOTA = [
+    # Enrichment quotas (enrichment/quota.py), per plugin and API key (key_id: a digest, never the
+    # key): each call made, for the sliding minute and the UTC day; a pause after a 429; and the
+    # lookups waiting for quota, applied in (priority, id) order: a case's before monitor's.
+    """CREATE TABLE quota_calls (
+            plugin  TEXT NOT NULL,
+            key_id  TEXT NOT NULL,
+            at      REAL NOT NULL
+        )""",
+    "CREATE INDEX quota_calls_by_key ON quota_calls (plugin, key_id, at)",
+    """CREATE TABLE quota_pauses (
+            plugin    TEXT NOT NULL,
+            key_id    TEXT NOT NULL,
+            until     REAL NOT NULL,
+            last_429  REAL,
+            reason    TEXT,
+            strikes   INTEGER NOT NULL DEFAULT 0,   -- 429s within the hour: the backoff doubles
+            PRIMARY KEY (plugin, key_id)
+        )""",
+    """CREATE TABLE enrichment_deferred (
+            id         INTEGER PRIMARY KEY,
+            plugin     TEXT    NOT NULL,
+            key_id     TEXT    NOT NULL,
+            data_type  TEXT    NOT NULL,
+            value      TEXT    NOT NULL,
+            tlp        TEXT,
+            pap        TEXT,
+            origin     TEXT    NOT NULL CHECK (origin IN ('case', 'monitor')),
+            priority   INTEGER NOT NULL,               -- 0 a case's observable, 1 a monitor re-check
+            queued_at  REAL    NOT NULL,
+            due_at     REAL    NOT NULL,
+            attempts   INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            UNIQUE (plugin, data_type, value, origin)
+        )""",
+    "CREATE INDEX enrichment_deferred_order ON enrichment_deferred (plugin, key_id, priority, id)",
+]
+
 # Append only: a released migration is never edited, a change is a new number.
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
@@ -201,6 +239,7 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (7, "inbox retention and counts", _M007_RETENTION),
     (8, "inbox order by object", _M008_OBJECT_ORDER),
     (9, "writeback", _M009_WRITEBACK),
+    (10, "enrichment quotas", _M010_QUOTA),
 ]
 
 BUSY_TIMEOUT_S = 5.0

@@ -80,7 +80,7 @@ def _enrich_together(sync: Sync, items: Sequence[InboxItem]) -> Dict[tuple, list
     cannot be read here is left to its own turn, which says why."""
     if sync.enricher is None:
         return {}
-    wanted = set()
+    wanted: Dict[tuple, None] = {}  # in the events' order: over quota, the first ones get the lookups
     for item in items:
         try:
             event, payload, _ = sync.parse(item)
@@ -91,10 +91,10 @@ def _enrich_together(sync: Sync, items: Sequence[InboxItem]) -> Dict[tuple, list
             mapped = map_observable(observable, sync.types, status=sync.sync.indicator_status)
         except Exception:
             continue
-        wanted.update(enrichment_key(observable, indicator) for indicator in mapped.indicators)
+        wanted.update((enrichment_key(observable, indicator), None) for indicator in mapped.indicators)
     if len(wanted) < 2:
         return {}
-    keys = sorted(wanted, key=repr)
+    keys = list(wanted)
     # Each in a copy of this thread's context: the event's log scope (values withheld) goes along.
     calls = [(contextvars.copy_context(), key) for key in keys]
     with concurrent.futures.ThreadPoolExecutor(ENRICH_THREADS, thread_name_prefix="tq-enrich") as pool:

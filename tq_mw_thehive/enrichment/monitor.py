@@ -210,36 +210,57 @@ class Monitor:
         value, data_type = watch["value"], watch["data_type"]
         for plugin in self.enricher.plugins_for(data_type):
             before = self.enricher.cache.latest(plugin.name, plugin.version, data_type, value)
-            self.pacer.wait(plugin)
+            self.pacer.wait(plugin, self.enricher.limits(plugin).per_minute)
             runs = self.enricher.run(data_type, value, watch["tlp"], watch["pap"], bypass_cache=True,
-                                     only=plugin.name)
+                                     only=plugin.name, origin="monitor")
             run = runs[0] if runs else None
-            if run is not None and run.status == "error":
-                counts["errors"] += 1
-            if run is None or run.status not in ("fetched", "not_found"):
+            if run is not None and run.status == "deferred":  # over quota: the daemon's drainer settles it
+                counts["deferred"] = counts.get("deferred", 0) + 1
                 continue
-            old = dict(before.attributes, **({f"{plugin.title} Verdict": before.verdict or "info"}
-                                             if before and before.found else {})) if before else {}
-            changed = {k for k in set(old) | set(run.attributes) if old.get(k) != run.attributes.get(k)}
-            for field in sorted(changed):
-                log.info("changed %s %s %s: %s -> %s", shown, plugin.name, field,
-                         old.get(field, "-"), run.attributes.get(field, "-"))
-            if changed:
-                counts["changed"] += 1
-                try:
-                    self._push(value, data_type, run)
-                except ThreatQError as exc:
-                    counts["errors"] += 1
-                    log.warning("monitor: cannot update %s in ThreatQ (%s); the change is in the cache "
-                                "and the log", shown, exc)
+            self.settle(value, data_type, before, run, counts, shown)
 
-    def _push(self, value: str, data_type: str, run) -> None:
-        """Set the new attributes on the ThreatQ indicators with this value (there may be none yet)."""
+    def settle(self, value: str, data_type: str, before, run, counts: Dict[str, int], shown: str,
+               first: bool = False) -> bool:
+        """A re-check's answer against the cached one (``before``): each changed field logged,
+        the indicator updated in ThreatQ. ``first``: a case's lookup that waited for quota, whose
+        answer is new, not changed: one line, and written whatever it says. False when ThreatQ
+        could not be updated."""
+        if run is not None and run.status == "error":
+            counts["errors"] += 1
+        if run is None or run.status not in ("fetched", "not_found", "cached"):
+            return True
+        old = dict(before.attributes, **({f"{run.title} Verdict": before.verdict or "info"}
+                                         if before and before.found else {})) if before else {}
+        changed = {k for k in set(old) | set(run.attributes) if old.get(k) != run.attributes.get(k)}
+        if first:
+            log.info("enrichment %s %s value=%s outcome=%s after waiting for quota", run.plugin, data_type, shown,
+                     run.status)
+        else:
+            for field in sorted(changed):
+                log.info("changed %s %s %s: %s -> %s", shown, run.plugin, field,
+                         old.get(field, "-"), run.attributes.get(field, "-"))
+        if changed or (first and run.attributes):
+            counts["changed"] += 1
+            try:
+                written = self._push(value, data_type, run)
+                if first and self.objects is not None and not written:
+                    return False  # the sync has not written the indicator yet: the drainer tries later
+            except ThreatQError as exc:
+                counts["errors"] += 1
+                log.warning("monitor: cannot update %s in ThreatQ (%s); the change is in the cache "
+                            "and the log", shown, exc)
+                return False
+        return True
+
+    def _push(self, value: str, data_type: str, run) -> List[int]:
+        """Set the new attributes on the ThreatQ indicators with this value (there may be none yet);
+        the ids written."""
         if self.objects is None or not run.attributes:
-            return
+            return []
         written = self.objects.enrich_by_value(self._threatq_types(data_type, value), value, run)
         if written and self.on_verdict is not None:
-            self.on_verdict(written, run.plugin, run.verdict if run.status == "fetched" else None)
+            self.on_verdict(written, run.plugin, run.verdict if run.status in ("fetched", "cached") else None)
+        return written
 
     def _threatq_types(self, data_type: str, value: str) -> List[str]:
         if data_type == "filename":

@@ -1,9 +1,10 @@
-"""Each plugin's ``RATE_LIMIT_PER_MIN``, kept by the jobs that call plugins back to back
-(``cache warm``, ``monitor``): the worker's lookups come one event at a time and are not paced."""
+"""Each plugin's per-minute limit, kept by the jobs that call plugins back to back (``cache warm``,
+``monitor``) by waiting between calls; the quota book (``quota.py``) is what keeps every process,
+the worker included, within the limits: these jobs pace so as not to spend a minute's quota at once."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 
 class Pacer:
@@ -16,9 +17,10 @@ class Pacer:
         self.sleep = sleep
         self._last_call: Dict[str, float] = {}
 
-    def wait(self, plugin) -> None:
-        """``plugin``: a ``PluginInfo`` (its ``name`` and ``rate_limit_per_min``)."""
-        limit = plugin.rate_limit_per_min
+    def wait(self, plugin, per_minute: Optional[float] = None) -> None:
+        """``plugin``: a ``PluginInfo`` (its ``name``); ``per_minute``: the limit in force
+        (``quota.limits_for``: the config's, else the plugin's ``RATE_LIMIT_PER_MIN``)."""
+        limit = per_minute
         if not limit:
             return
         last = self._last_call.get(plugin.name)

@@ -29,10 +29,12 @@ An optional ``prepare(request)`` does one-off setup before a lookup (``runner.py
 """
 from __future__ import annotations
 
+import email.utils
 import inspect
 import math
 import re
 import reprlib
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
@@ -53,7 +55,34 @@ class NotFound(PluginError):
 
 
 class QuotaExceeded(PluginError):
-    """The service refused for rate or quota (HTTP 429 and the like); not cached."""
+    """The service refused for rate or quota (HTTP 429 and the like); not cached. The plugin is
+    paused for ``retry_after_s`` (the answer's ``Retry-After``, see ``retry_after``) or a backoff,
+    and the lookup is queued (``quota.py``)."""
+
+    def __init__(self, message: str = "", retry_after_s: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def retry_after(response: requests.Response, cap_s: float = 86400.0) -> Optional[float]:
+    """An answer's ``Retry-After`` in seconds (a number or an HTTP date, RFC 9110 10.2.3), capped;
+    None when absent or unreadable."""
+    text = (response.headers.get("Retry-After") or "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return min(cap_s, max(1.0, seconds))
 
 
 @dataclass(frozen=True)
@@ -221,6 +250,8 @@ CONTRACT: Tuple[Declaration, ...] = (
     Declaration("NEGATIVE_CACHE_TTL", "negative_cache_ttl", "a positive number of seconds, or None", _positive),
     Declaration("RATE_LIMIT_PER_MIN", "rate_limit_per_min", "a positive number of calls a minute, or None",
                 _positive),
+    Declaration("RATE_LIMIT_PER_DAY", "rate_limit_per_day", "a positive number of calls a UTC day, or None",
+                _positive),
     Declaration("lookup", "lookup", "a function lookup(request) returning a Result", _function, required=True),
     Declaration("prepare", "prepare", "a function prepare(request), or absent", _optional_function),
 )
@@ -242,6 +273,7 @@ class PluginSpec:
     cache_ttl: Optional[float] = None
     negative_cache_ttl: Optional[float] = None
     rate_limit_per_min: Optional[float] = None
+    rate_limit_per_day: Optional[float] = None
     prepare: Optional[Callable[["Lookup"], Any]] = None
     declared: FrozenSet[str] = frozenset()     # the CONTRACT names the plugin itself declared
 

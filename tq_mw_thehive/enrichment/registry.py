@@ -109,6 +109,10 @@ class PluginInfo:
     def rate_limit_per_min(self) -> Optional[float]:
         return self.declarations.rate_limit_per_min
 
+    @property
+    def rate_limit_per_day(self) -> Optional[float]:
+        return self.declarations.rate_limit_per_day
+
 
 def _found(module: ModuleType, origin: str, fallback_name: str) -> PluginInfo:
     return PluginInfo(name_of(module, fallback_name), origin, module=module)

@@ -14,6 +14,10 @@ be cheap once done. What it raises is the lookup's error.
 
 A plugin skipped for what it is (no API key, disabled by config) rather than for the value is
 said once per process: the same line for every observable would bury the lines that matter.
+
+Quotas (``quota.py``): after the cache missed, a lookup asks the quota book; over quota, or after
+a 429, it is not made: the run says ``deferred`` and the lookup is queued (``queue=True``) for
+``deferred.Drainer``, or it says ``over_quota`` (``queue=False``, the ``enrich`` command).
 """
 from __future__ import annotations
 
@@ -32,12 +36,18 @@ from tq_mw_thehive.enrichment import gate, offline_index
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.enrichment.keys import KeyStore
 from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.quota import PRIORITY, QuotaBook, Refusal, key_id, limits_for
 from tq_mw_thehive.enrichment.registry import PluginInfo, Registry, plugin_state, ttl_s
 
 log = logging.getLogger(__name__)
 
 # (plugin, state) pairs this process has logged already: each is said once, not per observable.
 _said = logs.Once()
+_quota_said = logs.Once()   # (plugin, why) over quota: said once per process, the queue holds the rest
+
+
+def _hhmm(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch))
 
 
 @dataclass
@@ -46,7 +56,7 @@ class PluginRun:
 
     plugin: str
     title: str
-    status: str                      # fetched, cached, not_found, skipped, error
+    status: str                      # fetched, cached, not_found, skipped, error, deferred, over_quota
     verdict: Optional[str] = None
     data: Dict = field(default_factory=dict)
     attributes: Dict[str, str] = field(default_factory=dict)   # ThreatQ attributes, incl. "<Title> Verdict"
@@ -54,16 +64,30 @@ class PluginRun:
     reason: str = ""
     ms: float = 0.0
     for_plugin: bool = False         # skipped for what the plugin is (no key, disabled), not for the value
+    retry_at: Optional[float] = None  # deferred or over_quota: when quota returns (epoch seconds)
 
     def describe(self) -> str:
-        if self.status == "cached":
-            return f"cached, {int((self.age_s or 0) // 60)} min old"
+        if self.status in ("cached", "not_found") and self.age_s is not None:
+            return f"{'cached' if self.status == 'cached' else 'not found (cached)'}, {age(self.age_s)} old"
         return self.reason or self.status
+
+
+def age(seconds: float) -> str:
+    """A cached answer's age as a person reads it: 40 s, 12 min, 5 h 3 min, 2 d 4 h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
 class Enricher:
     def __init__(self, cfg: Config, registry: Registry, cache: ResultCache, keys: KeyStore,
-                 session: Optional[requests.Session] = None, workers: int = 4) -> None:
+                 session: Optional[requests.Session] = None, workers: int = 4,
+                 quota: Optional[QuotaBook] = None) -> None:
         self.cfg = cfg
         self.settings = cfg.enrichment
         # The offline plugins' on-disk indexes live next to the state database (offline_index.py).
@@ -71,24 +95,33 @@ class Enricher:
         self.registry = registry
         self.cache = cache
         self.keys = keys
+        self.quota = quota
         self.session = session or requests.Session()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tq-plugin")
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs) -> "Enricher":
         registry = Registry.discover(cfg.enrichment.plugin_dirs)
+        kwargs.setdefault("quota", QuotaBook(cfg.state_db))
         return cls(cfg, registry, ResultCache(cfg.state_db), KeyStore(cfg.state_db), **kwargs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+    def limits(self, info: PluginInfo):
+        """The quota limits in force for ``info`` (``enrichment.limits``, else its declarations)."""
+        return limits_for(info, self.settings.limits)
 
     def plugins_for(self, data_type: str, only: Optional[str] = None) -> List[PluginInfo]:
         return [p for p in self.registry.loaded()
                 if data_type in p.data_types and (only is None or p.name == only)]
 
     def run(self, data_type: str, value: str, tlp: Optional[str] = None, pap: Optional[str] = None, *,
-            bypass_cache: bool = False, only: Optional[str] = None) -> List[PluginRun]:
-        """Every enabled plugin that takes ``data_type``, each gated, cached and timed."""
+            bypass_cache: bool = False, only: Optional[str] = None, origin: str = "case",
+            queue: bool = True) -> List[PluginRun]:
+        """Every enabled plugin that takes ``data_type``, each gated, cached and timed. Over
+        quota, a lookup is queued (``origin``: ``case`` or ``monitor``, its priority) unless
+        ``queue`` is False."""
         if not self.settings.enabled:
             return []
         max_tlp = self.cfg.logs.max_tlp_values
@@ -99,9 +132,12 @@ class Enricher:
         with logs.withholding(max_tlp) as withheld:
             withheld.add([value], tlp)
             for info in self.plugins_for(data_type, only):
-                run = self._one(info, data_type, value, tlp, pap, bypass_cache)
+                run = self._one(info, data_type, value, tlp, pap, bypass_cache, origin if queue else None)
                 metrics.plugin_ran(run)
-                if run.for_plugin and _said.first((info.name, run.reason)):
+                if run.status in ("deferred", "over_quota"):
+                    log.debug("enrichment %s %s value=%r outcome=%s reason=%r", info.name, data_type, shown,
+                              run.status, run.reason)
+                elif run.for_plugin and _said.first((info.name, run.reason)):
                     log.info("enrichment %s skipped for every value until this changes: %s", info.name, run.reason)
                 elif run.status in ("skipped", "error"):
                     level = (logging.WARNING if run.status == "error" else
@@ -118,7 +154,7 @@ class Enricher:
                             data_type, value)
 
     def _one(self, info: PluginInfo, data_type: str, value: str, tlp: Optional[str], pap: Optional[str],
-             bypass_cache: bool) -> PluginRun:
+             bypass_cache: bool, origin: Optional[str]) -> PluginRun:
         run = PluginRun(info.name, info.title, "skipped")
         state = plugin_state(info, self.settings, self.keys)
         if state != "enabled":
@@ -135,10 +171,70 @@ class Enricher:
                 self.cache.count(info.name, hit=True)
                 return self._with_result(run, "cached" if hit.found else "not_found", hit.verdict, hit.data,
                                          hit.attributes, age_s=hit.age_s())
-        return self._fetch(info, run, data_type, value)
+        keys = self.keys.resolve(info.api_keys)
+        kid = key_id(keys)
+        if self.quota is not None:
+            refusal = self.quota.take(info.name, kid, limits_for(info, self.settings.limits),
+                                      PRIORITY[origin or "case"])
+            if refusal is not None:
+                return self._refused(run, info, kid, refusal, (data_type, value, tlp, pap, origin))
+        return self._fetch(info, run, data_type, value, keys, (data_type, value, tlp, pap, origin))
 
-    def _fetch(self, info: PluginInfo, run: PluginRun, data_type: str, value: str) -> PluginRun:
-        request = Lookup(data_type=data_type, value=value.strip(), keys=self.keys.resolve(info.api_keys),
+    def run_deferred(self, row) -> PluginRun:
+        """A queued lookup (a row of ``enrichment_deferred``), when the drainer tries it: gated again
+        (the config may have changed), from the cache if it is there now (no quota), else called if
+        the quota allows, ahead of newer lookups. ``deferred`` again: still no quota (the row stays)."""
+        run = PluginRun(row["plugin"], row["plugin"], "skipped")
+        info = next((p for p in self.registry.loaded() if p.name == row["plugin"]), None)
+        if info is None:
+            run.reason, run.for_plugin = "plugin not loaded", True
+            return run
+        run.title = info.title
+        data_type, value, tlp, pap = row["data_type"], row["value"], row["tlp"], row["pap"]
+        state = plugin_state(info, self.settings, self.keys)
+        refusal = None if state == "enabled" else state
+        refusal = refusal or self.refusal(info, data_type, value, tlp, pap)
+        if refusal:
+            run.reason, run.for_plugin = refusal, state != "enabled"
+            return run
+        if row["origin"] == "case":  # a monitor re-check asks the service again, as monitor does
+            hit = self.cache.get(info.name, info.version, data_type, value)
+            if hit is not None:
+                return self._with_result(run, "cached" if hit.found else "not_found", hit.verdict, hit.data,
+                                         hit.attributes, age_s=hit.age_s())
+        keys = self.keys.resolve(info.api_keys)
+        kid = key_id(keys)
+        if self.quota is not None:
+            over = self.quota.take(info.name, kid, limits_for(info, self.settings.limits), behind_queue=False)
+            if over is not None:
+                return self._refused(run, info, kid, over, None)
+        with logs.withholding(self.cfg.logs.max_tlp_values) as withheld:
+            withheld.add([value], tlp)
+            run = self._fetch(info, run, data_type, value, keys, None)
+        metrics.plugin_ran(run)
+        return run
+
+    def _refused(self, run: PluginRun, info: PluginInfo, kid: str, refusal: Refusal,
+                 queue: Optional[tuple]) -> PluginRun:
+        """Over quota or paused: queued when ``queue`` is (data_type, value, tlp, pap, origin) with an
+        origin; said once per plugin and reason in a row, not per value."""
+        run.retry_at = refusal.retry_at
+        data_type, value, tlp, pap, origin = queue if queue is not None else (None, None, None, None, None)
+        if origin is not None:
+            self.quota.defer(info.name, kid, data_type, value, tlp, pap, origin, refusal.retry_at)
+            run.status, run.reason = "deferred", f"{refusal.reason}: queued until quota returns"
+        elif queue is not None:
+            run.status, run.reason = "over_quota", f"{refusal.reason}; next call possible at {_hhmm(refusal.retry_at)}"
+        else:
+            run.status, run.reason = "deferred", refusal.reason
+        if _quota_said.first((info.name, refusal.reason.split(" until ")[0].split(" queued")[0])):
+            log.info("enrichment %s %s: its lookups wait in the queue (enrichment_deferred) and are applied in "
+                     "order when quota returns", info.name, refusal.reason)
+        return run
+
+    def _fetch(self, info: PluginInfo, run: PluginRun, data_type: str, value: str, keys, queue: Optional[tuple]
+               ) -> PluginRun:
+        request = Lookup(data_type=data_type, value=value.strip(), keys=keys,
                          settings=(self.settings.plugins or {}).get(info.name, {}), session=self.session,
                          timeout=self.settings.timeout)
         started = time.monotonic()
@@ -160,7 +256,15 @@ class Enricher:
         except concurrent.futures.TimeoutError:
             run.status, run.reason = "error", f"timed out after {self.settings.timeout:g} s"
         except QuotaExceeded as exc:
-            run.status, run.reason = "error", f"quota exceeded: {exc}"
+            if self.quota is None:
+                run.status, run.reason = "error", f"quota exceeded: {exc}"
+            else:
+                reason = logs.redact(str(exc)) or "HTTP 429"
+                until = self.quota.pause(info.name, key_id(keys), exc.retry_after_s, reason)
+                log.warning("enrichment %s refused for quota (%s): paused until %s, its lookups queued",
+                            info.name, reason, _hhmm(until))
+                self.cache.count(info.name, error=True)
+                return self._refused(run, info, key_id(keys), Refusal(f"paused after {reason}", until), queue)
         except Exception as exc:  # any plugin failure is contained here
             run.status, run.reason = "error", f"{type(exc).__name__}: {exc}"
         else:

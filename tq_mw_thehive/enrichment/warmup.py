@@ -37,7 +37,8 @@ class Warmer:
                 and self.enricher.refusal(info, known.data_type, known.value, known.tlp, known.pap) is None)
 
     def run(self, values: List["KnownValue"], only: Optional[str] = None, progress=None) -> Dict[str, int]:
-        """Counts: ``fresh`` (already cached) and the run statuses (fetched, not_found, skipped, error)."""
+        """Counts: ``fresh`` (already cached) and the run statuses (fetched, not_found, skipped, error,
+        over_quota)."""
         counts = {"fresh": 0, "fetched": 0, "not_found": 0, "skipped": 0, "error": 0}
         for known in values:
             for info in self.enricher.plugins_for(known.data_type, only):
@@ -45,8 +46,10 @@ class Warmer:
                     counts["fresh"] += 1
                     continue
                 if self._will_call(info, known):
-                    self.pacer.wait(info)
-                for run in self.enricher.run(known.data_type, known.value, known.tlp, known.pap, only=info.name):
+                    self.pacer.wait(info, self.enricher.limits(info).per_minute)
+                # Over quota: counted, not queued (no indicator waits for it; the next warm-up tries again).
+                for run in self.enricher.run(known.data_type, known.value, known.tlp, known.pap, only=info.name,
+                                             queue=False):
                     counts[run.status] = counts.get(run.status, 0) + 1
             if progress is not None:
                 progress.advance(fetched=counts["fetched"], errors=counts["error"])

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import requests
 
-from tq_mw_thehive.enrichment.plugin import Lookup, PluginError, QuotaExceeded, Result, answer_json
+from tq_mw_thehive.enrichment.plugin import Lookup, PluginError, QuotaExceeded, Result, answer_json, retry_after
 
 NAME = "abuseipdb"
 TITLE = "AbuseIPDB"
@@ -34,7 +34,8 @@ KEY_NAME = "ABUSEIPDB"
 API_KEYS = {KEY_NAME: "https://www.abuseipdb.com/register"}
 CACHE_TTL = 24 * 3600
 NEGATIVE_CACHE_TTL = 3600
-RATE_LIMIT_PER_MIN = None       # the quota is per day (QuotaExceeded when it runs out)
+RATE_LIMIT_PER_MIN = None
+RATE_LIMIT_PER_DAY = 1000       # the free plan's CHECK endpoint (docs.abuseipdb.com/#rate-limiting)
 
 CHECK_URL = "https://api.abuseipdb.com/api/v2/check"
 MAX_AGE_DAYS = 90
@@ -78,7 +79,7 @@ def _raise_for_status(response: requests.Response, key: str) -> None:
     text = f"HTTP {status}" + (f": {detail}" if detail else "")
     text = text.replace(key, "***")         # service text: never echo the key
     if status == 429:
-        raise QuotaExceeded(f"{TITLE} rate limit reached ({text})")
+        raise QuotaExceeded(f"{TITLE} rate limit reached ({text})", retry_after_s=retry_after(response))
     if status in (401, 403):
         raise PluginError(f"{TITLE} refused the API key ({text})")
     raise PluginError(f"{TITLE} lookup failed ({text})")

@@ -21,7 +21,7 @@ from typing import Any, Dict
 
 import requests
 
-from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, retry_after
 
 NAME = "greynoise"
 TITLE = "GreyNoise"
@@ -56,7 +56,7 @@ def lookup(request: Lookup) -> Result:
 
     status = response.status_code
     if status == 429:
-        raise QuotaExceeded("GreyNoise community quota exhausted (HTTP 429)")
+        raise QuotaExceeded("GreyNoise community quota exhausted (HTTP 429)", retry_after_s=retry_after(response))
     if status in (401, 403):
         raise PluginError(f"GreyNoise refused the API key (HTTP {status})")
     if status == 404:

@@ -23,7 +23,9 @@ import ipaddress
 from typing import Any, Dict, List
 from urllib.parse import quote
 
-from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, answer_json
+import requests
+
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, answer_json, retry_after
 
 NAME = "otx"
 TITLE = "OTX"
@@ -73,19 +75,20 @@ def lookup(request: Lookup) -> Result:
         raise PluginError(f"{TITLE}: no API key configured ({KEY_NAME})")
     response = request.get(TITLE, url, headers={"X-OTX-API-KEY": key, "Accept": "application/json"})
     if response.status_code != 200:
-        _raise_for_status(response.status_code)
+        _raise_for_status(response)
     return _parse(answer_json(TITLE, response))
 
 
 
 
-def _raise_for_status(status: int) -> None:
+def _raise_for_status(response: requests.Response) -> None:
+    status = response.status_code
     # The error bodies are not documented: only the status is used, so no service text
     # (which could echo the key) reaches the message.
     if status == 404:
         raise NotFound(f"{TITLE} does not know this indicator (HTTP 404)")
     if status == 429:
-        raise QuotaExceeded(f"{TITLE} rate limit reached (HTTP 429)")
+        raise QuotaExceeded(f"{TITLE} rate limit reached (HTTP 429)", retry_after_s=retry_after(response))
     if status in (401, 403):
         raise PluginError(f"{TITLE} refused the API key (HTTP {status})")
     raise PluginError(f"{TITLE} lookup failed (HTTP {status})")

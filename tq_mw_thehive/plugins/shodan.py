@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import requests
 
-from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, retry_after
 
 NAME = "shodan"
 TITLE = "Shodan"
@@ -56,7 +56,7 @@ def lookup(request: Lookup) -> Result:
     if status == 404:
         raise NotFound(f"Shodan has no information on {ip}")
     if status == 429:
-        raise QuotaExceeded("Shodan rate limit or query credits exhausted (HTTP 429)")
+        raise QuotaExceeded("Shodan rate limit or query credits exhausted (HTTP 429)", retry_after_s=retry_after(response))
     if status in (401, 403):
         raise PluginError(f"Shodan refused the API key (HTTP {status})")
     if status != 200:

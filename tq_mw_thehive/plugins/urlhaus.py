@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Tuple
 
 import requests
 
-from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, retry_after
 
 NAME = "urlhaus"
 TITLE = "URLhaus"
@@ -82,7 +82,7 @@ def _post(request: Lookup, endpoint: str, form: Dict[str, str], key: str) -> Dic
 
     status = response.status_code
     if status == 429:
-        raise QuotaExceeded("URLhaus rate limit (HTTP 429)")
+        raise QuotaExceeded("URLhaus rate limit (HTTP 429)", retry_after_s=retry_after(response))
     if status in (401, 403):
         raise PluginError(f"URLhaus refused the Auth-Key (HTTP {status})")
     if status != 200:

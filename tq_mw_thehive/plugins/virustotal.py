@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import requests
 
-from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, answer_json
+from tq_mw_thehive.enrichment.plugin import Lookup, NotFound, PluginError, QuotaExceeded, Result, answer_json, retry_after
 
 NAME = "virustotal"
 TITLE = "VirusTotal"
@@ -38,7 +38,8 @@ KEY_NAME = "VIRUSTOTAL"
 API_KEYS = {KEY_NAME: "https://www.virustotal.com/gui/join-us"}
 CACHE_TTL = 24 * 3600
 NEGATIVE_CACHE_TTL = 3600
-RATE_LIMIT_PER_MIN = 4          # the public API's limit
+RATE_LIMIT_PER_MIN = 4          # the public API: 4 a minute and 500 a day, per key
+RATE_LIMIT_PER_DAY = 500        # (docs.virustotal.com/reference/public-vs-premium-api)
 
 BASE_URL = "https://www.virustotal.com/api/v3"
 MALICIOUS_MIN = 3               # engines saying "malicious" for a malicious verdict
@@ -95,7 +96,7 @@ def _raise_for_status(response: requests.Response, key: str) -> None:
     if status == 404:
         raise NotFound(f"{TITLE} has no report ({detail})")
     if status == 429 or code == "QuotaExceededError":
-        raise QuotaExceeded(f"{TITLE} quota exceeded ({detail})")
+        raise QuotaExceeded(f"{TITLE} quota exceeded ({detail})", retry_after_s=retry_after(response))
     if status in (401, 403):
         raise PluginError(f"{TITLE} refused the API key ({detail})")
     raise PluginError(f"{TITLE} lookup failed ({detail})")
