@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -431,7 +432,7 @@ def test_enrich_an_ip_then_the_same_again_from_the_cache(config_dir):
 
     second = ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN").output
     for name in ("ip_scope", "geoip", "warninglists"):
-        assert table_row(second, name).endswith("cached, 0 min old"), second
+        assert re.search(r"cached, \d+ s old$", table_row(second, name)), second  # its age, said
     assert "GeoIP Country: US" in table_row(second, "geoip")
     assert table_row(second, "virustotal").endswith("missing key: VIRUSTOTAL")
 
