@@ -324,3 +324,23 @@ def test_retry_after_reads_seconds_and_dates_and_caps_them(header, seconds):
     if header:
         response.headers["Retry-After"] = header
     assert retry_after(response) == seconds
+
+
+def test_a_plugin_without_limits_is_paused_by_a_429_and_cli_lookups_are_not_queued(tmp_path, clock):
+    from test_enrichment import stand_in
+    from tq_mw_thehive.enrichment.cache import ResultCache
+    from tq_mw_thehive.enrichment.plugin import QuotaExceeded
+    from tq_mw_thehive.enrichment.registry import PluginInfo
+    from tq_mw_thehive.enrichment.runner import Enricher
+
+    plugin = stand_in(answer=QuotaExceeded("HTTP 429", retry_after_s=90))
+    cfg = config_mod.from_dict(minimal_config(enrichment={"max_tlp_external": "GREEN"}), tmp_path)
+    state.open_state(cfg.state_db).close()
+    book = QuotaBook(cfg.state_db, clock=clock)
+    enricher = Enricher(cfg, Registry([PluginInfo("intel", "test", module=plugin)]), ResultCache(cfg.state_db),
+                        KeyStore(cfg.state_db, environ={}), quota=book)
+    (run,) = enricher.run("ip", "45.33.1.1", "GREEN", "GREEN")
+    assert (run.status, run.retry_at) == ("deferred", clock.now + 90) and book.depth() == 1
+    (run,) = enricher.run("ip", "45.33.1.2", "GREEN", "GREEN", queue=False)   # `enrich`: said, not queued
+    assert run.status == "over_quota" and "next call possible at" in run.reason and book.depth() == 1
+    assert len(plugin.calls) == 1                                  # paused: the second never called

@@ -173,9 +173,9 @@ class Enricher:
                                          hit.attributes, age_s=hit.age_s())
         keys = self.keys.resolve(info.api_keys)
         kid = key_id(keys)
-        if self.quota is not None:
-            refusal = self.quota.take(info.name, kid, limits_for(info, self.settings.limits),
-                                      PRIORITY[origin or "case"])
+        limits = limits_for(info, self.settings.limits)
+        if self.quota is not None and (info.external or limits.any):  # an offline plugin: no read at all
+            refusal = self.quota.take(info.name, kid, limits, PRIORITY[origin or "case"])
             if refusal is not None:
                 return self._refused(run, info, kid, refusal, (data_type, value, tlp, pap, origin))
         return self._fetch(info, run, data_type, value, keys, (data_type, value, tlp, pap, origin))
