@@ -15,7 +15,8 @@ Why it is shaped this way:
   records anything. Every other process (CLI commands, tests with Flask's test client) keeps
   the default in-process values.
 * Inbox depth is read from the database at scrape time, so it is right whichever worker
-  answers and never drifts.
+  answers and never drifts. So are the enrichment quotas (calls used and left per plugin, the
+  lookups waiting for quota, the last 429): every process counts against the same rows.
 * ``web.metrics_token``, when set, is required as ``Authorization: Bearer <token>``: the
   scrape is served on the webhook listener, which may be reachable by more than Prometheus.
 * Labels are low-cardinality on purpose: ThreatQ paths become templates
@@ -33,13 +34,15 @@ import os
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import requests
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from tq_mw_thehive.enrichment.quota import Limits, limits_for
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # read timeout is 30 s by default, plugins are cut at enrichment.timeout.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REJECT_REASONS = ("unauthorized", "invalid", "too_large", "unavailable")
+QUOTA_WINDOWS = ("minute", "day")  # the ``window`` label of the quota gauges: QuotaBook.usage's keys
 _NUMBER = re.compile(r"^\d+$")
 
 bp = Blueprint("metrics", __name__)
@@ -308,6 +312,70 @@ class InboxCollector:
                                 value=stats["oldest_pending_age_s"] or 0.0)
 
 
+def quota_usage(services: Any) -> List[Dict[str, Any]]:
+    """``QuotaBook.usage`` of the plugins worth showing (the status page and the scrape show the same).
+
+    Kept: a plugin with a limit in force, lookups queued or a 429 on record; an offline plugin
+    with none of these is only noise. A plugin that did not load has no limit in force (its queue
+    and 429s still show; its declarations are unknown). [] when ``enrichment.enabled`` is false:
+    nothing calls, so no limit is in force, and the plugins need not be imported for a scrape.
+    """
+    enrichment = services.cfg.enrichment
+    if not enrichment.enabled:
+        return []
+    limits: Dict[str, Limits] = {p.name: limits_for(p, enrichment.limits) for p in services.registry.loaded()}
+    for plugin in services.registry.plugins:  # a name taken twice keeps the loaded one's limits
+        limits.setdefault(plugin.name, Limits())
+    return [row for row in services.quota.usage(limits) if _worth_showing(row)]
+
+
+def _worth_showing(row: Dict[str, Any]) -> bool:
+    limits = row["limits"]
+    return (limits["per_minute"] is not None or limits["per_day"] is not None or bool(row["deferred"])
+            or row["last_429"] is not None)
+
+
+def quota_families(rows: List[Dict[str, Any]]) -> Iterator[Metric]:
+    """The quota gauges of ``quota_usage``'s rows; every family is listed, with no series when no row."""
+    used = GaugeMetricFamily(PREFIX + "enrichment_quota_used", "Calls of an online plugin in the sliding minute "
+                             "and the UTC day (summed over its API keys)", labels=["plugin", "window"])
+    left = GaugeMetricFamily(PREFIX + "enrichment_quota_left", "Calls left before the plugin's limit of the window "
+                             "(only where it has that limit)", labels=["plugin", "window"])
+    deferred = GaugeMetricFamily(PREFIX + "enrichment_deferred", "Lookups waiting for quota (table "
+                                 "enrichment_deferred)", labels=["plugin"])
+    oldest = GaugeMetricFamily(PREFIX + "enrichment_deferred_oldest_age_seconds", "Age of the plugin's oldest "
+                               "lookup waiting for quota (0 when none)", labels=["plugin"])
+    last_429 = GaugeMetricFamily(PREFIX + "enrichment_last_429_timestamp_seconds", "When the plugin's service last "
+                                 "answered 429 (Unix time; no series when it never did)", labels=["plugin"])
+    for row in rows:
+        name = row["plugin"]
+        for window in QUOTA_WINDOWS:
+            used.add_metric([name, window], row[f"used_{window}"])
+            if row[f"left_{window}"] is not None:
+                left.add_metric([name, window], row[f"left_{window}"])
+        deferred.add_metric([name], row["deferred"])
+        oldest.add_metric([name], row["oldest_deferred_s"] or 0.0)
+        if row["last_429"] is not None:
+            last_429.add_metric([name], row["last_429"])
+    yield from (used, left, deferred, oldest, last_429)
+
+
+class QuotaCollector:
+    """Enrichment quotas from the database at scrape time: every process counts against the same
+    rows, so whichever worker answers gives the same figures."""
+
+    def __init__(self, usage: Callable[[], List[Dict[str, Any]]]) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            rows = self.usage()
+        except sqlite3.Error as exc:  # as for the inbox: the scrape answers without these figures
+            log.debug("metrics: enrichment quotas not read: %s", exc)  # the inbox collector warns already
+            return
+        yield from quota_families(rows)
+
+
 class _Delegate:
     """The in-process registry as one collector of the scrape registry."""
 
@@ -318,8 +386,12 @@ class _Delegate:
         return self.registry.collect()
 
 
-def exposition(inbox: Any = None) -> bytes:
-    """The Prometheus text exposition: every process's values (multiprocess) or this one's."""
+def exposition(inbox: Any = None, quota: Optional[Callable[[], List[Dict[str, Any]]]] = None) -> bytes:
+    """The Prometheus text exposition: every process's values (multiprocess) or this one's.
+
+    ``inbox``: an ``Inbox`` whose depth is read now; ``quota``: what returns the quota rows now
+    (``quota_usage`` of the app's services).
+    """
     registry = CollectorRegistry()
     if _directory is not None:
         multiprocess.MultiProcessCollector(registry, path=str(_directory))
@@ -327,6 +399,8 @@ def exposition(inbox: Any = None) -> bytes:
         registry.register(_Delegate(_m.registry))
     if inbox is not None:
         registry.register(InboxCollector(inbox))
+    if quota is not None:
+        registry.register(QuotaCollector(quota))
     return generate_latest(registry)
 
 
@@ -350,4 +424,6 @@ def scrape() -> Response:
                         "missing Authorization header" if "Authorization" not in request.headers
                         else "wrong credentials")
         return _error(401, "authentication required", WWW_Authenticate='Bearer realm="tq-mw-thehive metrics"')
-    return Response(exposition(ext["inbox"]), mimetype=None, content_type=CONTENT_TYPE)
+    services = ext.get("services")
+    quota = None if services is None else (lambda: quota_usage(services))
+    return Response(exposition(ext["inbox"], quota), mimetype=None, content_type=CONTENT_TYPE)

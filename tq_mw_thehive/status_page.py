@@ -3,7 +3,8 @@
 It shows the inbox counts and the oldest pending event's age, events per hour (an
 inline SVG drawn here, so the page needs no JavaScript and no build step), the last
 50 events with their outcome and links to the ThreatQ objects, the dead letters with
-a Replay button, the enrichment cache hit rate and the plugin states.
+a Replay button, the enrichment cache hit rate, the plugin states and their quotas (calls
+used and left, the lookups waiting for quota, the last 429).
 
 The page lets its user put events back in the queue, so it is off until
 ``web.admin_token`` is set (404 until then). A script authenticates with
@@ -33,7 +34,9 @@ from markupsafe import Markup
 from tq_mw_thehive import __version__
 from tq_mw_thehive.auth import (COOKIE, DIGITS, SESSION_MAX_AGE_S, AdminAuth, LoginLimiter, Sessions,
                                 login_client, set_session_cookie)
+from tq_mw_thehive.enrichment.quota import Limits
 from tq_mw_thehive.enrichment.registry import Registry, plugin_state
+from tq_mw_thehive.metrics import quota_usage
 from tq_mw_thehive.services import Services
 from tq_mw_thehive.reconcile import last_sweep
 from tq_mw_thehive.sync_state import read_capabilities
@@ -182,6 +185,30 @@ def chart_svg(counts: List[Tuple[float, int]]) -> Dict[str, Any]:
             "peak": peak, "hours": len(counts)}
 
 
+def _left(left: Optional[int]) -> str:
+    return "no limit" if left is None else str(left)
+
+
+def _quota_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """One plugin's ``QuotaBook.usage`` row as the Quotas table shows it (UTC times, ages in words)."""
+    oldest = row["oldest_deferred_s"]
+    return {"plugin": row["plugin"], "limits": Limits(**row["limits"]).describe(),
+            "used_minute": row["used_minute"], "left_minute": _left(row["left_minute"]),
+            "used_day": row["used_day"], "left_day": _left(row["left_day"]), "deferred": row["deferred"],
+            "oldest": "-" if oldest is None else age_text(oldest),
+            "last_429": "never" if row["last_429"] is None else _utc(row["last_429"]),
+            "paused_until": _utc(row["paused_until"]), "paused": row["paused_until"] is not None}
+
+
+def _quotas(page: StatusPage) -> Dict[str, Any]:
+    """The Quotas section: per plugin, the limits in force and what is left of them, and the queue of
+    lookups that wait for quota (its depth and oldest age tell whether it drains)."""
+    rows = quota_usage(page.services)
+    ages = [r["oldest_deferred_s"] for r in rows if r["oldest_deferred_s"] is not None]
+    return {"enabled": page.cfg.enrichment.enabled, "plugins": [_quota_row(r) for r in rows],
+            "queued": sum(r["deferred"] for r in rows), "oldest": age_text(max(ages)) if ages else None}
+
+
 def _outcome(row: sqlite3.Row, now: float) -> Tuple[str, Optional[str]]:
     if row["state"] == "done":
         return "done", None
@@ -226,7 +253,7 @@ def _view(page: StatusPage, session: str, notice: Optional[str]) -> Response:
                  session=session != "bearer", csrf=page.auth.csrf_token(session),
                  url_logout=url_for("status_page.logout"), stats=stats,
                  oldest=age_text(stats["oldest_pending_age_s"]), chart=chart_svg(inbox.hourly_counts(CHART_HOURS)),
-                 recent=recent, dead=dead, cache=cache, plugins=plugins,
+                 recent=recent, dead=dead, cache=cache, plugins=plugins, quotas=_quotas(page),
                  steps=capabilities.reports(read_capabilities(inbox.db), now=now))
 
 

@@ -326,6 +326,7 @@ def create_app(services: Services, name: str = "tq_mw_thehive", on_queued: Optio
         "config": cfg,
         "auth": WebhookAuth(cfg.webhook),
         "inbox": services.inbox,
+        "services": services,  # /metrics reads the quota book and plugins through it
         "on_queued": on_queued,
         "rejections": RejectionLog(),
         "alerts": cfg.sync.alerts,  # sync.alerts: alert events are stored, not answered "ignored"

@@ -22,25 +22,44 @@ _LEVELS = click.Choice(["WHITE", "CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def plugins_command(obj: Options, as_json: bool, **given: Any) -> None:
-    """List every enrichment plugin: data types, flags, keys and state."""
+    """List every enrichment plugin: data types, flags, keys, state and the call limits in force."""
     from tq_mw_thehive.enrichment.keys import KeyStore
     from tq_mw_thehive.enrichment.registry import Registry, plugin_state
 
     cfg = load(obj.merged(**given), create_state=True)
     registry, keys = Registry.discover(cfg.enrichment.plugin_dirs), KeyStore(cfg.state_db)
+    loaded = {id(p) for p in registry.loaded()}
     listing = [{"name": p.name, "state": plugin_state(p, cfg.enrichment, keys), "version": p.version,
                 "data_types": list(p.data_types), "external": p.external, "active": p.active,
                 "keys": {k: url for k, url in p.api_keys.items()}, "origin": p.origin,
-                "description": p.description} for p in registry.plugins]
+                "description": p.description, "limits": _limits(p, cfg, id(p) in loaded)}
+               for p in registry.plugins]
     if as_json:
         click.echo(json.dumps(listing, indent=2))
         return
-    rows = [["PLUGIN", "STATE", "TYPES", "EXTERNAL", "ACTIVE", "KEYS (sign-up)"]]
+    rows = [["PLUGIN", "STATE", "TYPES", "EXTERNAL", "ACTIVE", "KEYS (sign-up)", "LIMITS"]]
     for p in listing:
         rows.append([p["name"], p["state"], ",".join(p["data_types"]) or "-", "yes" if p["external"] else "no",
                      "yes" if p["active"] else "no",
-                     ", ".join(f"{k} ({u})" for k, u in p["keys"].items()) or "-"])
+                     ", ".join(f"{k} ({u})" for k, u in p["keys"].items()) or "-", _describe(p["limits"])])
     table(rows)
+
+
+def _limits(plugin: Any, cfg: Any, loaded: bool) -> Optional[dict]:
+    """The limits in force (the plugin's free tier, or ``enrichment.limits``), so an operator can check
+    them against the key's plan; None for a plugin that did not load (its declarations are unknown)."""
+    from tq_mw_thehive.enrichment.quota import limits_for
+
+    if not loaded:
+        return None
+    limits = limits_for(plugin, cfg.enrichment.limits)
+    return {"per_minute": limits.per_minute, "per_day": limits.per_day}
+
+
+def _describe(limits: Optional[dict]) -> str:
+    from tq_mw_thehive.enrichment.quota import Limits
+
+    return "-" if limits is None else Limits(**limits).describe()
 
 
 @click.group("cache")
