@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from conftest import write_config
@@ -420,6 +421,29 @@ def test_a_key_quoted_in_a_plugin_error_is_not_printed(tmp_path):
 
 
 # --- enrich -------------------------------------------------------------------------------------
+
+def test_enrich_refresh_ignores_the_cache_and_says_it_uses_quota(config_dir):
+    ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN")
+    cached = ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN")
+    assert "cached," in table_row(cached.stdout, "geoip") and "quota" not in cached.stderr
+    fresh = ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN", "--refresh")
+    assert table_row(fresh.stdout, "geoip").endswith("fetched")
+    assert "--refresh: the cache is ignored; each online plugin's lookup uses its quota" in fresh.stderr
+
+
+def test_enrich_over_quota_says_when_and_queues_nothing(config_dir):
+    from tq_mw_thehive.enrichment.quota import QuotaBook
+
+    cfg_path = config_dir / "config.yaml"
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw.setdefault("enrichment", {})["limits"] = {"geoip": {"per_minute": 1}}
+    cfg_path.write_text(yaml.safe_dump(raw))
+    ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN", "--refresh")
+    over = ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN", "--refresh")
+    assert re.search(r"quota of 1 a minute used; next call possible at \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$",
+                     table_row(over.stdout, "geoip")), over.stdout
+    assert QuotaBook(config_dir / "tq_mw_thehive.db").depth() == 0
+
 
 def test_enrich_an_ip_then_the_same_again_from_the_cache(config_dir):
     first = ok("enrich", "8.8.8.8", "-c", str(config_dir), "--tlp", "GREEN").output

@@ -208,11 +208,13 @@ def keys_delete_command(obj: Options, name: str, **given: Any) -> None:
 @click.option("--tlp", type=_LEVELS, default="AMBER", show_default=True,
               help="TLP of the value: external plugins only see up to enrichment.max_tlp_external.")
 @click.option("--pap", type=_LEVELS, default="AMBER", show_default=True, help="PAP of the value.")
+@click.option("--refresh", is_flag=True,
+              help="Ignore the cache and ask each plugin again (uses each online plugin's quota).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def enrich_command(obj: Options, value: str, data_type: Optional[str], plugin: Optional[str], tlp: str, pap: str,
-                   as_json: bool, **given: Any) -> None:
-    """Look VALUE up through the plugins, with the same gate and cache as the daemon."""
+                   refresh: bool, as_json: bool, **given: Any) -> None:
+    """Look VALUE up through the plugins, with the same gate, cache and quotas as the daemon."""
     from tq_mw_thehive.enrichment.monitor import guess_type
     from tq_mw_thehive.enrichment.runner import Enricher
 
@@ -226,7 +228,10 @@ def enrich_command(obj: Options, value: str, data_type: Optional[str], plugin: O
     enricher = Enricher.from_config(cfg)
     if plugin and not enricher.plugins_for(data_type, plugin):
         fail(f"no loaded plugin {plugin!r} takes {data_type} values (see `tq-mw-thehive plugins`)", 2)
-    runs = enricher.run(data_type, value, tlp.upper(), pap.upper(), only=plugin)
+    if refresh:
+        click.echo("--refresh: the cache is ignored; each online plugin's lookup uses its quota", err=True)
+    # Over quota the row says so and when the next call is possible; nothing waits in the queue.
+    runs = enricher.run(data_type, value, tlp.upper(), pap.upper(), only=plugin, bypass_cache=refresh, queue=False)
     enricher.close()
     if as_json:
         click.echo(json.dumps({"value": value, "type": data_type, "results": [
