@@ -60,6 +60,19 @@ def write_config(config_dir: Path, **sections: Dict[str, Any]) -> Path:
     return path
 
 
+class FakeClock:
+    """A clock a test moves: ``clock()`` is now, ``advance(s)`` moves it on."""
+
+    def __init__(self, now: float = 1_760_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     write_config(tmp_path)

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Tuple
 
 import pytest
 
+from conftest import FakeClock
 from tq_mw_thehive import state
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
@@ -21,17 +22,6 @@ SAMPLE_NAMES = sorted(p.name for p in SAMPLES.glob("*.json"))
 T0 = 1_760_000_000.0
 CASE_A = "~1000001"
 CASE_B = "~2000002"
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def sample_text(name: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import requests
 import responses
 
-from conftest import minimal_config
+from conftest import FakeClock, minimal_config
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import state
 from tq_mw_thehive.config import ConfigError
@@ -28,17 +28,6 @@ OFFLINE_AND_OTHERS = ["abuseipdb", "domain", "geoip", "greynoise", "ip_scope", "
 T0 = 1_796_000_000.0 - 1_796_000_000.0 % DAY_S + 3600  # 01:00 UTC: a whole day ahead
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def vt_answer(malicious: int = 0) -> dict:
     return {"data": {"type": "ip_address", "id": "x", "attributes": {
         "last_analysis_stats": {"malicious": malicious, "suspicious": 0, "harmless": 60, "undetected": 10},
@@ -48,7 +37,7 @@ def vt_answer(malicious: int = 0) -> dict:
 class VirusTotal:
     """VirusTotal as ``responses`` plays it: every call's time on the test clock, 429s on demand."""
 
-    def __init__(self, mock: responses.RequestsMock, clock: Clock) -> None:
+    def __init__(self, mock: responses.RequestsMock, clock: FakeClock) -> None:
         self.calls: List[float] = []
         self.refuse: List[dict] = []  # headers of the next answers that are 429s
         self.malicious = 0
@@ -66,8 +55,8 @@ class VirusTotal:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(T0)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Dict, Tuple
 import pytest
 from click.testing import CliRunner
 
-from conftest import MetricSamples, minimal_config, parse_metrics, write_config
+from conftest import FakeClock, MetricSamples, minimal_config, parse_metrics, write_config
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import metrics, state
 from tq_mw_thehive.cli import cli
@@ -34,14 +34,6 @@ ABUSE = Limits(None, 1000)     # AbuseIPDB's: a day only
 KEY = "k1"
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class World:
     """An app on a fresh state database whose ``Services.quota`` is a book on the test's clock."""
 
@@ -49,7 +41,7 @@ class World:
         raw = minimal_config(web={"admin_token": ADMIN_TOKEN}, enrichment=enrichment)
         self.cfg = config_mod.from_dict(raw, tmp_path)
         state.open_state(self.cfg.state_db).close()
-        self.clock = Clock()
+        self.clock = FakeClock(T0)
         self.services = Services(self.cfg, Inbox(self.cfg.state_db, clock=self.clock))
         self.book = self.services.quota = QuotaBook(self.cfg.state_db, clock=self.clock)
         self.client = create_app(self.services).test_client()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import minimal_config, sample
+from conftest import FakeClock, minimal_config, sample
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import state, web
 from tq_mw_thehive.inbox import Inbox, Retention
@@ -24,13 +24,6 @@ from tq_mw_thehive.services import Services
 DAY = 86400.0
 T0 = 1_760_000_000.0
 
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Failing:
@@ -64,7 +57,7 @@ def fill(inbox: Inbox, n: int, outcome: str, body_pad: int = 0, first: int = 0) 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

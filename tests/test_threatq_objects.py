@@ -72,7 +72,6 @@ def test_the_monitor_waits_for_the_lock_a_worker_holds_on_the_indicator(world):
 
 def test_writers_racing_on_one_indicator_add_its_attribute_once(world):
     tq_id = _synced_indicator(world)
-    sync = world.worker.sync
     writers = [ThreatQObjects(ThreatQClient.from_config(world.cfg), world.cfg.threatq.source,
                               world.cfg.state_db.parent) for _ in range(4)]
     start = threading.Barrier(len(writers))

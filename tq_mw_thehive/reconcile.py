@@ -100,7 +100,6 @@ class Reconciler:
         """One sweep if one is due here and no catch-up runs; what it did, else None."""
         if self.every_s <= 0 or not self._claim():
             return None
-        inbox = self.services.inbox
         marks = Marks(self.services.cfg.state_db)
         if not marks.try_lock(self.owner, ttl_s=LOCK_TTL_S):
             log.info("reconcile skipped: a catch-up or backfill is running")

@@ -8,6 +8,7 @@ not only a crash of the process.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -613,3 +614,24 @@ class Store:
             raise
         self.check_identity()
         return result
+
+
+def meta_lease(store: Store, key: str, owner: str, take: bool, ttl_s: float) -> bool:
+    """A lease in ``meta`` that lets one process at a time do a background job (write-back,
+    the enrichment queue): taken if free, expired or ours (True), else False; given back with
+    ``take=False``. A process that dies holding it frees it after ``ttl_s``."""
+    now = time.time()  # between processes: the wall clock
+
+    def change(db: sqlite3.Connection) -> bool:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        holder, until = json.loads(row["value"]) if row is not None else (None, 0)
+        if not take:
+            if holder == owner:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            return True
+        if holder not in (None, owner) and until > now:
+            return False
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps([owner, now + ttl_s])))
+        return True
+
+    return store.write(change)

@@ -160,22 +160,7 @@ class Sender:
         self._field_refused = Once()
 
     def _lock(self, take: bool) -> bool:
-        now = time.time()
-
-        def change(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (LOCK_KEY,)).fetchone()
-            holder, until = json.loads(row["value"]) if row is not None else (None, 0)
-            if not take:
-                if holder == self.owner:
-                    db.execute("DELETE FROM meta WHERE key = ?", (LOCK_KEY,))
-                return True
-            if holder not in (None, self.owner) and until > now:
-                return False
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                       (LOCK_KEY, json.dumps([self.owner, now + LOCK_TTL_S])))
-            return True
-
-        return self.outbox.write(change)
+        return state.meta_lease(self.outbox, LOCK_KEY, self.owner, take, LOCK_TTL_S)
 
     def run_once(self) -> int:
         """Send what is due, if this process may; how many objects TheHive was told about."""

@@ -11,14 +11,13 @@ error is retried with a backoff, ``MAX_ATTEMPTS`` times, then dropped with a war
 """
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
-from tq_mw_thehive import logs
+from tq_mw_thehive import logs, state
 
 if TYPE_CHECKING:
     from tq_mw_thehive.enrichment.monitor import Monitor
@@ -46,22 +45,7 @@ class Drainer:
         self._thread: Optional[threading.Thread] = None
 
     def _lock(self, take: bool) -> bool:
-        now = time.time()  # between processes: the wall clock, whatever clock the queue is read with
-
-        def change(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (LOCK_KEY,)).fetchone()
-            holder, until = json.loads(row["value"]) if row is not None else (None, 0)
-            if not take:
-                if holder == self.owner:
-                    db.execute("DELETE FROM meta WHERE key = ?", (LOCK_KEY,))
-                return True
-            if holder not in (None, self.owner) and until > now:
-                return False
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                       (LOCK_KEY, json.dumps([self.owner, now + LOCK_TTL_S])))
-            return True
-
-        return self.quota.write(change)
+        return state.meta_lease(self.quota, LOCK_KEY, self.owner, take, LOCK_TTL_S)
 
     def run_once(self) -> Dict[str, int]:
         """One pass over the due queue, if this process may; counts by what became of each lookup."""
