@@ -333,3 +333,17 @@ def test_a_plugin_without_limits_is_paused_by_a_429_and_cli_lookups_are_not_queu
     (run,) = enricher.run("ip", "45.33.1.2", "GREEN", "GREEN", queue=False)   # `enrich`: said, not queued
     assert run.status == "over_quota" and "next call possible at" in run.reason and book.depth() == 1
     assert len(plugin.calls) == 1                                  # paused: the second never called
+
+
+def test_a_limit_reached_is_said_once_not_per_value(world, mock, clock, caplog, monkeypatch):
+    from tq_mw_thehive import logs
+    from tq_mw_thehive.enrichment import runner
+
+    monkeypatch.setattr(runner, "_quota_said", logs.Once())  # as in a new process
+    VirusTotal(mock, clock)
+    with caplog.at_level("DEBUG", logger="tq_mw_thehive.enrichment.runner"):
+        burst(world, 12)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "wait in the queue" in r.getMessage()]
+    assert said == ["enrichment virustotal quota of 4 a minute used: its lookups wait in the queue "
+                    "(enrichment_deferred) and are applied in order when quota returns"]
+    assert sum("outcome=deferred" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG") == 8

@@ -84,6 +84,7 @@ class Refusal:
 
     reason: str
     retry_at: float
+    kind: str = "limit"   # limit (a minute's or day's quota used), paused (after a 429), queued (behind others)
 
 
 class QuotaBook(state.Store):
@@ -113,12 +114,12 @@ class QuotaBook(state.Store):
             paused = db.execute("SELECT until FROM quota_pauses WHERE plugin = ? AND key_id = ? AND until > ?",
                                 (plugin, key, now)).fetchone()
             if paused is not None:
-                return Refusal(f"paused after HTTP 429 until {_clock(paused[0])}", paused[0])
+                return Refusal(f"paused after HTTP 429 until {_clock(paused[0])}", paused[0], "paused")
             if behind_queue:
                 waiting = db.execute("SELECT COUNT(*) FROM enrichment_deferred WHERE plugin = ? AND key_id = ? "
                                      "AND priority <= ?", (plugin, key, priority)).fetchone()[0]
                 if waiting:
-                    return Refusal(f"{waiting} earlier lookup(s) of {plugin} queued", now)
+                    return Refusal(f"{waiting} earlier lookup(s) of {plugin} queued", now, "queued")
             if not record:
                 return None
             if limits.per_minute is not None:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # (plugin, state) pairs this process has logged already: each is said once, not per observable.
 _said = logs.Once()
-_quota_said = logs.Once()   # (plugin, why) over quota: said once per process, the queue holds the rest
+_quota_said = logs.Once()   # (plugin, limit) reached: said once per process, the queue holds the rest
 
 
 def _hhmm(epoch: float) -> str:
@@ -217,7 +217,8 @@ class Enricher:
     def _refused(self, run: PluginRun, info: PluginInfo, kid: str, refusal: Refusal,
                  queue: Optional[tuple]) -> PluginRun:
         """Over quota or paused: queued when ``queue`` is (data_type, value, tlp, pap, origin) with an
-        origin; said once per plugin and reason in a row, not per value."""
+        origin. A limit reached is said once per process and plugin (the status page shows the rest);
+        a lookup queued behind others is a consequence of that, and a 429 has its own warning."""
         run.retry_at = refusal.retry_at
         data_type, value, tlp, pap, origin = queue if queue is not None else (None, None, None, None, None)
         if origin is not None:
@@ -227,7 +228,7 @@ class Enricher:
             run.status, run.reason = "over_quota", f"{refusal.reason}; next call possible at {_hhmm(refusal.retry_at)}"
         else:
             run.status, run.reason = "deferred", refusal.reason
-        if _quota_said.first((info.name, refusal.reason.split(" until ")[0].split(" queued")[0])):
+        if refusal.kind == "limit" and _quota_said.first((info.name, refusal.reason)):
             log.info("enrichment %s %s: its lookups wait in the queue (enrichment_deferred) and are applied in "
                      "order when quota returns", info.name, refusal.reason)
         return run
@@ -264,7 +265,8 @@ class Enricher:
                 log.warning("enrichment %s refused for quota (%s): paused until %s, its lookups queued",
                             info.name, reason, _hhmm(until))
                 self.cache.count(info.name, error=True)
-                return self._refused(run, info, key_id(keys), Refusal(f"paused after {reason}", until), queue)
+                return self._refused(run, info, key_id(keys), Refusal(f"paused after {reason}", until, "paused"),
+                                     queue)
         except Exception as exc:  # any plugin failure is contained here
             run.status, run.reason = "error", f"{type(exc).__name__}: {exc}"
         else:
