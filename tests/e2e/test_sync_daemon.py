@@ -466,3 +466,52 @@ def test_an_alert_and_its_promotion_reach_threatq_as_two_linked_events(start, si
     (indicator,) = tq.find_indicators(IP)
     assert sorted(tq.links_of("indicators", indicator["id"], "events")) == sorted([alert_event["id"], case_event["id"]])
     assert status(daemon)["dead"] == 0
+
+
+def test_a_lookup_over_quota_is_queued_and_the_daemon_lands_it_when_quota_returns(start, simulators, tmp_path):
+    """The daemon's own drainer thread: an observable over its plugin's daily quota syncs without
+    the plugin's attribute, and gets it once the quota returns (the day's calls forgotten here)."""
+    tq, _ = simulators
+    seen = []
+
+    def intel(environ, start_response):
+        seen.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"score": 93}']
+
+    plugin_dir = tmp_path / "more_plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "fake_intel.py").write_text(FAKE_INTEL_PLUGIN)
+    with LoopbackServer(intel) as service:
+        daemon = start(enrichment={"plugin_dirs": [str(plugin_dir)], "limits": {"fake_intel": {"per_day": 1}},
+                                   "plugins": {"fake_intel": {"url": service.url}}},
+                       env={**os.environ, "TQ_MW_KEY_FAKE_INTEL": "fake-intel-key-77"})
+        observables = []
+        for n, value in enumerate(("9.9.9.9", "1.1.1.1")):
+            event = sample("th5-observable-create-ip.json")
+            event["_id"], event["objectId"] = f"~audit-{n}", f"~obs-{n}"
+            event["object"].update({"_id": f"~obs-{n}", "data": value, "tlpLabel": "GREEN"})
+            observables.append(event)
+        assert post(daemon, sample("th5-case-create.json"), observables[0]) == ["queued", "queued"]
+        drained(daemon)
+        assert post(daemon, observables[1]) == ["queued"]
+        assert drained(daemon)["dead"] == 0
+
+        def score(value: str):
+            (indicator,) = tq.find_indicators(value, "IP Address")
+            return {a["name"]: a["value"] for a in tq.attributes_of("indicators", indicator["id"])}.get(
+                "Fake Intel Score")
+
+        assert (score("9.9.9.9"), score("1.1.1.1"), len(seen)) == ("93", None, 1)  # the day's one call
+        db = sqlite3.connect(tmp_path / "tq_mw_thehive.db")
+        try:
+            assert db.execute("SELECT value FROM enrichment_deferred").fetchall() == [("1.1.1.1",)]
+            with db:  # a new UTC day: the day's calls forgotten, the lookup due
+                db.execute("DELETE FROM quota_calls")
+                db.execute("UPDATE enrichment_deferred SET due_at = 0")
+        finally:
+            db.close()
+        wait_for(lambda: score("1.1.1.1") == "93", 60, "the queued lookup to land")
+        assert seen == ["/reputation/9.9.9.9", "/reputation/1.1.1.1"]
+        text = requests.get(daemon.url + "/metrics", timeout=10).text
+        assert 'tq_mw_thehive_enrichment_deferred{plugin="fake_intel"} 0.0' in text
