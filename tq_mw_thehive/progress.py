@@ -20,6 +20,19 @@ REDRAW_S = 0.2              # a terminal bar redraws at most this often
 BAR_WIDTH = 24
 
 
+def age_text(seconds: float) -> str:
+    """A duration as people read it: ``45 s``, ``3 min 12 s``, ``5 h 02 min``, ``2 d 04 h`` (the
+    status page's ages, a cached answer's age)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600:02d} h"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:

@@ -31,7 +31,7 @@ import jinja2
 from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request, url_for
 from markupsafe import Markup
 
-from tq_mw_thehive import __version__
+from tq_mw_thehive import __version__, progress
 from tq_mw_thehive.auth import (COOKIE, DIGITS, SESSION_MAX_AGE_S, AdminAuth, LoginLimiter, Sessions,
                                 login_client, set_session_cookie)
 from tq_mw_thehive.enrichment.quota import Limits
@@ -141,17 +141,8 @@ def _utc(ts: Optional[float]) -> str:
 
 
 def age_text(seconds: Optional[float]) -> str:
-    """A duration as people read it: ``45 s``, ``3 min 12 s``, ``5 h 02 min``, ``2 d 04 h``."""
-    if seconds is None:
-        return "none pending"
-    s = int(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 86400} d {s % 86400 // 3600:02d} h"
+    """A duration as people read it (``progress.age_text``); None: nothing pending."""
+    return "none pending" if seconds is None else progress.age_text(seconds)
 
 
 def _rate(hits: int, misses: int) -> str:

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import requests
 
 from tq_mw_thehive import logs, metrics
+from tq_mw_thehive.progress import age_text
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.enrichment import gate, offline_index
 from tq_mw_thehive.enrichment.cache import ResultCache
@@ -68,20 +69,8 @@ class PluginRun:
 
     def describe(self) -> str:
         if self.status in ("cached", "not_found") and self.age_s is not None:
-            return f"{'cached' if self.status == 'cached' else 'not found (cached)'}, {age(self.age_s)} old"
+            return f"{'cached' if self.status == 'cached' else 'not found (cached)'}, {age_text(self.age_s)} old"
         return self.reason or self.status
-
-
-def age(seconds: float) -> str:
-    """A cached answer's age as a person reads it: 40 s, 12 min, 5 h 3 min, 2 d 4 h."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
 class Enricher:
