@@ -66,10 +66,10 @@ class Drainer:
     def _one(self, row: sqlite3.Row, counts: Dict[str, int], blocked: Set[Tuple[str, str]]) -> None:
         max_tlp = self.enricher.cfg.logs.max_tlp_values
         shown = logs.loggable(row["value"][:80], row["tlp"], max_tlp)
-        info = next((p for p in self.enricher.registry.loaded() if p.name == row["plugin"]), None)
+        info = self.enricher.registry.get(row["plugin"])
         before = (self.enricher.cache.latest(info.name, info.version, row["data_type"], row["value"])
                   if info is not None and row["origin"] == "monitor" else None)
-        run = self.enricher.run_deferred(row)
+        run = self.enricher.run_deferred(row, info)
         if run.status == "deferred":
             blocked.add((row["plugin"], row["key_id"]))
             self.quota.later(row["id"], run.retry_at or self.clock() + RETRY_S)

@@ -143,7 +143,9 @@ class Enricher:
                             data_type, value)
 
     def _one(self, info: PluginInfo, data_type: str, value: str, tlp: Optional[str], pap: Optional[str],
-             bypass_cache: bool, origin: Optional[str]) -> PluginRun:
+             bypass_cache: bool, origin: Optional[str], from_queue: bool = False) -> PluginRun:
+        """One plugin for one value. ``origin``: queue it over quota with this priority (None: say
+        so, do not queue); ``from_queue``: the drainer's turn, ahead of the queue, never queued again."""
         run = PluginRun(info.name, info.title, "skipped")
         state = plugin_state(info, self.settings, self.keys)
         if state != "enabled":
@@ -162,44 +164,25 @@ class Enricher:
                                          hit.attributes, age_s=hit.age_s())
         keys = self.keys.resolve(info.api_keys)
         kid = key_id(keys)
-        limits = limits_for(info, self.settings.limits)
+        limits = self.limits(info)
+        ask = None if from_queue else (data_type, value, tlp, pap, origin)
         if self.quota is not None and (info.external or limits.any):  # an offline plugin: no read at all
-            refusal = self.quota.take(info.name, kid, limits, PRIORITY[origin or "case"])
+            refusal = self.quota.take(info.name, kid, limits, PRIORITY[origin or "case"], behind_queue=not from_queue)
             if refusal is not None:
-                return self._refused(run, info, kid, refusal, (data_type, value, tlp, pap, origin))
-        return self._fetch(info, run, data_type, value, keys, (data_type, value, tlp, pap, origin))
+                return self._refused(run, info, kid, refusal, ask)
+        return self._fetch(info, run, data_type, value, keys, ask)
 
-    def run_deferred(self, row) -> PluginRun:
-        """A queued lookup (a row of ``enrichment_deferred``), when the drainer tries it: gated again
-        (the config may have changed), from the cache if it is there now (no quota), else called if
-        the quota allows, ahead of newer lookups. ``deferred`` again: still no quota (the row stays)."""
-        run = PluginRun(row["plugin"], row["plugin"], "skipped")
-        info = next((p for p in self.registry.loaded() if p.name == row["plugin"]), None)
+    def run_deferred(self, row, info: Optional[PluginInfo]) -> PluginRun:
+        """A queued lookup (a row of ``enrichment_deferred``; ``info``: its plugin, None when it no
+        longer loads), when the drainer tries it: through the same plugin state, gate (the config
+        may have changed) and cache (a case's lookup; a monitor re-check asks the service again)
+        as a live lookup, ahead of newer lookups. ``deferred`` again: still no quota (the row stays)."""
         if info is None:
-            run.reason, run.for_plugin = "plugin not loaded", True
-            return run
-        run.title = info.title
-        data_type, value, tlp, pap = row["data_type"], row["value"], row["tlp"], row["pap"]
-        state = plugin_state(info, self.settings, self.keys)
-        refusal = None if state == "enabled" else state
-        refusal = refusal or self.refusal(info, data_type, value, tlp, pap)
-        if refusal:
-            run.reason, run.for_plugin = refusal, state != "enabled"
-            return run
-        if row["origin"] == "case":  # a monitor re-check asks the service again, as monitor does
-            hit = self.cache.get(info.name, info.version, data_type, value)
-            if hit is not None:
-                return self._with_result(run, "cached" if hit.found else "not_found", hit.verdict, hit.data,
-                                         hit.attributes, age_s=hit.age_s())
-        keys = self.keys.resolve(info.api_keys)
-        kid = key_id(keys)
-        if self.quota is not None:
-            over = self.quota.take(info.name, kid, limits_for(info, self.settings.limits), behind_queue=False)
-            if over is not None:
-                return self._refused(run, info, kid, over, None)
+            return PluginRun(row["plugin"], row["plugin"], "skipped", reason="plugin not loaded", for_plugin=True)
         with logs.withholding(self.cfg.logs.max_tlp_values) as withheld:
-            withheld.add([value], tlp)
-            run = self._fetch(info, run, data_type, value, keys, None)
+            withheld.add([row["value"]], row["tlp"])
+            run = self._one(info, row["data_type"], row["value"], row["tlp"], row["pap"],
+                            bypass_cache=row["origin"] == "monitor", origin=row["origin"], from_queue=True)
         metrics.plugin_ran(run)
         return run
 
@@ -249,13 +232,12 @@ class Enricher:
             if self.quota is None:
                 run.status, run.reason = "error", f"quota exceeded: {exc}"
             else:
-                reason = logs.redact(str(exc)) or "HTTP 429"
-                until = self.quota.pause(info.name, key_id(keys), exc.retry_after_s, reason)
+                reason, kid = logs.redact(str(exc)) or "HTTP 429", key_id(keys)
+                until = self.quota.pause(info.name, kid, exc.retry_after_s, reason)
                 log.warning("enrichment %s refused for quota (%s): paused until %s, its lookups queued",
                             info.name, reason, _hhmm(until))
                 self.cache.count(info.name, error=True)
-                return self._refused(run, info, key_id(keys), Refusal(f"paused after {reason}", until, "paused"),
-                                     queue)
+                return self._refused(run, info, kid, Refusal(f"paused after {reason}", until, "paused"), queue)
         except Exception as exc:  # any plugin failure is contained here
             run.status, run.reason = "error", f"{type(exc).__name__}: {exc}"
         else:
