@@ -123,6 +123,17 @@ class World:
         self.inbox = Inbox(self.cfg.state_db)
         self.services = Services(self.cfg, self.inbox)
         self.worker = Worker(self.services, backoff_cap_s=0)
+        self.audits_seen = 0  # of hive.audits, delivered by deliver_new_audits
+
+    def deliver_new_audits(self) -> List[dict]:
+        """The audits the TheHive simulator built since the last call (``hive.emit_audits``),
+        delivered as its webhooks would be and applied: every event done. Returns them."""
+        new = self.hive.audits[self.audits_seen:]
+        self.audits_seen = len(self.hive.audits)
+        self.deliver(*new)
+        self.drain()
+        assert set(self.states()) == {"done"}, self.states()
+        return new
 
     def deliver(self, *payloads: dict) -> None:
         for payload in payloads:

@@ -12,17 +12,7 @@ VALUES = ("203.0.113.47", "c2.example.net")
 def world(request, make_world):
     world = make_world(alerts=True, thehive_version=request.param)
     world.hive.emit_audits = True
-    world.audits_seen = 0
     return world
-
-
-def deliver_new_audits(world) -> list:
-    new = world.hive.audits[world.audits_seen:]
-    world.audits_seen = len(world.hive.audits)
-    world.deliver(*new)
-    world.drain()
-    assert set(world.states()) == {"done"}, world.states()
-    return new
 
 
 def alert_with_observables(world) -> str:
@@ -30,7 +20,7 @@ def alert_with_observables(world) -> str:
                                  tags=["c2"])
     world.hive.add_alert_observable(alert["_id"], dataType="ip", data=VALUES[0], tlp=1, pap=1)
     world.hive.add_alert_observable(alert["_id"], dataType="domain", data=VALUES[1], tlp=1, pap=1)
-    deliver_new_audits(world)
+    world.deliver_new_audits()
     return alert["_id"]
 
 
@@ -55,24 +45,24 @@ def test_an_alert_promoted_to_a_case_joins_the_case_s_event(world):
     alert_id = alert_with_observables(world)
     assert len(world.tq.events) == 1 and len(world.tq.indicators) == 2
     world.hive.promote_alert(alert_id)
-    assert deliver_new_audits(world)
+    assert world.deliver_new_audits()
     assert_joined(world, alert_id)
 
 
 def test_an_alert_merged_into_a_case_joins_it_and_the_value_both_had_stays_one_indicator(world):
     case = world.hive.add_case(title="Ongoing intrusion")
     world.hive.add_observable(case["_id"], dataType="ip", data=VALUES[0], tlp=1, pap=1)
-    deliver_new_audits(world)
+    world.deliver_new_audits()
     alert_id = alert_with_observables(world)
     world.hive.merge_alert(alert_id, case["_id"])
-    assert deliver_new_audits(world)
+    assert world.deliver_new_audits()
     assert_joined(world, alert_id)
 
 
 def test_replaying_the_import_s_audits_costs_no_threatq_call(world):
     alert_id = alert_with_observables(world)
     world.hive.promote_alert(alert_id)
-    replay = deliver_new_audits(world)
+    replay = world.deliver_new_audits()
     calls = len(world.tq.requests)
     world.deliver(*replay)  # TheHive retries a webhook it thinks was lost
     world.drain()

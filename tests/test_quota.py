@@ -77,16 +77,7 @@ def quota_world(make_world, clock, **sync):
     KeyStore(world.cfg.state_db).set("VIRUSTOTAL", "vt-test-key-0123456789")
     world.services.quota = QuotaBook(world.cfg.state_db, clock=clock)  # before anything builds an enricher
     world.hive.emit_audits = True
-    world.seen = 0
     return world
-
-
-def deliver_new(world) -> None:
-    new = world.hive.audits[world.seen:]
-    world.seen = len(world.hive.audits)
-    world.deliver(*new)
-    world.drain()
-    assert set(world.states()) == {"done"}, world.states()
 
 
 def burst(world, count: int, first: int = 0) -> List[str]:
@@ -95,7 +86,7 @@ def burst(world, count: int, first: int = 0) -> List[str]:
     values = [f"45.33.{i // 200}.{i % 200 + 1}" for i in range(first, first + count)]
     for value in values:
         world.hive.add_observable(case["_id"], dataType="ip", data=value, tlp=1, pap=1)
-    deliver_new(world)
+    world.deliver_new_audits()
     return values
 
 
@@ -211,7 +202,7 @@ def test_a_value_already_cached_never_uses_quota(world, mock, clock):
     case = world.hive.add_case(title="Same values")
     for value in values:
         world.hive.add_observable(case["_id"], dataType="ip", data=value, tlp=1, pap=1)
-    deliver_new(world)
+    world.deliver_new_audits()
     assert len(vt.calls) == 4 and world.services.quota.depth() == 0
 
 

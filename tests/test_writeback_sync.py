@@ -22,23 +22,13 @@ def sender(world) -> Sender:
     return Sender(world.services.outbox, client, "w1", FIELD)
 
 
-def deliver_new_audits(world) -> list:
-    """Deliver the audits the simulator built since the last call, as its webhooks would."""
-    seen = getattr(world, "audits_seen", 0)
-    new = world.hive.audits[seen:]
-    world.audits_seen = len(world.hive.audits)
-    world.deliver(*new)
-    world.drain()
-    return new
-
-
 def landed_case(world):
     """A case with an analyst's tag and an observable, delivered as TheHive (4 or 5) sends them, synced."""
     world.hive.emit_audits = True
     case = world.hive.add_case(title="Beacon", tags=["analyst-tag"])
     observable = world.hive.add_observable(case["_id"], dataType="ip", data="203.0.113.47", tlp=1, pap=1,
                                            tags=["dst-ip"])
-    deliver_new_audits(world)
+    world.deliver_new_audits()
     assert set(world.states()) == {"done"}
     return case["_id"], observable["_id"]
 
@@ -60,7 +50,7 @@ def test_thehive_s_webhooks_for_our_own_changes_cost_nothing_and_write_nothing_b
     told = sender(world)
     told.run_once()
     patches, tq_calls = len(world.hive.patches), len(world.tq.requests)
-    echoes = deliver_new_audits(world)
+    echoes = world.deliver_new_audits()
     assert len(echoes) == 3, "an audit per PATCH: the observable's tags, the case's tags, its field"
     assert set(world.states()) == {"done"}
     assert len(world.tq.requests) == tq_calls          # 0 ThreatQ calls for our own change
@@ -98,6 +88,6 @@ def test_the_sync_records_nothing_for_thehive_when_write_back_is_off(make_world)
     assert world.services.outbox is None
     world.hive.emit_audits = True
     world.hive.add_case(title="Off")
-    deliver_new_audits(world)
+    world.deliver_new_audits()
     assert set(world.states()) == {"done"}
     assert world.inbox.db.execute("SELECT COUNT(*) FROM writeback").fetchone()[0] == 0

@@ -5,6 +5,7 @@ the contract's reading; ``sdk``, the public captures' shapes without the calls t
 evidence): ``@both_shapes``. No event may become a dead letter in either."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -284,13 +285,13 @@ def lookup(request):
     score = response.json()["score"]
     return Result("malicious" if score > 80 else "info", {"score": score}, {"Fake Intel Score": str(score)})
 '''
+FAKE_INTEL_KEY = "fake-intel-key-77"
 
 
-@both_shapes
-def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leaves(start, simulators, tmp_path):
-    """The issue's proof: enriched attributes arrive, the second time the cache answers with zero
-    network calls, and a TLP:RED value causes no outbound request at all."""
-    tq, _ = simulators
+@contextlib.contextmanager
+def fake_intel(tmp_path, **enrichment):
+    """The fake_intel plugin in a plugin dir and its service on a loopback port, scoring 93:
+    yields (the (path, key) of each call, the daemon's enrichment section, its environment)."""
     seen = []
 
     def intel(environ, start_response):
@@ -302,9 +303,17 @@ def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leav
     plugin_dir.mkdir()
     (plugin_dir / "fake_intel.py").write_text(FAKE_INTEL_PLUGIN)
     with LoopbackServer(intel) as service:
-        daemon = start(enrichment={"plugin_dirs": [str(plugin_dir)],
-                                   "plugins": {"fake_intel": {"url": service.url}}},
-                       env={**os.environ, "TQ_MW_KEY_FAKE_INTEL": "fake-intel-key-77"})
+        yield seen, dict(enrichment, plugin_dirs=[str(plugin_dir)], plugins={"fake_intel": {"url": service.url}}), \
+            {**os.environ, "TQ_MW_KEY_FAKE_INTEL": FAKE_INTEL_KEY}
+
+
+@both_shapes
+def test_enrichment_reaches_threatq_the_cache_saves_calls_and_tlp_red_never_leaves(start, simulators, tmp_path):
+    """The issue's proof: enriched attributes arrive, the second time the cache answers with zero
+    network calls, and a TLP:RED value causes no outbound request at all."""
+    tq, _ = simulators
+    with fake_intel(tmp_path) as (seen, enrichment, env):
+        daemon = start(enrichment=enrichment, env=env)
         green = sample("th5-observable-create-ip.json")
         # 203.0.113.47 is a documentation address, which never leaves; use a public one.
         green["object"]["data"], green["object"]["tlpLabel"] = "9.9.9.9", "GREEN"
@@ -472,20 +481,8 @@ def test_a_lookup_over_quota_is_queued_and_the_daemon_lands_it_when_quota_return
     """The daemon's own drainer thread: an observable over its plugin's daily quota syncs without
     the plugin's attribute, and gets it once the quota returns (the day's calls forgotten here)."""
     tq, _ = simulators
-    seen = []
-
-    def intel(environ, start_response):
-        seen.append(environ["PATH_INFO"])
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [b'{"score": 93}']
-
-    plugin_dir = tmp_path / "more_plugins"
-    plugin_dir.mkdir()
-    (plugin_dir / "fake_intel.py").write_text(FAKE_INTEL_PLUGIN)
-    with LoopbackServer(intel) as service:
-        daemon = start(enrichment={"plugin_dirs": [str(plugin_dir)], "limits": {"fake_intel": {"per_day": 1}},
-                                   "plugins": {"fake_intel": {"url": service.url}}},
-                       env={**os.environ, "TQ_MW_KEY_FAKE_INTEL": "fake-intel-key-77"})
+    with fake_intel(tmp_path, limits={"fake_intel": {"per_day": 1}}) as (seen, enrichment, env):
+        daemon = start(enrichment=enrichment, env=env)
         observables = []
         for n, value in enumerate(("9.9.9.9", "1.1.1.1")):
             event = sample("th5-observable-create-ip.json")
@@ -512,6 +509,6 @@ def test_a_lookup_over_quota_is_queued_and_the_daemon_lands_it_when_quota_return
         finally:
             db.close()
         wait_for(lambda: score("1.1.1.1") == "93", 60, "the queued lookup to land")
-        assert seen == ["/reputation/9.9.9.9", "/reputation/1.1.1.1"]
+        assert [path for path, _ in seen] == ["/reputation/9.9.9.9", "/reputation/1.1.1.1"]
         text = requests.get(daemon.url + "/metrics", timeout=10).text
         assert 'tq_mw_thehive_enrichment_deferred{plugin="fake_intel"} 0.0' in text
