@@ -256,7 +256,7 @@ def test_prepare_directory_wipes_only_for_a_new_master(tmp_path):
     (directory / "counter_222.db").write_bytes(b"x")
     metrics.prepare_directory(directory, os.getppid(), fresh=True)
     assert not (directory / "counter_222.db").exists()
-    assert metrics.directory_for(tmp_path / "state.db") == tmp_path / ".metrics"
+    assert metrics.directory_for(tmp_path) == tmp_path / ".metrics"
 
 
 FORKING_MASTER = textwrap.dedent('''

@@ -335,7 +335,7 @@ def test_the_directory_falls_back_when_the_state_dir_is_not_writable(tmp_path: P
 
 
 def test_the_directory_belongs_to_the_state_database() -> None:
-    assert offline_index.for_state_db("/var/lib/tq/tq_mw_thehive.db") == Path("/var/lib/tq/offline_index")
+    assert offline_index.for_local_dir("/var/lib/tq") == Path("/var/lib/tq/offline_index")
 
 
 # ---------------------------------------------------------------------------------------------- geoip

@@ -189,6 +189,7 @@ class LoginLimiter(state.Store):
         since = now - self.window_s
 
         def reserve(db: sqlite3.Connection) -> Attempt:
+            state.exclusive(db, "status_login_failures")  # count, then insert: one at a time
             db.execute("DELETE FROM status_login_failures WHERE at <= ?", (since,))
             fills = None
             for scope, where, args, limit in (("client", "client = ? AND", (client,), self.per_client),
@@ -201,8 +202,13 @@ class LoginLimiter(state.Store):
                 if fills is None and db.execute(f"SELECT COUNT(*) FROM status_login_failures WHERE {where} at > ?",
                                                 (*args, since)).fetchone()[0] == limit - 1:
                     fills = scope
-            cursor = db.execute("INSERT INTO status_login_failures (client, at) VALUES (?, ?)", (client, now))
-            return Attempt(row=cursor.lastrowid, fills=fills)
+            if getattr(db, "dialect", "sqlite") == "postgresql":
+                row_id = db.execute("INSERT INTO status_login_failures (client, at) VALUES (?, ?) RETURNING rowid",
+                                    (client, now)).fetchone()[0]
+            else:
+                row_id = db.execute("INSERT INTO status_login_failures (client, at) VALUES (?, ?)",
+                                    (client, now)).lastrowid
+            return Attempt(row=row_id, fills=fills)
 
         return self.write(reserve, durable=False)
 
@@ -232,7 +238,8 @@ class Sessions(state.Store):
 
         def add(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM status_sessions WHERE expires_at <= ?", (now,))
-            db.execute("INSERT OR REPLACE INTO status_sessions VALUES (?, ?)",
+            db.execute("INSERT INTO status_sessions (digest, expires_at) VALUES (?, ?) "
+                       "ON CONFLICT (digest) DO UPDATE SET expires_at = excluded.expires_at",
                        (self._digest(nonce), now + SESSION_MAX_AGE_S))
 
         self.write(add)

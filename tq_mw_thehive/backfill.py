@@ -69,20 +69,21 @@ class Marks(state.Store):
 
     def advance(self, ms: int) -> None:
         self.write(lambda db: db.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
-            "CAST(MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)", (MARK_KEY, str(ms))))
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = CASE "
+            "WHEN CAST(excluded.value AS BIGINT) > CAST(meta.value AS BIGINT) THEN excluded.value "
+            "ELSE meta.value END", (MARK_KEY, str(ms))))
 
     def try_lock(self, owner: str, ttl_s: float) -> bool:
         now = time.time()
 
         def take(db) -> bool:
+            state.exclusive(db, f"meta:{LOCK_KEY}")
             row = db.execute("SELECT value FROM meta WHERE key = ?", (LOCK_KEY,)).fetchone()
             if row is not None:
                 holder, until = json.loads(row["value"])
                 if until > now and holder != owner:
                     return False
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                       (LOCK_KEY, json.dumps([owner, now + ttl_s])))
+            state.set_meta(db, LOCK_KEY, json.dumps([owner, now + ttl_s]))
             return True
 
         return self.write(take)
@@ -93,8 +94,7 @@ class Marks(state.Store):
         return row is not None and row["value"] == run
 
     def record_done(self, run: str) -> None:
-        self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                         (DONE_KEY, run)))
+        self.write(lambda db: state.set_meta(db, DONE_KEY, run))
 
     def unlock(self, owner: str) -> None:
         def release(db) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import requests
 
 from tq_mw_thehive import config as config_mod
-from tq_mw_thehive import logs, startup, state
+from tq_mw_thehive import logs, startup, state, state_postgres
 from tq_mw_thehive.config import Config
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.thehive import events
@@ -266,7 +266,8 @@ def check_threatq_steps(ctx: Context) -> List[Result]:
     except ThreatQError as exc:
         return [_threatq_failed(name, ctx, exc) for name in STEP_NAMES]
     try:
-        learned = threatq_capabilities(ctx.cfg.state_db) if Path(ctx.cfg.state_db).exists() else {}
+        learned = threatq_capabilities(ctx.cfg.state_db) \
+            if state.is_shared(ctx.cfg.state_db) or Path(ctx.cfg.state_db).exists() else {}
     except sqlite3.Error:
         learned = {}  # the state db check says what is wrong with it
     return [Result(f"step {r.step}", True, f"{r.state}: {r.label}; {r.detail}", skipped=r.state == "unknown")
@@ -314,6 +315,8 @@ def check_state_db(ctx: Context) -> Result:
     if cfg is None:
         return _skip(name, "skipped: needs a valid config")
     path = cfg.state_db
+    if state.is_shared(path):
+        return _check_shared_state(name, path)
     if not path.exists():
         parent = path.parent
         if not parent.is_dir():
@@ -337,6 +340,22 @@ def check_state_db(ctx: Context) -> Result:
         return _fail(name, text, _state_db_fix(text))
     dead = f", {counts['dead']} dead (see `tq-mw-thehive status`, then `replay`)" if counts["dead"] else ""
     return _ok(name, f"ok ({path}: writable, {counts['pending']} pending{dead})")
+
+
+def _check_shared_state(name: str, url: Any) -> Result:
+    """``check`` of a PostgreSQL state: reachable, migrated, a write commits."""
+    try:
+        inbox = Inbox.open(url)
+        inbox.check_writable()
+        counts = inbox.stats()
+        server = state_postgres.describe(url)
+    except (state.StateError, sqlite3.Error) as exc:
+        text = str(exc) if str(exc).startswith("state database") else f"state database {url}: {exc}"
+        return _fail(name, text, "check that PostgreSQL is up and reachable from this host, that the "
+                     "database exists and that the user in state_db may create tables in it")
+    dead = f", {counts['dead']} dead (see `tq-mw-thehive status`, then `replay`)" if counts["dead"] else ""
+    return _ok(name, f"ok ({url}: PostgreSQL {server['server_version']}, writable, "
+                     f"{counts['pending']} pending{dead})")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -12,12 +12,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 import yaml
 
 from tq_mw_thehive import private_files
+from tq_mw_thehive.state_postgres import PostgresURL, is_url
 
 CONFIG_FILE = "config.yaml"
 DEFAULT_STATE_DB = "tq_mw_thehive.db"
@@ -267,8 +268,16 @@ class Config:
     inbox: InboxConfig = field(default_factory=InboxConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
     writeback: WritebackConfig = field(default_factory=WritebackConfig)
-    state_db: Path = Path(DEFAULT_STATE_DB)
+    state_db: Union[Path, PostgresURL] = Path(DEFAULT_STATE_DB)  # a SQLite file, or a shared PostgreSQL
     config_dir: Path = Path(".")
+
+    @property
+    def local_dir(self) -> Path:
+        """Where this host's own files go (metric files, offline indexes, object locks): beside the
+        SQLite file, or in the config directory when the state is on PostgreSQL."""
+        if isinstance(self.state_db, PostgresURL):
+            return Path(self.config_dir)
+        return Path(self.state_db).parent
 
     def secrets(self) -> Tuple[str, ...]:
         """Every secret value in this configuration, for log redaction."""
@@ -279,6 +288,8 @@ class Config:
                 value = getattr(section, f.name)
                 if f.metadata["secret"] and value:
                     found.append(value)
+        if isinstance(self.state_db, PostgresURL) and self.state_db.password:
+            found.append(self.state_db.password)
         return tuple(found)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -288,10 +299,18 @@ class Config:
                    for k, v in dataclasses.asdict(getattr(self, name)).items()}
             for name in _SECTIONS}
         state_db = self.state_db
+        if isinstance(state_db, PostgresURL):
+            data["state_db"] = state_db.conninfo
+            return data
         if state_db.parent == self.config_dir:
             state_db = Path(state_db.name)
         data["state_db"] = str(state_db)
         return data
+
+
+def shared_state(cfg: Config) -> Optional[PostgresURL]:
+    """The PostgreSQL state database that daemons on several hosts share, or None (SQLite)."""
+    return cfg.state_db if isinstance(cfg.state_db, PostgresURL) else None
 
 
 def config_path(config_dir: Path) -> Path:
@@ -421,13 +440,32 @@ def from_dict(raw: Any, config_dir: Path) -> Config:
                 for name, cls in _SECTIONS.items()}
     state_db = expanded.get("state_db") or DEFAULT_STATE_DB
     if not isinstance(state_db, str):
-        raise ConfigError(f"state_db: must be a file path string (got {state_db!r})")
-    db_path = Path(state_db).expanduser()
-    if not db_path.is_absolute():
-        db_path = Path(config_dir) / db_path
-    cfg = Config(state_db=db_path, config_dir=Path(config_dir), **sections)
+        raise ConfigError("state_db: must be a file path or a postgresql:// URL string "
+                          f"(got {type(state_db).__name__})")
+    where: Union[Path, PostgresURL]
+    if is_url(state_db):
+        where = _postgres_url(state_db)
+    else:
+        where = Path(state_db).expanduser()
+        if not where.is_absolute():
+            where = Path(config_dir) / where
+    cfg = Config(state_db=where, config_dir=Path(config_dir), **sections)
     _check_cross_field(cfg)
     return cfg
+
+
+def _postgres_url(text: str) -> PostgresURL:
+    """``postgresql://user[:password]@host[:port]/dbname[?service=…]``; what is wrong, said without
+    the password."""
+    url = PostgresURL(text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"state_db: not a valid PostgreSQL URL ({url})") from None
+    if not parts.path.strip("/") and "service=" not in parts.query and "dbname=" not in parts.query:
+        raise ConfigError(f"state_db: {url} names no database (postgresql://user@host:5432/dbname)")
+    return url
 
 
 def _check_cross_field(cfg: Config) -> None:

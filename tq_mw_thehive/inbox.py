@@ -118,6 +118,37 @@ _ROWS_PER_INSERT = 500  # 11 parameters a row: far below SQLite's 32,766 per sta
 
 
 def _insert(db: sqlite3.Connection, rows: List[tuple]) -> List[PutResult]:
+    if getattr(db, "dialect", "sqlite") == "postgresql":
+        return _insert_returning(db, rows)
+    return _insert_sqlite(db, rows)
+
+
+def _insert_returning(db, rows: List[tuple]) -> List[PutResult]:
+    """``_insert`` on PostgreSQL: ids come from ``RETURNING`` (sequences leave gaps and other
+    daemons insert concurrently, so consecutive ids cannot be assumed)."""
+    results: List[PutResult] = []
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start:start + _ROWS_PER_INSERT]
+        sql = (_INSERT.replace("INSERT OR IGNORE", "INSERT") + ", ".join([_VALUES] * len(chunk))
+               + " ON CONFLICT (dedup_key) DO NOTHING RETURNING id, dedup_key")
+        created = {r[1]: r[0] for r in db.execute(sql, [v for row in chunk for v in row])}
+        missing = [row[0] for row in chunk if row[0] not in created]
+        stored = {}
+        if missing:
+            keys = list(dict.fromkeys(missing))
+            stored = {r[0]: r[1] for r in db.execute(
+                f"SELECT dedup_key, id FROM inbox WHERE dedup_key IN ({', '.join('?' * len(keys))})", keys)}
+        for row in chunk:
+            key = row[0]
+            if key in created:
+                results.append(PutResult(created.pop(key), True))
+                stored[key] = results[-1].id
+            else:
+                results.append(PutResult(stored[key], False))
+    return results
+
+
+def _insert_sqlite(db: sqlite3.Connection, rows: List[tuple]) -> List[PutResult]:
     """Insert ``rows`` (in a transaction) unless their dedup key is here: each one's id, and
     whether this inserted it (the first of a key inserts it; a later one, or a key already
     stored, answers the stored row's id).
@@ -286,6 +317,10 @@ class Inbox(state.Store):
 
     def _take_first(self, db: sqlite3.Connection, owner: str, lease_s: float) -> Optional[InboxItem]:
         now = self.clock()
+        # PostgreSQL: claims of every daemon one at a time, as SQLite's one writer makes them, so
+        # that each sees the leases the previous one took (the order within a case rests on it);
+        # SKIP LOCKED passes over a row another transaction is finishing instead of waiting.
+        state.exclusive(db, "inbox:claim")
         row = db.execute(
             """SELECT * FROM inbox AS e INDEXED BY inbox_pending_order
                WHERE e.state = 'pending' AND e.next_attempt_at <= :now
@@ -294,7 +329,8 @@ class Inbox(state.Store):
                      SELECT 1 FROM inbox AS o
                      WHERE o.case_key = e.case_key AND o.state = 'pending' AND o.id != e.id
                        AND ((o.order_ts, o.id) < (e.order_ts, e.id) OR o.lease_until > :now))
-               ORDER BY e.order_ts, e.id LIMIT 1""", {"now": now}).fetchone()
+               ORDER BY e.order_ts, e.id LIMIT 1""" + (" FOR UPDATE SKIP LOCKED" if self.shared else ""),
+            {"now": now}).fetchone()
         if row is None:
             return None
         return self._lease(db, row, owner, now + lease_s)
@@ -322,7 +358,8 @@ class Inbox(state.Store):
             for row in db.execute(
                     """SELECT * FROM inbox INDEXED BY inbox_case
                        WHERE case_key = ? AND state = 'pending' AND (order_ts, id) > (?, ?)
-                       ORDER BY order_ts, id LIMIT ?""", (first.case_key, first.order_ts, first.id, limit - 1)):
+                       ORDER BY order_ts, id LIMIT ?""" + (" FOR UPDATE" if self.shared else ""),
+                    (first.case_key, first.order_ts, first.id, limit - 1)):
                 if row["next_attempt_at"] > now or (row["lease_until"] is not None and row["lease_until"] > now):
                     break
                 items.append(self._lease(db, row, owner, now + lease_s))
@@ -503,14 +540,22 @@ class Inbox(state.Store):
         """Copy the WAL back into the file here, without the write lock (PASSIVE): otherwise the
         commit that crosses SQLite's auto-checkpoint size, often a webhook's put, does it and
         answers hundreds of milliseconds late after a purge's megabytes of deletes."""
+        if self.shared:
+            return  # PostgreSQL checkpoints on its own
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def vacuum_mode(self) -> str:
-        """SQLite's ``auto_vacuum`` of this file: ``incremental`` (created by this version) or ``none``."""
+        """SQLite's ``auto_vacuum`` of this file: ``incremental`` (created by this version) or ``none``;
+        ``autovacuum`` on PostgreSQL, whose own vacuum makes deleted rows' space reusable."""
+        if self.shared:
+            return "autovacuum"
         return {0: "none", 1: "full", 2: "incremental"}[self.db.execute("PRAGMA auto_vacuum").fetchone()[0]]
 
     def free_bytes(self) -> int:
-        """Space inside the file that deletes freed and new events will reuse."""
+        """Space inside the file that deletes freed and new events will reuse (0 on PostgreSQL:
+        not measured; its autovacuum manages it)."""
+        if self.shared:
+            return 0
         return (self.db.execute("PRAGMA freelist_count").fetchone()[0]
                 * self.db.execute("PRAGMA page_size").fetchone()[0])
 
@@ -525,9 +570,9 @@ class Inbox(state.Store):
         (milliseconds each with gigabytes free), so the step is sized to hold the lock about
         ``RELEASE_STEP_S``, and ``budget_s`` bounds the whole (the rest waits for next time).
         """
-        db = self.db
         if self.vacuum_mode() != "incremental":
             return 0
+        db = self.db
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
         deadline = None if budget_s is None else time.monotonic() + budget_s
         released, step = 0, 64
@@ -556,6 +601,9 @@ class Inbox(state.Store):
         and TheHive does not re-send) and needs free disk space about the size of the file; so
         this is ``tq-mw-thehive purge --vacuum`` with the daemon stopped, never the daemon's own.
         """
+        if self.shared:
+            self.db.execute("VACUUM (ANALYZE) inbox")  # no file to shrink: space is reused, statistics fresh
+            return 0
         before = self._file_bytes()
         self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self.db.execute("VACUUM")
@@ -588,7 +636,7 @@ class Inbox(state.Store):
                    WHERE lease_until > :now AND state = 'pending') AS in_progress,
                  (SELECT COUNT(*) FROM inbox INDEXED BY inbox_due
                    WHERE state = 'pending' AND next_attempt_at > :now
-                     AND NOT IFNULL(lease_until > :now, 0)) AS waiting_retry,
+                     AND (lease_until IS NULL OR lease_until <= :now)) AS waiting_retry,
                  (SELECT n FROM inbox_counts WHERE state = 'done') AS done,
                  (SELECT n FROM inbox_counts WHERE state = 'dead') AS dead,
                  (SELECT MIN(received_at) FROM inbox INDEXED BY inbox_pending_received
@@ -606,8 +654,7 @@ class Inbox(state.Store):
 
     def check_writable(self) -> None:
         """Raise ``sqlite3.Error`` unless a write commits now (what ``/healthz`` reports)."""
-        self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                                          "('healthz_at', ?)", (str(self.clock()),)))
+        self.write(lambda db: state.set_meta(db, "healthz_at", str(self.clock())))
 
     # --- read-only views for the status page (status_page.py) ----------------------------------
 
@@ -640,8 +687,10 @@ class Inbox(state.Store):
         now = self.clock()
         current = now - now % 3600
         first = current - (hours - 1) * 3600
+        # CAST truncates in SQLite but rounds in PostgreSQL: there, FLOOR first.
+        hour = "CAST(FLOOR(received_at / 3600) AS BIGINT)" if self.shared else "CAST(received_at / 3600 AS INTEGER)"
         counts = {row["hour"]: row["n"] for row in self.db.execute(
-            "SELECT CAST(received_at / 3600 AS INTEGER) * 3600 AS hour, COUNT(*) AS n FROM inbox "
+            f"SELECT {hour} * 3600 AS hour, COUNT(*) AS n FROM inbox "
             "INDEXED BY inbox_received WHERE received_at >= ? GROUP BY hour", (first,))}
         return [(first + i * 3600, counts.get(int(first + i * 3600), 0)) for i in range(hours)]
 
@@ -657,9 +706,9 @@ class Inbox(state.Store):
 
         def insert(db: sqlite3.Connection) -> int:
             db.execute(
-                "INSERT OR IGNORE INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, object_type, "
+                "INSERT INTO inbox (dedup_key, received_at, order_ts, shape, audit_id, object_type, "
                 "action, object_id, case_key, body, next_attempt_at, state, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'done', ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'done', ?) ON CONFLICT DO NOTHING",
                 (event.dedup_key, now, int(now * 1000), event.shape, event.audit_id, event.object_type,
                  event.action, event.object_id, event.case_key, body, now, now))
             return db.execute("SELECT id FROM inbox WHERE dedup_key = ?", (event.dedup_key,)).fetchone()["id"]
@@ -702,11 +751,11 @@ class Retention:
         now = self.inbox.clock()
 
         def claim(db: sqlite3.Connection) -> bool:
+            state.exclusive(db, "meta:retention_next_at")
             row = db.execute("SELECT value FROM meta WHERE key = 'retention_next_at'").fetchone()
             if row is not None and float(row["value"]) > now:
                 return False
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('retention_next_at', ?)",
-                       (repr(now + self.interval_s),))
+            state.set_meta(db, "retention_next_at", repr(now + self.interval_s))
             return True
 
         return self.inbox.write(claim, durable=False)

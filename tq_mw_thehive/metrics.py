@@ -181,9 +181,10 @@ def plugin_ran(run: Any) -> None:
 # ------------------------------------------------------------------ multiprocess mode
 
 
-def directory_for(state_db: Union[str, Path]) -> Path:
-    """Where the per-process metric files of the daemon using ``state_db`` live."""
-    return Path(state_db).parent / DIRECTORY_NAME
+def directory_for(local_dir: Union[str, Path]) -> Path:
+    """Where the per-process metric files of the daemon live (``Config.local_dir``: beside a
+    SQLite file, else in the config directory)."""
+    return Path(local_dir) / DIRECTORY_NAME
 
 
 def _process_stamp(pid: int) -> str:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from tq_mw_thehive import metrics
 from tq_mw_thehive.backfill import Backfill, BackfillResult, Marks, updated_ms
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive import state
 from tq_mw_thehive.sync_state import SyncState
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,11 @@ class Reconciler:
         now = self.clock()
 
         def claim(db) -> bool:
+            state.exclusive(db, f"meta:{NEXT_KEY}")
             row = db.execute("SELECT value FROM meta WHERE key = ?", (NEXT_KEY,)).fetchone()
             due = row is not None and float(row["value"]) <= now
             if row is None or due:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (NEXT_KEY, repr(now + self.every_s)))
+                state.set_meta(db, NEXT_KEY, repr(now + self.every_s))
             return due
 
         return self.services.inbox.write(claim, durable=False)
@@ -147,9 +149,7 @@ class Reconciler:
 
     def _record(self, sweep: Sweep) -> None:
         metrics.reconcile_swept(sweep.outcome, sweep.found)
-        self.services.inbox.write(lambda db: db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (LAST_KEY, json.dumps(asdict(sweep)))),
-            durable=False)
+        self.services.inbox.write(lambda db: state.set_meta(db, LAST_KEY, json.dumps(asdict(sweep))), durable=False)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.check_s):

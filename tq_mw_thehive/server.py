@@ -104,7 +104,7 @@ def start_app(cfg: Config, name: str = "tq_mw_thehive"):
     each gunicorn worker, after the fork). The sync worker is kept in the app's extension,
     where the ``worker_exit`` hook finds it."""
     intake.configure(int(cfg.webhook.max_body_mb * 1024 * 1024))  # bodies above it are not buffered
-    metrics.enable_multiprocess(metrics.directory_for(cfg.state_db), master_pid=os.getppid())
+    metrics.enable_multiprocess(metrics.directory_for(cfg.local_dir), master_pid=os.getppid())
     services = Services(cfg)
     worker = Worker(services).start()
     atexit.register(worker.stop)  # plain `gunicorn … tq_driver:run()` has no worker_exit hook
@@ -263,7 +263,7 @@ def serve(cfg: Config, listen: Listen) -> None:
     log.info("starting listen=%s auth=%s state_db=%s workers=%d threads=%d worker_class=%s "
              "timeout=%ds", listen.bind, cfg.webhook.auth, cfg.state_db, listen.workers, listen.threads,
              WORKER_CLASS, listen.timeout_s)
-    metrics.master_prepare(metrics.directory_for(cfg.state_db))  # before the fork: a clean run
+    metrics.master_prepare(metrics.directory_for(cfg.local_dir))  # before the fork: a clean run
     try:
         DaemonApplication(cfg, listen).run()
     except SystemExit as stopped:

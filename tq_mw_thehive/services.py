@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Optional
 
-from tq_mw_thehive.config import Config
+from tq_mw_thehive.config import Config, shared_state
 from tq_mw_thehive.enrichment.cache import ResultCache
 from tq_mw_thehive.enrichment.keys import KeyStore
 from tq_mw_thehive.enrichment.deferred import Drainer
@@ -98,7 +98,8 @@ class Services:
                     enricher=self.enricher(), watches=self.watches, outbox=self.outbox)
 
     def objects(self, threatq: Optional[ThreatQClient] = None) -> ThreatQObjects:
-        return ThreatQObjects(threatq or self.threatq(), self.cfg.threatq.source, self.cfg.state_db.parent)
+        return ThreatQObjects(threatq or self.threatq(), self.cfg.threatq.source, self.cfg.local_dir,
+                              shared_state(self.cfg))
 
     def monitor(self, enricher: Enricher) -> Monitor:
         """Re-checks of the watch list that write changed answers to ThreatQ as the sync does."""

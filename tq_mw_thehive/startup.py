@@ -92,7 +92,9 @@ def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
         log.warning("TLS certificate verification is disabled for ThreatQ and TheHive (-ds)")
     if cfg.webhook.auth == "none":
         log.warning("webhook.auth is none: anyone who can reach the listener can post events")
-    secret_files = [config_mod.config_path(cfg.config_dir), tq_auth.token_path(cfg.config_dir), cfg.state_db]
+    secret_files = [config_mod.config_path(cfg.config_dir), tq_auth.token_path(cfg.config_dir)]
+    if not state.is_shared(cfg.state_db):
+        secret_files.append(cfg.state_db)
     for path in private_files.readable_by_others(secret_files):
         log.warning("%s is readable by other users; run: chmod 600 %s", path, path)
 

@@ -1,6 +1,7 @@
-"""The SQLite state database: connection settings and numbered migrations.
+"""The state database: SQLite's connection settings, numbered migrations, and ``Store``.
 
-One file holds all the daemon's state. Several gunicorn workers (processes, each
+One file holds all the daemon's state, or, with ``state_db: postgresql://…``, one PostgreSQL
+database shared by several daemons (``state_postgres.py``: the same stores, the same SQL). Several gunicorn workers (processes, each
 with threads) open it at once, so every connection uses WAL, a busy timeout and
 ``synchronous=FULL``: an event the web answered 200 for must survive a power cut,
 not only a crash of the process.
@@ -16,9 +17,12 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, List, Optional, Tuple, TypeVar, Union
 
-from tq_mw_thehive import private_files
+from tq_mw_thehive import private_files, state_postgres
+from tq_mw_thehive.state_postgres import PostgresURL
+
+Location = Union[Path, PostgresURL]
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +232,8 @@ _M010_QUOTA = [
     "CREATE INDEX enrichment_deferred_order ON enrichment_deferred (plugin, key_id, priority, id)",
 ]
 
-# Append only: a released migration is never edited, a change is a new number.
+# Append only: a released migration is never edited, a change is a new number (and, from 11 on,
+# the same number in state_postgres.MIGRATIONS, in PostgreSQL's words).
 # Statements run one by one inside the migration's transaction (executescript would commit).
 MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     (1, "inbox", _M001_INBOX),
@@ -308,6 +313,30 @@ def _incremental_vacuum_mode(db: sqlite3.Connection) -> None:
         pass  # another process is creating the file right now, with this same setting
 
 
+class _Connection(sqlite3.Connection):
+    dialect = "sqlite"  # what the few engine-specific statements ask (``Store.dialect``)
+
+
+def location(state_db: Union[str, Path, PostgresURL]) -> Location:
+    """``state_db`` as a SQLite file's ``Path`` or a ``PostgresURL``."""
+    if isinstance(state_db, PostgresURL):
+        return state_db
+    if state_postgres.is_url(state_db):
+        return PostgresURL(str(state_db))
+    return Path(state_db)
+
+
+def is_shared(state_db: Union[str, Path, PostgresURL]) -> bool:
+    """Whether ``state_db`` is a PostgreSQL database (shared by daemons on several hosts)."""
+    return state_postgres.is_url(state_db)
+
+
+def exclusive(db: Any, name: str) -> None:
+    """Serialise a read-then-write transaction with every other one naming ``name``: nothing to
+    do on SQLite (``BEGIN IMMEDIATE`` already makes one writer), an advisory lock on PostgreSQL."""
+    state_postgres.xact_lock(db, name)
+
+
 def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open the database with the settings every connection needs (autocommit; explicit BEGIN)."""
     new_file = not os.path.exists(path) or os.path.getsize(path) == 0
@@ -317,7 +346,7 @@ def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sql
         except OSError:
             pass  # no directory, no permission: sqlite3.connect says so as an sqlite3.Error
     db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
-                         check_same_thread=False)
+                         check_same_thread=False, factory=_Connection)
     try:
         db.row_factory = sqlite3.Row
         if new_file:
@@ -375,9 +404,20 @@ def migrate(db: sqlite3.Connection) -> int:
     return latest
 
 
-def open_state(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
-    """Create (mode 0600) and migrate the database at ``path``; ``StateError`` if that fails."""
-    path = Path(path)
+def open_state(path: Union[str, Path, PostgresURL], busy_timeout: float = BUSY_TIMEOUT_S) -> Any:
+    """Create (mode 0600) and migrate the database at ``path``; ``StateError`` if that fails.
+
+    A PostgreSQL URL: migrate it (the database itself must exist) and return this process's
+    ``state_postgres.Database`` on it.
+    """
+    where = location(path)
+    if isinstance(where, PostgresURL):
+        try:
+            state_postgres.migrate(where, MIGRATIONS[-1][0], _check_not_newer)
+        except sqlite3.Error as exc:
+            raise StateError(f"state database {where}: {exc}") from exc
+        return state_postgres.database(where, busy_timeout)
+    path = where
     try:
         if not path.parent.is_dir():
             raise StateError(f"state database {path}: directory {path.parent} does not exist")
@@ -495,6 +535,16 @@ def write_turn(path: Union[str, Path]) -> WriteTurn:
         return turn
 
 
+class _NoTurn:
+    """PostgreSQL has no one-writer lock to queue for: row locks and ``exclusive`` do that job."""
+
+    def take(self, timeout: float) -> bool:
+        return False
+
+    def give(self) -> None:  # pragma: no cover - take never grants it
+        pass
+
+
 class Store:
     """A table family in the state database, with one connection per thread.
 
@@ -504,10 +554,12 @@ class Store:
 
     DURABLE_WRITES = True  # see ``write``
 
-    def __init__(self, path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Union[str, Path, PostgresURL], busy_timeout: float = BUSY_TIMEOUT_S) -> None:
+        self.path: Any = location(path)  # a Path, or a PostgresURL (``shared``)
+        self.shared = isinstance(self.path, PostgresURL)
         self.busy_timeout = busy_timeout
-        self.turn = write_turn(self.path)  # every write of every store on this database takes it
+        # every write of every store on this database takes it
+        self.turn: Any = _NoTurn() if self.shared else write_turn(self.path)
         self._local = threading.local()
         self._identity: FileIdentity = None  # of the file this store's first connection opened
         self._moved_logged = False
@@ -516,13 +568,25 @@ class Store:
     def open(cls, path: Union[str, Path], **kwargs):
         """Create and migrate the database if needed, then return the store on it."""
         store = cls(path, **kwargs)
-        store._local.db = open_state(path, store.busy_timeout)
+        opened = open_state(store.path, store.busy_timeout)
+        if store.shared:
+            return store
+        store._local.db = opened
         store._identity = file_identity(store.path)
         return store
 
     @property
-    def db(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use; ``StateMoved`` once the file was swapped."""
+    def dialect(self) -> str:
+        return "postgresql" if self.shared else "sqlite"
+
+    @property
+    def db(self) -> Any:
+        """This thread's connection, opened on first use; ``StateMoved`` once the file was swapped.
+
+        On PostgreSQL, the process's ``state_postgres.Database``: each statement borrows a
+        pooled connection (a transaction keeps one throughout: ``write``)."""
+        if self.shared:
+            return state_postgres.database(self.path, self.busy_timeout)
         self.check_identity()
         db = getattr(self._local, "db", None)
         if db is None:
@@ -542,7 +606,7 @@ class Store:
         (the old connections of this and other processes still share its ``-wal`` by name):
         a restart does, through the checks at start.
         """
-        if self._identity is None:
+        if self._identity is None or self.shared:
             return
         now = file_identity(self.path)
         if now == self._identity:
@@ -555,6 +619,8 @@ class Store:
         raise StateMoved(f"state database {self.path} was {what}; restart the daemon")
 
     def close(self) -> None:
+        if self.shared:
+            return  # the pool is the process's (state_postgres.close_all)
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
@@ -577,6 +643,9 @@ class Store:
         writable, the first write succeeds, with no restart. The identity is checked again after
         the commit, so an event committed into a removed file is not reported as stored.
         """
+        if self.shared:
+            return state_postgres.database(self.path, self.busy_timeout).transaction(
+                fn, self.DURABLE_WRITES if durable is None else durable)
         try:
             return self._transaction(fn, durable)
         except sqlite3.Error as exc:
@@ -623,6 +692,7 @@ def meta_lease(store: Store, key: str, owner: str, take: bool, ttl_s: float) -> 
     now = time.time()  # between processes: the wall clock
 
     def change(db: sqlite3.Connection) -> bool:
+        exclusive(db, f"meta:{key}")
         row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         holder, until = json.loads(row["value"]) if row is not None else (None, 0)
         if not take:
@@ -631,7 +701,13 @@ def meta_lease(store: Store, key: str, owner: str, take: bool, ttl_s: float) -> 
             return True
         if holder not in (None, owner) and until > now:
             return False
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps([owner, now + ttl_s])))
+        set_meta(db, key, json.dumps([owner, now + ttl_s]))
         return True
 
     return store.write(change)
+
+
+def set_meta(db: Any, key: str, value: str) -> None:
+    """``meta[key] = value``, in either engine's words (an upsert both understand)."""
+    db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+               (key, value))

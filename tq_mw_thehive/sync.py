@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from tq_mw_thehive.config import Config
+from tq_mw_thehive.config import Config, shared_state
 from tq_mw_thehive.errors import PermanentError
 from tq_mw_thehive.inbox import InboxItem
 from tq_mw_thehive.mapping import (Attribute, CaseObject, IndicatorObject, case_title, case_title_prefix,
@@ -180,7 +180,7 @@ class Sync:
         # writeback.enabled: what landed is recorded for TheHive (writeback.Outbox); None: off.
         self.outbox = outbox
         self.prefix = cfg.writeback.tag_prefix
-        self.objects = ThreatQObjects(threatq, cfg.threatq.source, cfg.state_db.parent)
+        self.objects = ThreatQObjects(threatq, cfg.threatq.source, cfg.local_dir, shared_state(cfg))
         if isinstance(threatq, ThreatQClient) and threatq.on_capability is None:
             threatq.on_capability = state.record_capability  # for `check` and the status page
 

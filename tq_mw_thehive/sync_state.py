@@ -47,11 +47,11 @@ def read_capabilities(db: sqlite3.Connection) -> Dict[str, Capability]:
 def threatq_capabilities(path: Union[str, Path]) -> Dict[str, Capability]:
     """``read_capabilities`` of the state database at ``path``, for ``check`` and the status
     page: which optional ThreatQ calls this instance serves, as the sync found out."""
-    db = state.connect(path)
+    store = state.Store(path)
     try:
-        return read_capabilities(db)
+        return read_capabilities(store.db)
     finally:
-        db.close()
+        store.close()
 
 
 class SyncState(state.Store):
@@ -75,8 +75,8 @@ class SyncState(state.Store):
     def record(self, thehive_id: str, kind: str, collection: str, tq_id: int,
                case_id: Optional[str] = None) -> None:
         self.write(lambda db: db.execute(
-            "INSERT OR IGNORE INTO object_map (thehive_id, kind, collection, tq_id, case_id) "
-            "VALUES (?, ?, ?, ?, ?)", (thehive_id, kind, collection, tq_id, case_id)))
+            "INSERT INTO object_map (thehive_id, kind, collection, tq_id, case_id) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (thehive_id, kind, collection, tq_id, case_id)))
 
     def forget(self, thehive_id: str, collection: Optional[str] = None,
                tq_id: Optional[int] = None) -> None:
@@ -127,7 +127,8 @@ class SyncState(state.Store):
         unknown TheHive time, None, keeps what was there: it is never compared with our clock)."""
         self.write(lambda db: db.execute(
             "INSERT INTO sync_state (thehive_id, kind, applied_ts) VALUES (?, ?, ?) "
-            "ON CONFLICT (thehive_id) DO UPDATE SET applied_ts = MAX(applied_ts, excluded.applied_ts)",
+            "ON CONFLICT (thehive_id) DO UPDATE SET applied_ts = CASE WHEN excluded.applied_ts > sync_state.applied_ts "
+            "THEN excluded.applied_ts ELSE sync_state.applied_ts END",
             (thehive_id, kind, ts or 0)))
 
     def synced_tags(self, thehive_id: str) -> List[str]:
@@ -154,6 +155,7 @@ class SyncState(state.Store):
         """Keep the newest state of a case that waits for its first synced observable (one of
         unknown TheHive time, None, came later in TheHive's order of the case: it replaces)."""
         def hold(db: sqlite3.Connection) -> None:
+            state.exclusive(db, f"hold:{case_id}")
             row = db.execute("SELECT applied_ts, held_case FROM sync_state WHERE thehive_id = ?",
                              (case_id,)).fetchone()
             held = json.loads(row["held_case"]) if row is not None and row["held_case"] else None
@@ -176,8 +178,7 @@ class SyncState(state.Store):
         """Remember whether ThreatQ serves an optional step (``meta``,
         ``threatq_capability:<step>``): told once per worker process by the ThreatQ client."""
         value = json.dumps({"state": "supported" if supported else "refused", "status": status, "at": time.time()})
-        self.write(lambda db: db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                         (CAPABILITY_PREFIX + step, value)))
+        self.write(lambda db: state.set_meta(db, CAPABILITY_PREFIX + step, value))
 
     def capabilities(self) -> Dict[str, Capability]:
         return read_capabilities(self.db)

@@ -87,6 +87,7 @@ class Outbox(state.Store):
         wanted = json.dumps(sorted(set(tags)))
 
         def put(db: sqlite3.Connection) -> bool:
+            state.exclusive(db, f"writeback:{thehive_id}")
             row = db.execute("SELECT want_tags, sent_tags, want_field, sent_field, due_at FROM writeback "
                              "WHERE thehive_id = ?", (thehive_id,)).fetchone()
             if row is not None and row["want_tags"] == wanted and row["want_field"] == field and (
@@ -128,7 +129,7 @@ class Outbox(state.Store):
         """TheHive has ``row``'s want (its tags; its field too unless ``field`` is False: tried
         again at the object's next change); still due if the want changed meanwhile."""
         self.write(lambda db: db.execute(
-            "UPDATE writeback SET sent_tags = ?, sent_field = CASE WHEN ? THEN ? ELSE sent_field END, attempts = 0, "
+            "UPDATE writeback SET sent_tags = ?, sent_field = CASE WHEN ? = 1 THEN ? ELSE sent_field END, attempts = 0, "
             "last_error = NULL, due_at = CASE WHEN want_tags = ? AND want_field IS ? THEN NULL ELSE due_at END "
             "WHERE thehive_id = ?",
             (row["want_tags"], field, row["want_field"], row["want_tags"], row["want_field"], row["thehive_id"])))

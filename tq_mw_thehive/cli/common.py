@@ -153,7 +153,7 @@ def open_state(cfg: config_mod.Config, *, create: bool = False) -> config_mod.Co
     never started, and an empty database made here would answer with zeros that look like
     facts. So they exit 2 naming the path; only ``create`` (plugins, enrich, backfill) makes one.
     """
-    if not create and not cfg.state_db.exists():
+    if not create and not state.is_shared(cfg.state_db) and not cfg.state_db.exists():
         fail(f"state database {cfg.state_db} does not exist: the daemon creates it at its first start "
              f"(`tq-mw-thehive -c {cfg.config_dir}`); check that -c names its configuration directory", 2)
     try:

@@ -79,7 +79,10 @@ class ResultCache(state.Store):
         now = self.clock()
         blob = json.dumps({"data": data, "attributes": attributes}, sort_keys=True, default=str)
         self.write(lambda db: db.execute(
-            "INSERT OR REPLACE INTO enrichment_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO enrichment_cache (plugin, version, data_type, value, found, verdict, result, fetched_at, "
+            "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (plugin, version, data_type, value) "
+            "DO UPDATE SET found = excluded.found, verdict = excluded.verdict, result = excluded.result, "
+            "fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
             (plugin, version, data_type, normalise(data_type, value), int(found), verdict, blob, now,
              now + ttl_s)))
 
@@ -87,8 +90,9 @@ class ResultCache(state.Store):
               lookup_ms: float = 0.0) -> None:
         self.write(lambda db: db.execute(
             "INSERT INTO enrichment_stats (plugin, hits, misses, errors, lookup_ms) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (plugin) DO UPDATE SET hits = hits + excluded.hits, misses = misses + excluded.misses, "
-            "errors = errors + excluded.errors, lookup_ms = lookup_ms + excluded.lookup_ms",
+            "ON CONFLICT (plugin) DO UPDATE SET hits = enrichment_stats.hits + excluded.hits, "
+            "misses = enrichment_stats.misses + excluded.misses, errors = enrichment_stats.errors + excluded.errors, "
+            "lookup_ms = enrichment_stats.lookup_ms + excluded.lookup_ms",
             (plugin, int(hit), int(miss), int(error), lookup_ms)))
 
     def stats(self) -> List[Dict]:

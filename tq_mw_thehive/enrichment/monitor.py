@@ -134,15 +134,16 @@ class WatchList(state.Store):
         value = normalise(data_type, value)
 
         def upsert(db) -> bool:
+            state.exclusive(db, f"watch:{data_type}:{value}")
             exists = db.execute("SELECT interval_s FROM watches WHERE value = ? AND data_type = ?",
                                 (value, data_type)).fetchone()
             if exists and origin != "manual":
                 return False
             if exists:
                 interval = interval_s or exists["interval_s"]
-                db.execute("UPDATE watches SET interval_s = ?, next_due = MIN(next_due, ?), origin = 'manual', "
+                db.execute("UPDATE watches SET interval_s = ?, next_due = CASE WHEN next_due < ? THEN next_due ELSE ? END, origin = 'manual', "
                            "tlp = COALESCE(?, tlp), pap = COALESCE(?, pap) WHERE value = ? AND data_type = ?",
-                           (interval, now + interval, tlp, pap, value, data_type))
+                           (interval, now + interval, now + interval, tlp, pap, value, data_type))
                 return False
             interval = interval_s or default_interval_s
             first_due = now if origin == "manual" else now + interval

@@ -54,9 +54,9 @@ def set_directory(path: Union[str, Path, None]) -> None:
             _configured, _chosen = new, None
 
 
-def for_state_db(state_db: Union[str, Path]) -> Path:
-    """The index directory that belongs to a state database: next to it."""
-    return Path(state_db).expanduser().absolute().parent / SUBDIR
+def for_local_dir(local_dir: Union[str, Path]) -> Path:
+    """The index directory of this host (``Config.local_dir``: beside a SQLite state file)."""
+    return Path(local_dir).expanduser().absolute() / SUBDIR
 
 
 ENV_DIRECTORY = "TQ_MW_OFFLINE_INDEX_DIR"

@@ -111,6 +111,8 @@ class QuotaBook(state.Store):
         now = self.clock()
 
         def check(db: sqlite3.Connection, record: bool) -> Optional[Refusal]:
+            if record:  # count, then record: one process at a time per key, on every host
+                state.exclusive(db, f"quota:{plugin}:{key}")
             paused = db.execute("SELECT until FROM quota_pauses WHERE plugin = ? AND key_id = ? AND until > ?",
                                 (plugin, key, now)).fetchone()
             if paused is not None:
@@ -151,6 +153,7 @@ class QuotaBook(state.Store):
         now = self.clock()
 
         def put(db: sqlite3.Connection) -> float:
+            state.exclusive(db, f"quota:{plugin}:{key}")
             row = db.execute("SELECT last_429, strikes FROM quota_pauses WHERE plugin = ? AND key_id = ?",
                              (plugin, key)).fetchone()
             strikes = (row["strikes"] + 1) if row is not None and row["last_429"] and now - row["last_429"] < 3600 else 1

@@ -80,7 +80,7 @@ class Enricher:
         self.cfg = cfg
         self.settings = cfg.enrichment
         # The offline plugins' on-disk indexes live next to the state database (offline_index.py).
-        offline_index.set_directory(offline_index.for_state_db(cfg.state_db))
+        offline_index.set_directory(offline_index.for_local_dir(cfg.local_dir))
         self.registry = registry
         self.cache = cache
         self.keys = keys

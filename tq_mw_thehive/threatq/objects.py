@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
+from tq_mw_thehive import state_postgres
 from tq_mw_thehive.mapping import Attribute
+from tq_mw_thehive.state_postgres import PostgresURL
 from tq_mw_thehive.threatq.api import (ThreatQPermanentError, ThreatQStepRefused, attribute_name, record_type_id,
                                        source_pivot_id, source_tlp)
 
@@ -148,20 +150,22 @@ class StoredIndicators:
 class ThreatQObjects:
     """The write primitives of the sync, over one ``ThreatQClient`` (not shared across threads)."""
 
-    def __init__(self, tq, source: str, lock_dir: Path) -> None:
+    def __init__(self, tq, source: str, lock_dir: Path, shared: Optional[PostgresURL] = None) -> None:
         self.tq = tq
         self.source_name = source
         self.lock_dir = Path(lock_dir)
+        self.shared = shared  # the state is on PostgreSQL: daemons on other hosts write ThreatQ too
 
     # --- locking -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """A lock shared by every process of this daemon and its CLI (flock on one of a few files
-        beside the state database), so that one ThreatQ object is looked up, created and written
-        by one of them at a time: ThreatQ does not de-duplicate, and two writers of one
-        attribute would each keep their own value."""
-        with self._bucket_lock(_bucket(key)):
+        beside the state database; a PostgreSQL advisory lock, for every host, when the state is
+        shared), so that one ThreatQ object is looked up, created and written by one of them at a
+        time: ThreatQ does not de-duplicate, and two writers of one attribute would each keep
+        their own value."""
+        with self.locks([key]):
             yield
 
     @contextlib.contextmanager
@@ -180,8 +184,14 @@ class ThreatQObjects:
         """The locks of several objects at once (a burst's new indicators), taken in one order
         so that two holders of overlapping sets cannot deadlock; a lock file shared by two keys
         is taken once."""
+        buckets = sorted({_bucket(key) for key in keys})
+        if self.shared is not None:
+            with state_postgres.session_locks(self.shared, [f"threatq-object:{b}" for b in buckets],
+                                              state_postgres.LOCK_WAIT_S):
+                yield
+            return
         with contextlib.ExitStack() as stack:
-            for bucket in sorted({_bucket(key) for key in keys}):
+            for bucket in buckets:
                 stack.enter_context(self._bucket_lock(bucket))
             yield
 
