@@ -1,9 +1,11 @@
 """Shared test fixtures: samples, a written config directory."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -12,7 +14,9 @@ import pytest
 import yaml
 
 from tq_mw_thehive import config as config_mod
-from tq_mw_thehive import logs, state
+from tq_mw_thehive import logs, state, state_postgres
+from tq_mw_thehive.state_postgres import PostgresURL
+from tq_mw_thehive.testing.postgres import PostgresServer, find_bin_dir
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.thehive_sim import TheHiveSimulator
@@ -110,13 +114,15 @@ class World:
 
     def __init__(self, tmp_path: Path, tq_url: str, hive_url: str, tq: ThreatQSimulator,
                  hive: TheHiveSimulator, writeback: Optional[dict] = None, enrichment: Optional[dict] = None,
-                 **sync) -> None:
+                 state_db: Any = None, **sync) -> None:
         self.tq, self.hive = tq, hive
         # Enrichment has its own tests (test_enrichment.py, test_quota.py, e2e): by default here
         # only the sync's own attributes.
         raw = minimal_config(threatq={"host": tq_url, "client_id": tq.client_id},
                              thehive={"url": hive_url, "api_key": HIVE_KEY}, sync=sync,
                              enrichment=enrichment or {"enabled": False}, writeback=writeback or {"enabled": False})
+        if isinstance(state_db, PostgresURL):
+            raw["state_db"] = state_db.conninfo
         self.cfg = config_mod.from_dict(raw, tmp_path)
         tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq_url, tq.client_id, SYNC_EMAIL, SYNC_PASSWORD))
         state.open_state(self.cfg.state_db).close()
@@ -178,7 +184,7 @@ def servers():
 
 
 @pytest.fixture
-def make_world(tmp_path, servers):
+def make_world(tmp_path, servers, state_db):
     tq_url, hive_url, tq_box, hive_box = servers
 
     def make(**sync) -> World:
@@ -187,7 +193,7 @@ def make_world(tmp_path, servers):
                                          consume=sync.pop("consume", True), inline=sync.pop("inline", True),
                                          shapes=sync.pop("shapes", "strict"), refuse=sync.pop("refuse", ()))
         hive_box["sim"] = TheHiveSimulator(api_key=HIVE_KEY, version=sync.pop("thehive_version", 5))
-        return World(tmp_path, tq_url, hive_url, tq_box["sim"], hive_box["sim"], **sync)
+        return World(tmp_path, tq_url, hive_url, tq_box["sim"], hive_box["sim"], state_db=state_db, **sync)
 
     return make
 
@@ -250,6 +256,53 @@ def full_text(exc: BaseException) -> str:
     import traceback
 
     return str(exc) + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+# --- a real PostgreSQL server (tq_mw_thehive/testing/postgres.py), and the state on both engines -----
+
+# The suites that run on both engines: each test taking ``state_db`` (directly, through ``inbox``
+# or through ``make_world``/``world``) runs once on SQLite and once on PostgreSQL.
+BOTH_ENGINES = {"test_inbox.py", "test_worker.py", "test_sync.py", "test_sync_batch.py", "test_backfill.py",
+                "test_alerts.py", "test_alert_flows.py", "test_writeback_sync.py", "test_reconcile.py",
+                "test_quota.py", "test_retention.py", "test_faults.py"}
+_PG_SCHEMAS = itertools.count(1)   # schema names stay unique when test names truncate alike
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "state_db" in metafunc.fixturenames and Path(str(metafunc.definition.path)).name in BOTH_ENGINES:
+        metafunc.parametrize("state_db", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """One throwaway PostgreSQL server for the session; skipped where the server binaries are missing,
+    a failure instead when TQ_REQUIRE_POSTGRES=1 (.ci/run: CI installs Debian's postgresql)."""
+    if find_bin_dir() is None:
+        message = "PostgreSQL server binaries not found (apt-get install postgresql)"
+        if os.environ.get("TQ_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message + "; TQ_REQUIRE_POSTGRES=1 requires them")
+        pytest.skip(message)
+    with PostgresServer(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server, request):
+    """A URL of the session's server whose connections use a schema of this test's own (dropped after,
+    with this process's pools on it: a pool per test would pile up connections)."""
+    stem = re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:40]
+    name = f"t_{stem}_{next(_PG_SCHEMAS)}"
+    yield postgres_server.schema_url(name)
+    state_postgres.close_all()
+    postgres_server.drop_schema(name)
+
+
+@pytest.fixture
+def state_db(request, tmp_path):
+    """Where a test's state lives: a SQLite file, or (``BOTH_ENGINES``) a PostgreSQL schema."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return tmp_path / "state.db"
+    return PostgresURL(request.getfixturevalue("pg_url"))
 
 
 # --- the fast loop: which tests are e2e or load (issue 14, item 8) ---------------------------------

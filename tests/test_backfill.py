@@ -1,7 +1,6 @@
 """Catch-up: what TheHive changed while webhooks were missed reaches ThreatQ through the same sync path."""
 from __future__ import annotations
 
-import sqlite3
 
 import pytest
 from click.testing import CliRunner
@@ -92,9 +91,8 @@ def test_alert_observables_are_neither_fetched_nor_skipped(world, caplog):
     result = backfill(world).run()
     assert (result.cases, result.observables, result.queued) == (0, 1, 1)
     assert "its case is unknown" not in caplog.text  # never read, so never skipped
-    db = sqlite3.connect(str(world.cfg.state_db))
-    assert db.execute("SELECT COUNT(*) FROM inbox WHERE object_id = ?", (alert_observable["_id"],)).fetchone()[0] == 0
-    db.close()
+    assert world.inbox.db.execute("SELECT COUNT(*) FROM inbox WHERE object_id = ?",
+                                  (alert_observable["_id"],)).fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("send_total, queries", [(True, 3), (False, 6)])
@@ -157,9 +155,7 @@ def test_backfill_command(world, tmp_path):
     assert "backfill: 2 case(s), 2 observable(s); 4 queued, 0 already queued" in result.output
     result = runner.invoke(cli, ["backfill", "-c", str(world.cfg.config_dir), "--since", "2020-01-01T00:00:00Z"])
     assert result.exit_code == 0 and "0 queued, 4 already queued" in result.output
-    db = sqlite3.connect(str(world.cfg.state_db))
-    assert db.execute("SELECT COUNT(*) FROM inbox WHERE dedup_key LIKE 'audit:backfill:%'").fetchone()[0] == 4
-    db.close()
+    assert world.inbox.db.execute("SELECT COUNT(*) FROM inbox WHERE dedup_key LIKE 'audit:backfill:%'").fetchone()[0] == 4
 
 
 def test_backfill_without_a_thehive_key_says_so(tmp_path):

@@ -286,8 +286,7 @@ def test_a_refusal_by_threatq_is_a_dead_letter_with_its_text(make_world):
 def test_a_lost_state_database_finds_existing_objects_again(world, tmp_path):
     world.deliver(sample("th5-case-create.json"), sample("th5-observable-create-ip.json"))
     world.drain()
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
+    lose_state(world)
     state.open_state(world.cfg.state_db).close()
     world.inbox = Inbox(world.cfg.state_db)
     world.worker = Worker(Services(world.cfg, world.inbox), backoff_cap_s=0)
@@ -716,6 +715,17 @@ def test_values_with_commas_percent_quotes_unicode_or_great_length_are_found_nev
     assert world.attributes("indicators", indicator["id"]) == {"PAP": "AMBER", "Sighted?": "Yes"}
 
 
+def lose_state(world) -> None:
+    """The state database is lost (a new host, a failed disk): the file, or every table of the schema."""
+    if world.inbox.shared:
+        schema = world.inbox.db.execute("SELECT current_schema()").fetchone()[0]
+        world.inbox.db.execute(f"DROP SCHEMA {schema} CASCADE")
+        world.inbox.db.execute(f"CREATE SCHEMA {schema}")
+        return
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("query_refused", [False, True], ids=["query", "list-filters"])
 def test_a_case_title_with_commas_and_percent_is_found_again_after_a_lost_database(make_world, query_refused):
     world = make_world(refuse=["query"] if query_refused else [])
@@ -724,8 +734,7 @@ def test_a_case_title_with_commas_and_percent_is_found_again_after_a_lost_databa
         payload["object"]["title"] = 'Phishing, wave 2: 100% of "finance", Zürich'
     world.deliver(create)
     world.drain()
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(world.cfg.state_db) + suffix).unlink(missing_ok=True)
+    lose_state(world)
     state.open_state(world.cfg.state_db).close()
     world.inbox = Inbox(world.cfg.state_db)
     world.worker = Worker(Services(world.cfg, world.inbox), backoff_cap_s=0)
@@ -796,10 +805,8 @@ def test_a_thehive5_v0_observable_delete_waits_for_its_case_and_unlinks_the_indi
     # The create waits to be retried (ThreatQ was down, say): the delete must wait behind it.
     world.inbox.db.execute("UPDATE inbox SET next_attempt_at = next_attempt_at + 3600 WHERE object_id = ? "
                            "AND action = 'create'", ("~12336",))
-    world.inbox.db.commit()
     assert world.worker.run_once() is False
     world.inbox.db.execute("UPDATE inbox SET next_attempt_at = 0")
-    world.inbox.db.commit()
     world.drain()
     assert world.states() == ["done", "done"]
     event = world.event()
@@ -824,10 +831,8 @@ def test_a_thehive4_observable_delete_without_its_case_waits_behind_the_create_a
     keys = [r[0] for r in world.inbox.db.execute("SELECT case_key FROM inbox ORDER BY id")]
     assert keys == ["case:~8396848", "case:~8396848"]
     world.inbox.db.execute("UPDATE inbox SET next_attempt_at = next_attempt_at + 3600 WHERE action = 'create'")
-    world.inbox.db.commit()
     assert world.worker.run_once() is False  # the delete may not overtake the waiting create
     world.inbox.db.execute("UPDATE inbox SET next_attempt_at = 0")
-    world.inbox.db.commit()
     world.drain()
     assert world.states() == ["done", "done"]
     (indicator,) = world.tq.find_indicators("203.0.113.47")
@@ -839,7 +844,6 @@ def test_a_case_less_delete_of_an_object_synced_long_ago_takes_its_case_from_the
     world.deliver(created)
     world.drain()
     world.inbox.db.execute("DELETE FROM inbox")  # retention purged the create long ago
-    world.inbox.db.commit()
     world.deliver(_th4_artifact_delete(created))
     assert [r[0] for r in world.inbox.db.execute("SELECT case_key FROM inbox")] == ["case:~8396848"]
 

@@ -17,6 +17,7 @@ from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq.api import ThreatQPermanentError, ThreatQUnavailable
 from tq_mw_thehive.worker import BACKOFF_CAP_S, Worker, backoff_s
 from tq_mw_thehive.services import Services
+from tq_mw_thehive.state_postgres import PostgresURL
 
 
 class ScriptedSync:
@@ -34,8 +35,17 @@ class ScriptedSync:
         return result
 
 
-def make(tmp_path, *script, **sync):
-    cfg = config_mod.from_dict(minimal_config(sync=sync), tmp_path)
+@pytest.fixture
+def make(tmp_path, state_db):
+    """``make(*script, **sync)``: a worker whose sync answers ``script``, one event in its inbox."""
+    return lambda *script, **sync: _make(tmp_path, state_db, *script, **sync)
+
+
+def _make(tmp_path, state_db, *script, **sync):
+    raw = minimal_config(sync=sync)
+    if isinstance(state_db, PostgresURL):
+        raw["state_db"] = state_db.conninfo
+    cfg = config_mod.from_dict(raw, tmp_path)
     state.open_state(cfg.state_db).close()
     inbox = Inbox(cfg.state_db)
     scripted = ScriptedSync(*script)
@@ -56,8 +66,8 @@ def test_backoff_doubles_from_two_seconds_with_jitter_and_is_capped(attempts):
         assert ceiling / 2 <= backoff_s(attempts) <= ceiling
 
 
-def test_an_applied_event_is_done_and_logged_once(tmp_path, caplog):
-    worker, inbox, _ = make(tmp_path, Outcome("synced", 142, ["events/1"]))
+def test_an_applied_event_is_done_and_logged_once(make, caplog):
+    worker, inbox, _ = make(Outcome("synced", 142, ["events/1"]))
     with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):
         assert worker.run_once() is True
         assert worker.run_once() is False
@@ -68,8 +78,8 @@ def test_an_applied_event_is_done_and_logged_once(tmp_path, caplog):
         assert part in line
 
 
-def test_unavailable_is_retried_until_max_attempts_then_dead(tmp_path):
-    worker, inbox, scripted = make(tmp_path, ThreatQUnavailable("ThreatQ down"), max_attempts=3)
+def test_unavailable_is_retried_until_max_attempts_then_dead(make):
+    worker, inbox, scripted = make(ThreatQUnavailable("ThreatQ down"), max_attempts=3)
     for _ in range(10):
         worker.run_once()
     assert scripted.calls == 3
@@ -78,8 +88,8 @@ def test_unavailable_is_retried_until_max_attempts_then_dead(tmp_path):
     assert "ThreatQ down" in found["last_error"] and "gave up: 3 attempts" in found["last_error"]
 
 
-def test_a_retry_waits_its_backoff(tmp_path):
-    worker, inbox, scripted = make(tmp_path, ThreatQUnavailable("down"), Outcome("synced"))
+def test_a_retry_waits_its_backoff(make):
+    worker, inbox, scripted = make(ThreatQUnavailable("down"), Outcome("synced"))
     worker.backoff_cap_s = 60
     worker.run_once()
     found = inbox.db.execute("SELECT state, next_attempt_at FROM inbox").fetchone()
@@ -88,8 +98,8 @@ def test_a_retry_waits_its_backoff(tmp_path):
     assert scripted.calls == 1
 
 
-def test_an_event_older_than_max_age_goes_dead_on_its_next_failure(tmp_path):
-    worker, inbox, _ = make(tmp_path, ThreatQUnavailable("down"), max_age="1s")
+def test_an_event_older_than_max_age_goes_dead_on_its_next_failure(make):
+    worker, inbox, _ = make(ThreatQUnavailable("down"), max_age="1s")
     inbox.db.execute("UPDATE inbox SET received_at = received_at - 5")
     worker.run_once()
     assert row(inbox)["state"] == "dead" and "too old" in row(inbox)["last_error"]
@@ -97,8 +107,8 @@ def test_an_event_older_than_max_age_goes_dead_on_its_next_failure(tmp_path):
 
 @pytest.mark.parametrize("error", [ThreatQPermanentError("POST /api/events: type missing", status=400),
                                    PermanentSyncError("no incident object")])
-def test_a_permanent_error_is_dead_at_once_with_its_text(tmp_path, error, caplog):
-    worker, inbox, scripted = make(tmp_path, error)
+def test_a_permanent_error_is_dead_at_once_with_its_text(make, error, caplog):
+    worker, inbox, scripted = make(error)
     with caplog.at_level(logging.ERROR, logger="tq_mw_thehive.worker"):
         worker.run_once()
     assert scripted.calls == 1
@@ -106,8 +116,8 @@ def test_a_permanent_error_is_dead_at_once_with_its_text(tmp_path, error, caplog
     assert "outcome=dead" in caplog.records[-1].getMessage()
 
 
-def test_an_unexpected_error_is_retried_five_times_by_default_then_dead(tmp_path):
-    worker, inbox, scripted = make(tmp_path, KeyError("bug"))
+def test_an_unexpected_error_is_retried_five_times_by_default_then_dead(make):
+    worker, inbox, scripted = make(KeyError("bug"))
     assert worker.cfg.sync.max_unexpected_attempts == 5
     for _ in range(10):
         worker.run_once()
@@ -116,21 +126,23 @@ def test_an_unexpected_error_is_retried_five_times_by_default_then_dead(tmp_path
     assert "gave up: 5 attempts" in row(inbox)["last_error"]
 
 
-def test_max_unexpected_attempts_is_configurable_and_does_not_cut_outages_short(tmp_path):
-    worker, inbox, scripted = make(tmp_path, KeyError("bug"), max_unexpected_attempts=2)
+def test_max_unexpected_attempts_is_configurable(make):
+    worker, inbox, scripted = make(KeyError("bug"), max_unexpected_attempts=2)
     for _ in range(5):
         worker.run_once()
     assert scripted.calls == 2 and row(inbox)["state"] == "dead"
-    (tmp_path / "outage").mkdir()
-    worker, inbox, scripted = make(tmp_path / "outage", ThreatQUnavailable("down"), max_unexpected_attempts=2)
+
+
+def test_max_unexpected_attempts_does_not_cut_outages_short(make):
+    worker, inbox, scripted = make(ThreatQUnavailable("down"), max_unexpected_attempts=2)
     for _ in range(6):
         worker.run_once()
     assert scripted.calls == 6 and row(inbox)["state"] == "pending"  # an outage keeps max_attempts
 
 
-def test_a_sync_that_cannot_be_built_dead_letters_soon(tmp_path):
+def test_a_sync_that_cannot_be_built_dead_letters_soon(make):
     """The broken install the Quick start once met: every event failed importing the plugins."""
-    worker, inbox, _ = make(tmp_path, Outcome("synced"))
+    worker, inbox, _ = make(Outcome("synced"))
 
     def broken():
         raise ModuleNotFoundError("No module named 'tq_mw_thehive.plugins'")
@@ -144,8 +156,8 @@ def test_a_sync_that_cannot_be_built_dead_letters_soon(tmp_path):
     assert inbox.replay() == 1  # a dead letter stays replayable: nothing is lost
 
 
-def test_an_unexpected_errors_traceback_is_logged_once_per_process(tmp_path, caplog):
-    worker, inbox, scripted = make(tmp_path, KeyError("bug"))
+def test_an_unexpected_errors_traceback_is_logged_once_per_process(make, caplog):
+    worker, inbox, scripted = make(KeyError("bug"))
     payload = sample("th5-observable-create-ip.json")
     inbox.put(events.parse(payload), json.dumps(payload))
     with caplog.at_level(logging.INFO, logger="tq_mw_thehive.worker"):
@@ -164,16 +176,16 @@ def test_an_unexpected_errors_traceback_is_logged_once_per_process(tmp_path, cap
     assert len([r for r in caplog.records if r.exc_info]) == 2  # a different error: its own traceback
 
 
-def test_a_dead_letter_replayed_is_processed_again(tmp_path):
-    worker, inbox, scripted = make(tmp_path, PermanentSyncError("fix me"), Outcome("synced"))
+def test_a_dead_letter_replayed_is_processed_again(make):
+    worker, inbox, scripted = make(PermanentSyncError("fix me"), Outcome("synced"))
     worker.run_once()
     assert inbox.replay() == 1
     worker.run_once()
     assert row(inbox)["state"] == "done" and scripted.calls == 2
 
 
-def test_the_thread_drains_new_events_and_stops_cleanly(tmp_path):
-    worker, inbox, scripted = make(tmp_path, Outcome("synced"))
+def test_the_thread_drains_new_events_and_stops_cleanly(make):
+    worker, inbox, scripted = make(Outcome("synced"))
     worker.idle_poll_s = 30  # only the wake-up can make it notice the second event quickly
     worker.start()
     try:
@@ -192,8 +204,8 @@ def test_the_thread_drains_new_events_and_stops_cleanly(tmp_path):
     assert not worker._thread.is_alive()
 
 
-def test_an_inbox_that_cannot_be_read_is_said_once_while_the_error_lasts(tmp_path, caplog):
-    worker, inbox, _ = make(tmp_path, Outcome("synced"))
+def test_an_inbox_that_cannot_be_read_is_said_once_while_the_error_lasts(make, caplog):
+    worker, inbox, _ = make(Outcome("synced"))
     polls = {"n": 0}
 
     def failing_claim(*_args, **_kwargs):
