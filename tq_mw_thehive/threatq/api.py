@@ -9,7 +9,13 @@ Why it is shaped this way:
   an error body, a type name the instance does not have).
 * Several gunicorn workers share one token file and a refresh token works once, so
   refreshes are serialised across processes with ``flock`` and the file is re-read under
-  the lock: whoever comes second uses the tokens the first one stored.
+  the lock: whoever comes second uses the tokens the first one stored. With a shared
+  (PostgreSQL) state, daemons on several hosts use one set of tokens: they live in the
+  database's ``meta`` table (seeded from this host's token file, written by ``configure``),
+  refreshes are serialised on every host with a PostgreSQL advisory lock and the row is
+  re-read under it in the same way; a refused refresh falls back to this host's token file
+  when it holds other tokens (``configure`` was run again here). A database that cannot be
+  reached is ``ThreatQUnavailable``, as ThreatQ itself would be.
 * Nothing secret (tokens, client secret, proxy credentials) may reach an exception text or
   a log line: request errors are reported by their type name only, because requests and
   urllib3 put URLs (with the refresh token in the query) and proxy URLs into their messages.
@@ -25,10 +31,12 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import random
 import re
+import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -38,15 +46,18 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Ty
 import requests
 import tenacity
 
-from tq_mw_thehive import logs, metrics
-from tq_mw_thehive.config import Config
+from tq_mw_thehive import logs, metrics, state, state_postgres
+from tq_mw_thehive.config import Config, shared_state
 from tq_mw_thehive.errors import PermanentError, TransientError
+from tq_mw_thehive.state_postgres import PostgresURL
 from tq_mw_thehive.threatq import auth
 from tq_mw_thehive.threatq.auth import _error_text as error_text
 
 log = logging.getLogger("tq_mw_thehive.threatq")
 
 LOCK_FILE = "threatq_tokens.lock"
+SHARED_TOKENS_KEY = "threatq_tokens"   # meta row of a shared (PostgreSQL) state: Tokens.to_dict() as JSON
+SHARED_TOKENS_LOCK = "threatq-tokens"  # the advisory lock serialising refreshes on every host
 REFRESH_MARGIN_S = 60.0  # renew a token this close to its expiry before using it
 PAGE_SIZE = 50
 FIRST_WAIT_S = 0.2
@@ -132,6 +143,17 @@ class _Refused(Exception):
     def __init__(self, status: Optional[int], text: str) -> None:
         super().__init__(text)
         self.status, self.text = status, text
+
+
+class _NoRefreshToken(_Refused):
+    """The access token expired and no refresh token is stored: nothing to ask ThreatQ."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "no refresh token is stored")
+
+
+def _same_tokens(a: auth.Tokens, b: auth.Tokens) -> bool:
+    return (a.access_token, a.refresh_token) == (b.access_token, b.refresh_token)
 
 
 def _retryable(status: int) -> bool:
@@ -270,13 +292,18 @@ class ThreatQClient:
     def __init__(self, base_url: str, client_id: str, *, client_secret: Optional[str] = None,
                  config_dir: Optional[Path] = None, verify: bool = True, proxy: Optional[str] = None,
                  timeout: Tuple[float, float] = (5.0, 30.0), attempts: int = 4,
-                 max_wait_s: float = 8.0, session: Optional[requests.Session] = None) -> None:
+                 max_wait_s: float = 8.0, session: Optional[requests.Session] = None,
+                 shared: Optional[PostgresURL] = None) -> None:
         if not client_secret and config_dir is None:
             raise ValueError("ThreatQClient needs a client_secret or the config_dir holding the token file")
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self._client_secret = client_secret or None
         self._config_dir = Path(config_dir) if config_dir is not None else None
+        # A shared (PostgreSQL) state: the tokens live in its meta table for every host. Client
+        # credentials need no store: the secret re-authenticates wherever it runs.
+        self._shared = shared if shared is not None and not self._client_secret else None
+        self._unsaved: Optional[Tuple[auth.Tokens, auth.Tokens]] = None  # (refreshed from, new) not yet stored
         self._verify = verify
         self._proxy = proxy or None
         self._proxies = {"http": proxy, "https": proxy} if proxy else None
@@ -296,18 +323,20 @@ class ThreatQClient:
         #: Told ``(step, served, status)`` the first time this client learns whether an optional
         #: step works; the sync stores it in the state database (``SyncState.record_capability``).
         self.on_capability: Optional[Callable[[str, bool, Optional[int]], None]] = None
-        logs.add_secrets([client_secret, proxy])
+        logs.add_secrets([client_secret, proxy, self._shared.password if self._shared is not None else None])
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> "ThreatQClient":
-        """The client the daemon uses: ``threatq.*`` settings, tokens beside ``config.yaml``."""
+        """The client the daemon uses: ``threatq.*`` settings, tokens beside ``config.yaml`` (and in
+        the shared state database when ``state_db`` is PostgreSQL)."""
         tq = cfg.threatq
         kwargs.setdefault("timeout", (min(5.0, tq.timeout), tq.timeout))
+        kwargs.setdefault("shared", shared_state(cfg))
         return cls(tq.base_url, tq.client_id, client_secret=tq.client_secret, config_dir=cfg.config_dir,
                    verify=tq.verify_ssl, proxy=tq.proxy, **kwargs)
 
     def __repr__(self) -> str:
-        mode = "client credentials" if self._client_secret else "token file"
+        mode = "client credentials" if self._client_secret else "shared tokens" if self._shared else "token file"
         return f"ThreatQClient(base_url={self.base_url!r}, client_id={self.client_id!r}, auth={mode!r})"
 
     # ------------------------------------------------------------------ HTTP
@@ -416,7 +445,8 @@ class ThreatQClient:
     def _access_token(self) -> str:
         with self._token_lock:
             if self._tokens is None:
-                self._tokens = self._client_credentials() if self._client_secret else self._load_file()
+                self._tokens = (self._client_credentials() if self._client_secret
+                                else self._load_shared() if self._shared is not None else self._load_file())
             if self._tokens.expires_at - time.time() < REFRESH_MARGIN_S:
                 self._tokens = self._renew(stale=self._tokens.access_token)
             return self._tokens.access_token
@@ -429,9 +459,12 @@ class ThreatQClient:
             return self._tokens.access_token
 
     def _renew(self, stale: str) -> auth.Tokens:
-        """New tokens replacing ``stale``: client credentials again, or a refresh under the file lock."""
+        """New tokens replacing ``stale``: client credentials again, or a refresh under the file
+        lock (the shared database's advisory lock when the state is shared)."""
         if self._client_secret:
             return self._client_credentials()
+        if self._shared is not None:
+            return self._renew_shared(stale)
         with self._file_lock():
             current = self._load_file()
             if current.access_token != stale and current.expires_at - time.time() >= REFRESH_MARGIN_S:
@@ -453,6 +486,13 @@ class ThreatQClient:
     def _load_file(self) -> auth.Tokens:
         """The stored tokens. Without usable ones nothing can be sent, but the events are fine:
         they wait (ThreatQUnavailable, retried) until ``configure`` is run again."""
+        tokens = self._file_tokens()
+        if tokens is None:
+            raise ThreatQUnavailable(f"no ThreatQ tokens in {auth.token_path(self._token_dir)}; {_CONFIGURE}")
+        return tokens
+
+    def _file_tokens(self) -> Optional[auth.Tokens]:
+        """This host's token file, ``None`` when there is none; damaged or unreadable: ``ThreatQUnavailable``."""
         path = auth.token_path(self._token_dir)
         try:
             tokens = auth.load_tokens(self._token_dir)
@@ -461,9 +501,8 @@ class ThreatQClient:
         except OSError as exc:
             raise ThreatQUnavailable(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); "
                                      f"{_CONFIGURE}") from None
-        if tokens is None:
-            raise ThreatQUnavailable(f"no ThreatQ tokens in {path}; {_CONFIGURE}")
-        logs.add_secrets([tokens.access_token, tokens.refresh_token])
+        if tokens is not None:
+            logs.add_secrets([tokens.access_token, tokens.refresh_token])
         return tokens
 
     @contextmanager
@@ -480,20 +519,147 @@ class ThreatQClient:
         finally:
             os.close(fd)  # releases the lock
 
-    def _refresh(self, current: auth.Tokens) -> auth.Tokens:
-        if not current.refresh_token:
-            log.error("no ThreatQ refresh token is stored; %s", _CONFIGURE)
-            raise ThreatQUnavailable("the ThreatQ access token expired and no refresh token is stored; "
-                                     f"{_CONFIGURE}")
+    # ---------------------------------------------------- tokens of a shared state
+
+    def _load_shared(self) -> auth.Tokens:
+        """The tokens every host uses; when the shared database has none yet, this host's token
+        file (written by ``configure``) seeds it."""
+        with self._shared_errors():
+            tokens = self._read_shared()
+        if tokens is not None:
+            return tokens
+        with self._shared_lock():
+            return self._read_shared() or self._seed_shared()
+
+    def _renew_shared(self, stale: str) -> auth.Tokens:
+        """A refresh under the advisory lock of every host, the stored tokens read again under it:
+        whoever comes second uses what the first stored."""
+        with self._shared_lock():
+            current = self._read_shared() or self._seed_shared()
+            if self._unsaved is not None:
+                source, refreshed = self._unsaved
+                if _same_tokens(current, source):  # nobody replaced them since: store ours now
+                    self._write_shared(refreshed)
+                    current = refreshed
+                self._unsaved = None
+            if current.access_token != stale and current.expires_at - time.time() >= REFRESH_MARGIN_S:
+                log.info("using the ThreatQ token another process refreshed (shared state)")
+                return current
+            try:
+                tokens = self._refresh_grant(current)
+            except _Refused as exc:
+                tokens = self._recover_from_file(current, exc)
+            try:
+                self._write_shared(tokens)
+            except ThreatQUnavailable as exc:
+                # The refresh token is spent: keep the new tokens here and store them at the next renewal.
+                self._unsaved = (current, tokens)
+                log.error("cannot store the refreshed ThreatQ tokens in the shared state database (%s); "
+                          "other hosts will have to wait until this one stores them", exc)
+            return tokens
+
+    def _recover_from_file(self, current: auth.Tokens, refused: _Refused) -> auth.Tokens:
+        """ThreatQ refused the shared tokens: if ``configure`` was run again on this host, its
+        token file holds other tokens, which replace the shared ones; else the refusal stands."""
         try:
-            tokens = self._grant(lambda s: auth.refresh_grant(self.base_url, current, verify=self._verify,
-                                                              proxy=self._proxy, session=s))
+            mine = self._file_tokens()
+        except ThreatQUnavailable:
+            mine = None
+        if mine is None or _same_tokens(mine, current):
+            raise self._refusal(refused) from None
+        log.warning("ThreatQ refused to refresh the shared tokens (%s); using the tokens in %s instead",
+                    refused.text, auth.token_path(self._token_dir))
+        if mine.expires_at - time.time() >= REFRESH_MARGIN_S:
+            return mine
+        try:
+            return self._refresh_grant(mine)
         except _Refused as exc:
-            log.error("ThreatQ refused to refresh the access token (%s); %s", exc.text, _CONFIGURE)
-            raise ThreatQUnavailable(f"ThreatQ refused to refresh the access token ({exc.text}); "
-                                     f"{_CONFIGURE}", status=exc.status) from None
+            raise self._refusal(exc) from None
+
+    def _seed_shared(self) -> auth.Tokens:
+        """Under the lock, the shared database having no tokens: this host's file's, stored there."""
+        path = auth.token_path(self._token_dir)
+        tokens = self._file_tokens()
+        if tokens is None:
+            raise ThreatQUnavailable(f"no ThreatQ tokens in the shared state database nor in {path}; "
+                                     f"{_CONFIGURE}")
+        self._write_shared(tokens)
+        log.info("stored the ThreatQ tokens of %s in the shared state database", path)
+        return tokens
+
+    def _shared_db(self) -> Any:
+        assert self._shared is not None
+        return state_postgres.database(self._shared, state.BUSY_TIMEOUT_S)
+
+    def _read_shared(self) -> Optional[auth.Tokens]:
+        """The shared tokens, ``None`` when there are none (or they are damaged: seeded again)."""
+        with self._shared_errors():
+            row = self._shared_db().execute("SELECT value FROM meta WHERE key = ?", (SHARED_TOKENS_KEY,)).fetchone()
+        if row is None or row["value"] is None:
+            return None
+        try:
+            tokens = auth.Tokens.from_dict(json.loads(row["value"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("the ThreatQ tokens in the shared state database are damaged (%s); "
+                        "taking this host's token file instead", type(exc).__name__)
+            return None
+        logs.add_secrets([tokens.access_token, tokens.refresh_token])
+        return tokens
+
+    def _write_shared(self, tokens: auth.Tokens) -> None:
+        logs.add_secrets([tokens.access_token, tokens.refresh_token])
+        with self._shared_errors():
+            state.set_meta(self._shared_db(), SHARED_TOKENS_KEY, json.dumps(tokens.to_dict()))
+
+    @contextmanager
+    def _shared_lock(self) -> Iterator[None]:
+        """The advisory lock serialising token refreshes of every process on every host."""
+        assert self._shared is not None
+        with self._shared_errors():
+            with state_postgres.session_locks(self._shared, [SHARED_TOKENS_LOCK], state_postgres.LOCK_WAIT_S):
+                yield
+
+    @contextmanager
+    def _shared_errors(self) -> Iterator[None]:
+        """A database error (``sqlite3.Error``, whichever engine) is ``ThreatQUnavailable``:
+        retried later, like ThreatQ being down; no password or token in its text."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            text = str(exc) or type(exc).__name__
+            password = self._shared.password if self._shared is not None else None
+            if password:
+                text = text.replace(password, "***")
+            raise ThreatQUnavailable(f"the ThreatQ tokens in the shared state database {self._shared} "
+                                     f"cannot be used ({logs.redact(text)})") from None
+
+    # ------------------------------------------------------------- token grants
+
+    def _refresh(self, current: auth.Tokens) -> auth.Tokens:
+        try:
+            return self._refresh_grant(current)
+        except _Refused as exc:
+            raise self._refusal(exc) from None
+
+    def _refresh_grant(self, current: auth.Tokens) -> auth.Tokens:
+        """A refresh of ``current``; ``_Refused`` when ThreatQ refused it or there is no refresh token."""
+        if not current.refresh_token:
+            raise _NoRefreshToken()
+        tokens = self._grant(lambda s: auth.refresh_grant(self.base_url, current, verify=self._verify,
+                                                          proxy=self._proxy, session=s))
         log.info("refreshed the ThreatQ access token")
         return tokens
+
+    @staticmethod
+    def _refusal(exc: _Refused) -> ThreatQUnavailable:
+        """What a refused refresh is for the caller, logged with the fix."""
+        if isinstance(exc, _NoRefreshToken):
+            log.error("no ThreatQ refresh token is stored; %s", _CONFIGURE)
+            return ThreatQUnavailable("the ThreatQ access token expired and no refresh token is stored; "
+                                      f"{_CONFIGURE}")
+        log.error("ThreatQ refused to refresh the access token (%s); %s", exc.text, _CONFIGURE)
+        return ThreatQUnavailable(f"ThreatQ refused to refresh the access token ({exc.text}); "
+                                  f"{_CONFIGURE}", status=exc.status)
 
     def _client_credentials(self) -> auth.Tokens:
         secret = self._client_secret or ""

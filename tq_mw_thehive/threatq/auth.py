@@ -53,6 +53,13 @@ class Tokens:
         return {"access_token": self.access_token, "refresh_token": self.refresh_token,
                 "expires_at": self.expires_at, "token_type": self.token_type}
 
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Tokens":
+        """``to_dict``'s output back (the token file, the shared state's copy); KeyError,
+        TypeError or ValueError when it is damaged."""
+        return cls(access_token=data["access_token"], refresh_token=data.get("refresh_token"),
+                   expires_at=float(data["expires_at"]), token_type=data.get("token_type") or "Bearer")
+
 
 def token_path(config_dir: Path) -> Path:
     return Path(config_dir) / TOKEN_FILE
@@ -66,9 +73,7 @@ def save_tokens(config_dir: Path, tokens: Tokens) -> Path:
 
 def load_tokens(config_dir: Path) -> Optional[Tokens]:
     try:
-        data = json.loads(token_path(config_dir).read_text(encoding="utf-8"))
-        return Tokens(access_token=data["access_token"], refresh_token=data.get("refresh_token"),
-                      expires_at=float(data["expires_at"]), token_type=data.get("token_type") or "Bearer")
+        return Tokens.from_dict(json.loads(token_path(config_dir).read_text(encoding="utf-8")))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as exc:
