@@ -25,13 +25,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pytest
 import requests
 
 from conftest import WEBHOOK_TOKEN, sample, write_config
+from tq_mw_thehive import state_postgres
 from tq_mw_thehive.config import SyncConfig, ThreatQConfig
+from tq_mw_thehive.state_postgres import PostgresURL
 from tq_mw_thehive.testing.daemon import Daemon, wait_for
 from tq_mw_thehive.testing.loopback import LoopbackServer
 from tq_mw_thehive.testing.threatq_sim import ThreatQSimulator
@@ -125,10 +127,12 @@ def simulators(request):
 
 
 @pytest.fixture
-def start(tmp_path, simulators):
-    """``start(sync={...}, threatq={...}, state_db=...)`` → a started Daemon on ``tmp_path``."""
+def start(tmp_path, simulators, state_db):
+    """``start(sync={...}, threatq={...}, state_db=...)`` → a started Daemon on ``tmp_path``; its
+    state on SQLite, or (``state_db``) on PostgreSQL: each guarantee holds on both engines."""
     tq, _ = simulators
     daemons: List[Daemon] = []
+    shared = state_db if isinstance(state_db, PostgresURL) else None
 
     def start(sync: Optional[dict] = None, threatq: Optional[dict] = None,
               state_db: Optional[str] = None, workers: int = 2, args: Sequence[str] = ()) -> Daemon:
@@ -136,13 +140,15 @@ def start(tmp_path, simulators):
         if "catch_up" in _SYNC_KEYS:
             sync.setdefault("catch_up", False)  # nothing to catch up in TheHive: keep the start quiet
         extra: Dict[str, Any] = {"state_db": state_db} if state_db else {}
+        if shared is not None and not state_db:
+            extra["state_db"] = shared.conninfo
         write_config(tmp_path, threatq={"host": tq.url, "client_id": tq.client_id, **(threatq or {})},
                      thehive={"url": HIVE_URL, "api_key": HIVE_KEY}, sync=sync,
                      enrichment={"enabled": False}, **extra)
         if not (tmp_path / tq_auth.TOKEN_FILE).exists():
             tq_auth.save_tokens(tmp_path, tq_auth.password_grant(tq.url, tq.client_id, EMAIL, PASSWORD))
         daemon = Daemon(tmp_path, tmp_path / "logs", args=args, workers=workers)
-        daemon.state_db = Path(state_db) if state_db else tmp_path / "tq_mw_thehive.db"
+        daemon.state_db = Path(state_db) if state_db else shared or tmp_path / "tq_mw_thehive.db"
         daemons.append(daemon)
         return daemon.start()
 
@@ -215,7 +221,10 @@ def post(daemon: Daemon, *payloads: dict) -> List[str]:
     return answers
 
 
-def inbox_rows(db: Path) -> List[dict]:
+def inbox_rows(db: Union[Path, PostgresURL]) -> List[dict]:
+    if isinstance(db, PostgresURL):
+        return [dict(zip(r.keys(), r)) for r in state_postgres.database(db, 10).execute(
+            "SELECT * FROM inbox ORDER BY id")]
     con = sqlite3.connect(str(db), timeout=10)
     try:
         con.row_factory = sqlite3.Row
@@ -588,6 +597,7 @@ def test_expired_token_whose_refresh_is_refused_waits_for_configure(start, simul
 # ------------------------------------------------------------------------------ 5. the database
 
 
+@pytest.mark.sqlite_only  # SQLite's file lock; PostgreSQL's faults: test_shared_state.py
 def test_locked_state_database_answers_503_then_recovers(start, simulators):
     tq, _ = simulators
     daemon = start()
@@ -668,6 +678,7 @@ def unmount(mount: Path) -> None:
     subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
 
 
+@pytest.mark.sqlite_only
 def test_full_disk_answers_503_then_recovers(start, simulators, tmp_path):
     tq, _ = simulators
     mount = small_tmpfs(tmp_path)
@@ -721,6 +732,7 @@ def _refused(response: requests.Response) -> bool:
             and response.json()["status"] == "error")
 
 
+@pytest.mark.sqlite_only
 def test_a_worker_restarted_on_a_full_disk_starts_answers_503_then_recovers(start, simulators, tmp_path):
     """prometheus_client maps its per-process files beside the database: a worker restarted on a
     full file system must not die of SIGBUS (and be forked again and again) but answer 503."""
@@ -755,6 +767,7 @@ def test_a_worker_restarted_on_a_full_disk_starts_answers_503_then_recovers(star
         unmount(mount)
 
 
+@pytest.mark.sqlite_only
 def test_a_database_writable_again_is_written_again_without_a_restart(start, simulators):
     """Connections opened while the file was read-only (here ``chattr +i``, which binds root too;
     the workers are restarted meanwhile so that every connection is opened then) must not stay
@@ -784,6 +797,7 @@ def test_a_database_writable_again_is_written_again_without_a_restart(start, sim
     assert worker_pids(daemon) == workers, "a worker was restarted"
 
 
+@pytest.mark.sqlite_only
 def test_a_removed_state_database_is_refused_not_written_and_recreated_0600(start, simulators):
     """An operator's ``rm`` (or a restore) while running: commits would land in the unlinked
     inode and be lost. Each worker must notice the file's identity change and answer 503 with a
