@@ -1,0 +1,211 @@
+"""The state on PostgreSQL (state_postgres.py): the dialect, the URL's secrecy, migrations that
+run once however many daemons start together, the claim's order under concurrent claimers, the
+advisory locks, and what a caller sees when the server is gone."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import sqlite3
+import threading
+from collections import defaultdict
+
+import pytest
+
+from conftest import minimal_config, sample
+from tq_mw_thehive import config as config_mod
+from tq_mw_thehive import logs, state, state_postgres
+from tq_mw_thehive.config import ConfigError
+from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.state_postgres import PostgresURL, pg_sql
+from tq_mw_thehive.thehive import events
+
+
+# --- the dialect, the URL: no server needed ---------------------------------------------------
+
+@pytest.mark.parametrize("sqlite, postgres", [
+    ("SELECT * FROM t WHERE a = ? AND b = ?", "SELECT * FROM t WHERE a = %s AND b = %s"),
+    ("SELECT 1 WHERE x > :now AND y <= :now", "SELECT 1 WHERE x > %(now)s AND y <= %(now)s"),
+    ("SELECT 1 WHERE k LIKE 'case:%' AND v = '?'", "SELECT 1 WHERE k LIKE 'case:%%' AND v = '?'"),
+    ("SELECT * FROM inbox AS e INDEXED BY inbox_pending_order WHERE 1", "SELECT * FROM inbox AS e WHERE 1"),
+    ("UPDATE w SET d = NULL WHERE f IS ? AND g IS NOT ? AND h IS NULL",
+     "UPDATE w SET d = NULL WHERE f IS NOT DISTINCT FROM %s AND g IS DISTINCT FROM %s AND h IS NULL"),
+])
+def test_sqlite_statements_are_translated_for_psycopg(sqlite, postgres):
+    assert pg_sql(sqlite) == postgres
+
+
+def test_the_url_never_shows_its_password():
+    url = PostgresURL("postgresql://tq:s3cret-pw@db.example:5432/tq_state")
+    assert "s3cret-pw" not in str(url) and "s3cret-pw" not in repr(url) and "s3cret-pw" not in f"{url}"
+    assert str(url) == "postgresql://tq:***@db.example:5432/tq_state"
+    assert url.conninfo.endswith("tq:s3cret-pw@db.example:5432/tq_state")
+
+
+def test_config_takes_a_postgresql_url_with_the_password_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQ_PG_PASSWORD", "from-env-pw")
+    raw = minimal_config()
+    raw["state_db"] = "postgresql://tq:${TQ_PG_PASSWORD}@db.example/tq_state"
+    cfg = config_mod.from_dict(raw, tmp_path)
+    assert isinstance(cfg.state_db, PostgresURL) and state.is_shared(cfg.state_db)
+    assert cfg.state_db.password == "from-env-pw"
+    assert "from-env-pw" in cfg.secrets()  # registered for log redaction at start
+    assert cfg.local_dir == tmp_path      # metric files, offline indexes: the config directory
+
+
+@pytest.mark.parametrize("value, message", [
+    ("postgresql://tq@db.example", "names no database"),
+    ("postgresql://tq@db.example:notaport/x", "not a valid PostgreSQL URL"),
+    (5432, "must be a file path or a postgresql:// URL"),
+])
+def test_a_wrong_state_db_is_a_clear_config_error(tmp_path, value, message):
+    raw = minimal_config()
+    raw["state_db"] = value
+    with pytest.raises(ConfigError, match=message):
+        config_mod.from_dict(raw, tmp_path)
+
+
+def test_a_libpq_service_names_the_database(tmp_path):
+    raw = minimal_config()
+    raw["state_db"] = "postgresql:///?service=tq_state"
+    assert isinstance(config_mod.from_dict(raw, tmp_path).state_db, PostgresURL)
+
+
+# --- against the server ------------------------------------------------------------------------
+
+def _migrate(url: str, barrier, results) -> None:
+    barrier.wait(30)
+    try:
+        state.open_state(url)
+        results.put(state_postgres.database(PostgresURL(url), 5).execute(
+            "SELECT MAX(version) FROM schema_migrations").fetchone()[0])
+    except Exception as exc:  # reported, not lost in the child
+        results.put(repr(exc))
+
+
+def test_daemons_starting_together_migrate_once(pg_url):
+    """Four processes open a fresh database at the same moment: one migrates, the others wait for
+    it under the advisory lock and find it done (no error, one row per version)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    processes = [ctx.Process(target=_migrate, args=(pg_url, barrier, results)) for _ in range(4)]
+    for p in processes:
+        p.start()
+    versions = [results.get(timeout=60) for _ in processes]
+    for p in processes:
+        p.join(30)
+    assert versions == [state.MIGRATIONS[-1][0]] * 4
+    db = state_postgres.database(PostgresURL(pg_url), 5)
+    rows = db.execute("SELECT version, COUNT(*) AS n FROM schema_migrations GROUP BY version").fetchall()
+    assert [tuple(r) for r in rows] == [(v, 1) for v, _, _ in state_postgres.MIGRATIONS]
+
+
+def test_a_schema_newer_than_this_version_is_refused(pg_url):
+    url = PostgresURL(pg_url)
+    state.open_state(url)
+    state_postgres.database(url, 5).execute("INSERT INTO schema_migrations VALUES (999, 'future', 0)")
+    with pytest.raises(state.StateError, match="newer than this version"):
+        state.open_state(url)
+
+
+def _event(case: int, n: int):
+    payload = sample("th5-case-update.json")
+    payload["_id"] = f"~audit-{case}-{n}"
+    payload["_createdAt"] = 1_700_000_000_000 + n
+    payload["objectId"] = payload["object"]["_id"] = f"~case{case}"
+    return events.parse(payload), json.dumps(payload)
+
+
+def test_concurrent_claimers_take_each_event_once_and_a_case_in_order(pg_url):
+    """Eight claimers (as many daemons' workers) drain 6 cases × 15 events: every event is taken
+    once, and a case's events are taken in TheHive's order, never two of a case at once."""
+    state.open_state(pg_url)
+    inbox = Inbox(pg_url)
+    for n in range(15):
+        for case in range(6):
+            assert inbox.put(*_event(case, n)).created
+    taken = defaultdict(list)
+    overlaps = []
+    in_flight = set()
+    guard = threading.Lock()
+
+    def claimer(owner: str) -> None:
+        mine = Inbox(pg_url)
+        idle = 0
+        while idle < 50:
+            items = mine.claim_batch(owner, lease_s=60, limit=3)
+            if not items:
+                idle += 1
+                continue
+            idle = 0
+            case = items[0].case_key
+            with guard:
+                if case in in_flight:
+                    overlaps.append(case)
+                in_flight.add(case)
+                taken[case].extend(item.order_ts for item in items)
+            for item in items:
+                assert mine.done(item.id, owner)
+            with guard:
+                in_flight.discard(case)
+
+    threads = [threading.Thread(target=claimer, args=(f"host:{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert inbox.stats()["done"] == 90 and inbox.stats()["pending"] == 0
+    assert overlaps == []
+    for case, order in taken.items():
+        assert order == sorted(order) and len(order) == 15, case
+
+
+def test_advisory_locks_exclude_across_connections(pg_url):
+    url = PostgresURL(pg_url)
+    inside = threading.Event()
+    order = []
+
+    def other() -> None:
+        inside.wait(10)
+        with state_postgres.session_locks(url, ["threatq-object:7"], 10):
+            order.append("other")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with state_postgres.session_locks(url, ["threatq-object:7"], 10):
+        inside.set()
+        thread.join(0.3)  # it must be waiting for the lock
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "other"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_an_sqlite3_error_without_the_password(tmp_path):
+    """What the web turns into 503 and the worker into a retry, as for a locked SQLite file."""
+    url = f"postgresql://tq:s3cret-pw@127.0.0.1:{_closed_port()}/tq_state"
+    logs.add_secrets(["s3cret-pw"])
+    with pytest.raises(state.StateError) as opened:
+        state.open_state(url)
+    assert "s3cret-pw" not in str(opened.value) and "***" in str(opened.value)
+    inbox = Inbox(url, busy_timeout=1)
+    with pytest.raises(sqlite3.OperationalError) as wrote:
+        inbox.put(*_event(1, 1))
+    assert "s3cret-pw" not in str(wrote.value)
+    with pytest.raises(sqlite3.OperationalError):
+        inbox.stats()
+    state_postgres.close_all()
+
+
+def test_rows_read_like_sqlite_rows_and_sums_come_back_as_numbers(pg_url):
+    state.open_state(pg_url)
+    db = state_postgres.database(PostgresURL(pg_url), 5)
+    db.execute("INSERT INTO enrichment_stats (plugin, hits) VALUES (?, ?), (?, ?)", ("a", 2, "b", 3))
+    row = db.execute("SELECT SUM(hits) AS total, 'x' AS name FROM enrichment_stats").fetchone()
+    assert row[0] == row["total"] == 5 and isinstance(row["total"], int)
+    assert dict(zip(row.keys(), row)) == {"total": 5, "name": "x"}
