@@ -14,11 +14,13 @@ import pytest
 
 from conftest import minimal_config, sample
 from tq_mw_thehive import config as config_mod
-from tq_mw_thehive import logs, state, state_postgres
+from tq_mw_thehive import logs, startup, state, state_postgres
 from tq_mw_thehive.config import ConfigError
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.state_postgres import PostgresURL, pg_sql
 from tq_mw_thehive.thehive import events
+from tq_mw_thehive.threatq import api as tq_api
+from tq_mw_thehive.threatq.auth import Tokens
 
 
 # --- the dialect, the URL: no server needed ---------------------------------------------------
@@ -209,3 +211,19 @@ def test_rows_read_like_sqlite_rows_and_sums_come_back_as_numbers(pg_url):
     row = db.execute("SELECT SUM(hits) AS total, 'x' AS name FROM enrichment_stats").fetchone()
     assert row[0] == row["total"] == 5 and isinstance(row["total"], int)
     assert dict(zip(row.keys(), row)) == {"total": 5, "name": "x"}
+
+
+def test_a_host_without_a_token_file_is_not_sent_to_configure_once_the_shared_state_has_tokens(
+        tmp_path, pg_url, caplog):
+    raw = minimal_config()
+    raw["state_db"] = pg_url
+    cfg = config_mod.from_dict(raw, tmp_path)
+    caplog.set_level("WARNING", logger="tq_mw_thehive.startup")
+    startup.prepare(cfg)
+    assert "no ThreatQ tokens in" in caplog.text  # nothing anywhere yet: configure is the fix
+    caplog.clear()
+    stored = Tokens(access_token="shared-access", refresh_token="shared-refresh", expires_at=2e9)
+    state.set_meta(state_postgres.database(PostgresURL(pg_url), 5), tq_api.SHARED_TOKENS_KEY,
+                   json.dumps(stored.to_dict()))
+    startup.prepare(cfg)
+    assert "no ThreatQ tokens in" not in caplog.text

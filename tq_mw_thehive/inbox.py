@@ -504,7 +504,7 @@ class Inbox(state.Store):
             n += self.db.execute("SELECT COUNT(*) FROM inbox INDEXED BY inbox_done_finished WHERE state = 'done' "
                                  "AND finished_at < ?", (self.clock() - done_older_than_s,)).fetchone()[0]
         if dead:
-            n += self.db.execute("SELECT n FROM inbox_counts WHERE state = 'dead'").fetchone()[0]
+            n += self.db.execute("SELECT SUM(n) FROM inbox_counts WHERE state = 'dead'").fetchone()[0]
         return n
 
     def purge(self, done_older_than_s: Optional[float] = None, dead: bool = False, batch: int = PURGE_BATCH,
@@ -624,21 +624,22 @@ class Inbox(state.Store):
         """Counts by state; ``pending`` covers queued, in progress and waiting to retry.
 
         Read by every ``/healthz``, ``/metrics`` scrape, ``/status`` and ``status``, which anyone
-        who reaches the listener can call in a loop: the totals come from ``inbox_counts``
+        who reaches the listener can call in a loop: the totals come from ``inbox_counts`` (one row
+        per state on SQLite; on PostgreSQL 16 slots a state, summed: see state_postgres)
         (kept by triggers), the rest from partial indexes as small as the backlog, so the cost
         does not grow with the history kept (one statement: one consistent snapshot).
         """
         now = self.clock()
         row = self.db.execute(
             """SELECT
-                 (SELECT n FROM inbox_counts WHERE state = 'pending') AS pending,
+                 (SELECT SUM(n) FROM inbox_counts WHERE state = 'pending') AS pending,
                  (SELECT COUNT(*) FROM inbox INDEXED BY inbox_leased
                    WHERE lease_until > :now AND state = 'pending') AS in_progress,
                  (SELECT COUNT(*) FROM inbox INDEXED BY inbox_due
                    WHERE state = 'pending' AND next_attempt_at > :now
                      AND (lease_until IS NULL OR lease_until <= :now)) AS waiting_retry,
-                 (SELECT n FROM inbox_counts WHERE state = 'done') AS done,
-                 (SELECT n FROM inbox_counts WHERE state = 'dead') AS dead,
+                 (SELECT SUM(n) FROM inbox_counts WHERE state = 'done') AS done,
+                 (SELECT SUM(n) FROM inbox_counts WHERE state = 'dead') AS dead,
                  (SELECT MIN(received_at) FROM inbox INDEXED BY inbox_pending_received
                    WHERE state = 'pending') AS oldest_pending""", {"now": now}).fetchone()
         oldest = row["oldest_pending"]

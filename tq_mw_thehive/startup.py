@@ -18,6 +18,7 @@ from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, private_files, state
 from tq_mw_thehive.config import Config, ConfigError
 from tq_mw_thehive.inbox import Inbox
+from tq_mw_thehive.threatq import api as tq_api
 from tq_mw_thehive.threatq import auth as tq_auth
 from tq_mw_thehive.type_mapping import TypeMapping, TypeMappingError
 
@@ -67,6 +68,18 @@ def process_alive(pid: int) -> bool:
         return True
 
 
+def _shared_tokens_stored(cfg: Config) -> bool:
+    """Whether a PostgreSQL state already holds the ThreatQ tokens (another host seeded them): then
+    this host needs no token file of its own."""
+    if not state.is_shared(cfg.state_db):
+        return False
+    try:
+        return state.Store(cfg.state_db).db.execute("SELECT 1 FROM meta WHERE key = ?",
+                                                    (tq_api.SHARED_TOKENS_KEY,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
     """Open and migrate the state database, register stored secrets, warn about loose files."""
     try:
@@ -85,7 +98,7 @@ def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
         tokens = None
     if tokens is not None:
         logs.add_secrets([tokens.access_token, tokens.refresh_token])
-    elif not cfg.threatq.client_secret:
+    elif not cfg.threatq.client_secret and not _shared_tokens_stored(cfg):
         log.warning("no ThreatQ tokens in %s: events are accepted and wait until you run "
                     "`tq-mw-thehive configure -c %s`", tq_auth.token_path(cfg.config_dir), cfg.config_dir)
     if disable_ssl:

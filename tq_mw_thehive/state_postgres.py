@@ -41,6 +41,7 @@ import sqlite3
 SCHEMES = ("postgresql://", "postgres://")
 POOL_MAX = 10            # connections per process at most (docs/deployment.md: sizing)
 CONNECT_TIMEOUT_S = 5    # libpq's connect_timeout: an unreachable server fails fast, then 503
+IDLE_CHECK_S = 2.0       # a pooled connection idle longer than this is checked before it is lent
 LOCK_WAIT_S = 30.0       # for a pooled connection to hold advisory locks on
 
 T = TypeVar("T")
@@ -282,6 +283,17 @@ def _configure(conn: Any) -> None:
     conn.adapters.register_loader("numeric", _numeric_loader())
 
 
+def _check(conn: Any) -> None:
+    """Before a connection is lent: one round trip to be sure it still works (after a server
+    restart the pool's connections are broken; the pool drops one that fails here and lends
+    another), unless it was last given back moments ago, working: under load a check per
+    statement would double the round trips."""
+    used = getattr(conn, "_tq_returned_at", None)
+    if used is not None and time.monotonic() - used < IDLE_CHECK_S:
+        return
+    conn.execute("")
+
+
 # --- the database: a pool per process ----------------------------------------------------------
 
 class Database:
@@ -309,7 +321,7 @@ class Database:
                     self.url.conninfo, min_size=1, max_size=POOL_MAX, open=False, timeout=self.timeout,
                     kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
                             "application_name": "tq-mw-thehive"},
-                    configure=_configure, check=ConnectionPool.check_connection, reconnect_timeout=0,
+                    configure=_configure, check=_check, reconnect_timeout=0,
                     name="tq-state")
                 self._pool.open(wait=False)
                 self._pid = os.getpid()
@@ -321,6 +333,7 @@ class Database:
         try:
             with self._get_pool().connection(timeout=self.timeout) as conn:
                 yield conn
+                conn._tq_returned_at = time.monotonic()  # worked: no check if lent again soon
         except psycopg.Error as exc:
             raise _wrap(exc) from None
 
@@ -452,15 +465,21 @@ _BASE = [
     "CREATE INDEX inbox_received ON inbox (received_at)",
     "CREATE INDEX inbox_object ON inbox (object_id, id)",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
-    "CREATE TABLE inbox_counts (state TEXT PRIMARY KEY, n BIGINT NOT NULL)",
-    "INSERT INTO inbox_counts (state, n) VALUES ('pending', 0), ('done', 0), ('dead', 0)",
+    # The counts by state, as SQLite's triggers keep them, but in 16 slots a state (readers sum
+    # them): every insert and every finished event updates a count, and that row stays locked
+    # until its transaction commits; one row a state made every daemon's writers queue on it.
+    # A session always counts in the same slot (its backend's pid), so sessions rarely share one.
+    "CREATE TABLE inbox_counts (state TEXT NOT NULL, slot INTEGER NOT NULL, n BIGINT NOT NULL, "
+    "PRIMARY KEY (state, slot))",
+    "INSERT INTO inbox_counts (state, slot, n) SELECT s, g, 0 FROM (VALUES ('pending'), ('done'), ('dead')) AS v(s) "
+    "CROSS JOIN generate_series(0, 15) AS g",
     """CREATE FUNCTION inbox_counts_change() RETURNS trigger LANGUAGE plpgsql AS $$
        BEGIN
            IF TG_OP IN ('UPDATE', 'DELETE') THEN
-               UPDATE inbox_counts SET n = n - 1 WHERE state = OLD.state;
+               UPDATE inbox_counts SET n = n - 1 WHERE state = OLD.state AND slot = pg_backend_pid() % 16;
            END IF;
            IF TG_OP IN ('UPDATE', 'INSERT') THEN
-               UPDATE inbox_counts SET n = n + 1 WHERE state = NEW.state;
+               UPDATE inbox_counts SET n = n + 1 WHERE state = NEW.state AND slot = pg_backend_pid() % 16;
            END IF;
            RETURN NULL;
        END $$""",
