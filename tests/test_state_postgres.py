@@ -7,14 +7,19 @@ import json
 import multiprocessing
 import socket
 import sqlite3
+import sys
 import threading
 from collections import defaultdict
 
 import pytest
 
-from conftest import minimal_config, sample
+from click.testing import CliRunner
+
+from conftest import minimal_config, sample, write_config
+from tq_mw_thehive import check
 from tq_mw_thehive import config as config_mod
 from tq_mw_thehive import logs, startup, state, state_postgres
+from tq_mw_thehive.cli import cli
 from tq_mw_thehive.config import ConfigError
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.state_postgres import PostgresURL, pg_sql
@@ -227,3 +232,33 @@ def test_a_host_without_a_token_file_is_not_sent_to_configure_once_the_shared_st
                    json.dumps(stored.to_dict()))
     startup.prepare(cfg)
     assert "no ThreatQ tokens in" not in caplog.text
+
+
+def _pg_config(tmp_path, url: str):
+    write_config(tmp_path, state_db=url)
+    return config_mod.from_dict(minimal_config(state_db=url), tmp_path)
+
+
+def test_check_and_status_read_the_shared_state(tmp_path, pg_url):
+    cfg = _pg_config(tmp_path, pg_url)
+    result = check.check_state_db(check.Context(config_dir=tmp_path, log_dir=None, webhook_url=None, cfg=cfg))
+    assert result.ok and "PostgreSQL 15" in result.detail and "writable, 0 pending" in result.detail, result
+    Inbox(pg_url).put(*_event(1, 1))
+    status = CliRunner().invoke(cli, ["status", "-c", str(tmp_path), "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["pending"] == 1  # no file to miss: the shared inbox is read
+
+
+def test_check_names_an_unreachable_server_and_the_fix_without_the_password(tmp_path):
+    cfg = _pg_config(tmp_path, f"postgresql://tq:s3cret-pw@127.0.0.1:{_closed_port()}/tq_state")
+    result = check.check_state_db(check.Context(config_dir=tmp_path, log_dir=None, webhook_url=None, cfg=cfg))
+    assert not result.ok
+    assert "s3cret-pw" not in result.detail and "tq:***@127.0.0.1" in result.detail
+    assert "PostgreSQL is up and reachable" in result.fix
+    state_postgres.close_all()
+
+
+def test_a_postgresql_state_without_psycopg_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg → ImportError
+    with pytest.raises(state.StateError, match=r"pip install 'tq-mw-thehive\[postgresql\]'"):
+        state.open_state("postgresql://tq@db.example/tq_state")
