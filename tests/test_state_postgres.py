@@ -9,7 +9,7 @@ import socket
 import sqlite3
 import sys
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -262,3 +262,61 @@ def test_a_postgresql_state_without_psycopg_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg → ImportError
     with pytest.raises(state.StateError, match=r"pip install 'tq-mw-thehive\[postgresql\]'"):
         state.open_state("postgresql://tq@db.example/tq_state")
+
+
+def test_a_deadlock_victim_is_run_again_and_both_transactions_commit(pg_url):
+    """Two transactions locking two rows in opposite orders: PostgreSQL cancels one (after its
+    deadlock_timeout, 1 s); the store runs it again instead of failing the write."""
+    url = PostgresURL(pg_url)
+    state.open_state(url)
+    db = state_postgres.database(url, 10)
+    for key in ("a", "b"):
+        state.set_meta(db, key, "-")
+    both_hold_one = threading.Barrier(2)
+    runs: Counter = Counter()
+    done = {}
+
+    def swap(name: str, first: str, second: str) -> None:
+        def fn(tx) -> int:
+            runs[name] += 1
+            tx.execute("UPDATE meta SET value = ? WHERE key = ?", (name, first))
+            if runs[name] == 1:
+                both_hold_one.wait(10)
+            tx.execute("UPDATE meta SET value = ? WHERE key = ?", (name, second))
+            return runs[name]
+        done[name] = db.transaction(fn, durable=True)
+
+    threads = [threading.Thread(target=swap, args=args) for args in (("t1", "a", "b"), ("t2", "b", "a"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(done.values()) == [1, 2]  # one ran once, the deadlock's victim twice
+    values = {r["key"]: r["value"] for r in db.execute("SELECT key, value FROM meta WHERE key IN ('a', 'b')")}
+    assert len(set(values.values())) == 1  # the one that ran last wrote both rows
+
+
+def test_a_long_read_is_served_by_a_server_side_cursor_in_order(pg_url, monkeypatch):
+    """``cache warm`` reads every stored observable body: on PostgreSQL through ``Store.rows``,
+    a batch at a time, the newest event of each object first."""
+    state.open_state(pg_url)
+    inbox = Inbox(pg_url)
+    for n in range(3):
+        for case in range(400):
+            payload = sample("th5-observable-create-ip.json")
+            payload["_id"], payload["_createdAt"] = f"~obs-{case}-{n}", 1_700_000_000_000 + n
+            payload["objectId"] = payload["object"]["_id"] = f"~obs{case:04d}"
+            inbox.put(events.parse(payload), json.dumps(payload))
+    fetched = []
+    real = state_postgres.Database.iterate
+
+    def counting(self, sql, params=(), size=500):
+        for row in real(self, sql, params, size=100):
+            fetched.append(1)
+            yield row
+
+    monkeypatch.setattr(state_postgres.Database, "iterate", counting)
+    bodies = list(inbox.object_bodies("observable"))
+    assert len(bodies) == len(fetched) == 1200
+    assert [object_id for object_id, _ in bodies[:3]] == ["~obs0000"] * 3
+    assert [json.loads(body)["_id"] for _, body in bodies[:3]] == ["~obs-0-2", "~obs-0-1", "~obs-0-0"]

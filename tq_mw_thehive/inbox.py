@@ -665,7 +665,7 @@ class Inbox(state.Store):
     def object_bodies(self, object_type: str) -> Iterator[Tuple[str, str]]:
         """``(object_id, body)`` of every stored create or update of ``object_type``, grouped by
         object, each object's newest (TheHive's order) first: the latest state we were sent."""
-        for row in self.db.execute(
+        for row in self.rows(
                 "SELECT object_id, body FROM inbox WHERE object_type = ? AND action != 'delete' "
                 "ORDER BY object_id, order_ts DESC, id DESC", (object_type,)):
             yield row["object_id"], row["body"]

@@ -618,6 +618,13 @@ class Store:
                          "until the daemon is restarted", self.path, what)
         raise StateMoved(f"state database {self.path} was {what}; restart the daemon")
 
+    def rows(self, sql: str, params: Any = ()) -> Any:
+        """The rows of a long read, without holding them all in memory: SQLite's cursor steps
+        through them; on PostgreSQL a server-side cursor (``Database.iterate``)."""
+        if self.shared:
+            return state_postgres.database(self.path, self.busy_timeout).iterate(sql, params)
+        return self.db.execute(sql, params)
+
     def close(self) -> None:
         if self.shared:
             return  # the pool is the process's (state_postgres.close_all)

@@ -42,6 +42,7 @@ SCHEMES = ("postgresql://", "postgres://")
 POOL_MAX = 10            # connections per process at most (docs/deployment.md: sizing)
 CONNECT_TIMEOUT_S = 5    # libpq's connect_timeout: an unreachable server fails fast, then 503
 IDLE_CHECK_S = 2.0       # a pooled connection idle longer than this is checked before it is lent
+RERUNS = 3               # a transaction PostgreSQL cancelled as a deadlock's victim is run again
 LOCK_WAIT_S = 30.0       # for a pooled connection to hold advisory locks on
 
 T = TypeVar("T")
@@ -239,9 +240,10 @@ class Connection:
 
     dialect = "postgresql"
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, raw_conflicts: bool = False) -> None:
         self._conn = conn
         self.in_transaction = False
+        self._raw_conflicts = raw_conflicts  # let deadlocks through, for the transaction to run again
 
     def execute(self, sql: str, params: Any = ()) -> Result:
         psycopg = _driver()
@@ -250,6 +252,10 @@ class Connection:
             cursor.execute(pg_sql(sql), _params(params))
             rows = cursor.fetchall() if cursor.description is not None else []
             return Result(rows, cursor.rowcount)
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+            if self._raw_conflicts:
+                raise
+            raise _wrap(exc) from None
         except psycopg.Error as exc:
             raise _wrap(exc) from None
 
@@ -334,6 +340,8 @@ class Database:
             with self._get_pool().connection(timeout=self.timeout) as conn:
                 yield conn
                 conn._tq_returned_at = time.monotonic()  # worked: no check if lent again soon
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            raise  # for ``transaction`` to run again (what reaches a caller was wrapped before)
         except psycopg.Error as exc:
             raise _wrap(exc) from None
 
@@ -345,22 +353,51 @@ class Database:
         with self.connection() as conn:
             return Connection(conn).executemany(sql, seq)
 
+    def iterate(self, sql: str, params: Any = (), size: int = 500) -> Iterator[Row]:
+        """A long read, ``size`` rows at a time (a server-side cursor), where ``execute`` would
+        hold every row in memory at once: months of stored bodies, for ``cache warm``."""
+        psycopg = _driver()
+        with self.connection() as conn:
+            try:
+                with conn.transaction(), conn.cursor(name="tq_iterate") as cursor:
+                    cursor.itersize = size
+                    cursor.execute(pg_sql(sql), _params(params))
+                    yield from cursor
+            except psycopg.Error as exc:
+                raise _wrap(exc) from None
+
     def transaction(self, fn: Callable[[Connection], T], durable: bool) -> T:
         """Run ``fn`` in one transaction (READ COMMITTED), committed on return.
 
         Not durable: ``synchronous_commit`` off for this transaction only, the engine's own form
         of SQLite's ``synchronous=NORMAL`` for redoable bookkeeping: never corrupt, may lose the
         last commits in a crash of the server, and the commit does not wait for the disk.
+
+        A deadlock or serialisation failure, which PostgreSQL resolves by cancelling one of the
+        transactions, is run again (up to ``RERUNS`` times): ``fn`` only talks to the database,
+        and nothing of a cancelled transaction was kept.
         """
+        psycopg = _driver()
+        for attempt in range(RERUNS + 1):
+            try:
+                return self._transaction(fn, durable)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+                if attempt == RERUNS:
+                    raise _wrap(exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _transaction(self, fn: Callable[[Connection], T], durable: bool) -> T:
+        psycopg = _driver()
         with self.connection() as conn:
-            wrapped = Connection(conn)
-            psycopg = _driver()
+            wrapped = Connection(conn, raw_conflicts=True)
             try:
                 with conn.transaction():
                     wrapped.in_transaction = True
                     if not durable:
                         conn.execute("SET LOCAL synchronous_commit TO OFF")
                     return fn(wrapped)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                raise
             except psycopg.Error as exc:
                 raise _wrap(exc) from None
             finally:
