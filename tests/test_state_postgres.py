@@ -320,3 +320,9 @@ def test_a_long_read_is_served_by_a_server_side_cursor_in_order(pg_url, monkeypa
     assert len(bodies) == len(fetched) == 1200
     assert [object_id for object_id, _ in bodies[:3]] == ["~obs0000"] * 3
     assert [json.loads(body)["_id"] for _, body in bodies[:3]] == ["~obs-0-2", "~obs-0-1", "~obs-0-0"]
+
+
+def test_a_password_given_as_a_libpq_parameter_is_masked_too():
+    url = PostgresURL("postgresql://tq@db.example/tq_state?sslmode=require&password=s3cret-pw")
+    assert "s3cret-pw" not in str(url) and "password=***" in str(url) and "sslmode=require" in str(url)
+    assert url.password == "s3cret-pw"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from tq_mw_thehive import config as config_mod
-from tq_mw_thehive import logs, private_files, state
+from tq_mw_thehive import logs, private_files, state, state_postgres
 from tq_mw_thehive.config import Config, ConfigError
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.threatq import api as tq_api
@@ -110,6 +110,8 @@ def prepare(cfg: Config, *, disable_ssl: bool = False) -> None:
         secret_files.append(cfg.state_db)
     for path in private_files.readable_by_others(secret_files):
         log.warning("%s is readable by other users; run: chmod 600 %s", path, path)
+    # The master forks the workers next: each opens a pool of its own, so the master keeps none.
+    state_postgres.close_all()
 
 
 def setup_logging(log_dir: Optional[Path], verbosity: Optional[str]) -> None:

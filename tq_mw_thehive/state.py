@@ -1,10 +1,10 @@
 """The state database: SQLite's connection settings, numbered migrations, and ``Store``.
 
 One file holds all the daemon's state, or, with ``state_db: postgresql://…``, one PostgreSQL
-database shared by several daemons (``state_postgres.py``: the same stores, the same SQL). Several gunicorn workers (processes, each
-with threads) open it at once, so every connection uses WAL, a busy timeout and
-``synchronous=FULL``: an event the web answered 200 for must survive a power cut,
-not only a crash of the process.
+database shared by several daemons (``state_postgres.py``: the same stores, the same SQL).
+Several gunicorn workers (processes, each with threads) open the file at once, so every
+connection uses WAL, a busy timeout and ``synchronous=FULL``: an event the web answered 200 for
+must survive a power cut, not only a crash of the process.
 """
 from __future__ import annotations
 
@@ -313,10 +313,6 @@ def _incremental_vacuum_mode(db: sqlite3.Connection) -> None:
         pass  # another process is creating the file right now, with this same setting
 
 
-class _Connection(sqlite3.Connection):
-    dialect = "sqlite"  # what the few engine-specific statements ask (``Store.dialect``)
-
-
 def location(state_db: Union[str, Path, PostgresURL]) -> Location:
     """``state_db`` as a SQLite file's ``Path`` or a ``PostgresURL``."""
     if isinstance(state_db, PostgresURL):
@@ -346,7 +342,7 @@ def connect(path: Union[str, Path], busy_timeout: float = BUSY_TIMEOUT_S) -> sql
         except OSError:
             pass  # no directory, no permission: sqlite3.connect says so as an sqlite3.Error
     db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
-                         check_same_thread=False, factory=_Connection)
+                         check_same_thread=False)
     try:
         db.row_factory = sqlite3.Row
         if new_file:
@@ -549,7 +545,8 @@ class Store:
     """A table family in the state database, with one connection per thread.
 
     gunicorn's threads and the sync worker each use their own connection; SQLite
-    connections must not be shared across threads mid-transaction.
+    connections must not be shared across threads mid-transaction. On PostgreSQL
+    (``shared``) a statement or a transaction borrows one from the process's pool instead.
     """
 
     DURABLE_WRITES = True  # see ``write``
@@ -574,10 +571,6 @@ class Store:
         store._local.db = opened
         store._identity = file_identity(store.path)
         return store
-
-    @property
-    def dialect(self) -> str:
-        return "postgresql" if self.shared else "sqlite"
 
     @property
     def db(self) -> Any:

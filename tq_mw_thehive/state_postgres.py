@@ -15,9 +15,10 @@ Why it is shaped this way:
   worker's retry and the CLI's messages already handle those, and so handle a PostgreSQL that is
   down, restarting or refusing, with no second set of ``except`` clauses to keep in step.
 * **Connections come from psycopg's pool**, one per process (a forked gunicorn worker makes its
-  own), borrowed per transaction or per read and checked before use, so that a server restart
-  costs no failed request once it is back; waiting for a connection is bounded by the store's busy
-  timeout, past which the caller gets ``Unavailable`` (503 on ingest, a retry in the worker).
+  own), borrowed per transaction or per read and checked before use when idle a while, so that a
+  server restart costs no failed request once it is back; waiting for a connection is bounded by
+  the store's busy timeout, past which the caller gets ``Unavailable`` (503 on ingest, a retry in
+  the worker). A transaction PostgreSQL cancels to break a deadlock is run again.
 * **Rows look like ``sqlite3.Row``** (by index and by name, ``keys()``), ``numeric`` comes back as
   ``int``/``float`` and ``bool`` parameters go as integers, as SQLite stores them.
 * **Migrations run once, whoever starts first**: under a transaction-level advisory lock, the
@@ -29,14 +30,13 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sqlite3
 import threading
 import time
 import zlib
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
-
-import sqlite3
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 SCHEMES = ("postgresql://", "postgres://")
 POOL_MAX = 10            # connections per process at most (docs/deployment.md: sizing)
@@ -86,15 +86,17 @@ class PostgresURL:
 
     @property
     def password(self) -> Optional[str]:
-        return urlsplit(self._url).password
+        """In the user part, or as libpq's ``?password=`` parameter."""
+        parts = urlsplit(self._url)
+        return parts.password or (parse_qs(parts.query).get("password") or [None])[0]
 
     def __str__(self) -> str:
         parts = urlsplit(self._url)
-        if parts.password is None:
-            return self._url
-        host = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+        return urlunsplit(parts._replace(query=query))
 
     def __repr__(self) -> str:
         return f"PostgresURL({str(self)!r})"
@@ -104,6 +106,9 @@ class PostgresURL:
 
     def __hash__(self) -> int:
         return hash(self._url)
+
+
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
 
 
 def _driver():
@@ -215,11 +220,10 @@ def _wrap(exc: BaseException) -> sqlite3.Error:
 class Result:
     """What a statement gave: its rows, read at once (the connection goes back to the pool)."""
 
-    def __init__(self, rows: List[Row], rowcount: int, lastrowid: Optional[int] = None) -> None:
+    def __init__(self, rows: List[Row], rowcount: int) -> None:
         self._rows = rows
         self._next = 0
         self.rowcount = rowcount
-        self.lastrowid = lastrowid
 
     def fetchone(self) -> Optional[Row]:
         if self._next >= len(self._rows):
@@ -242,7 +246,6 @@ class Connection:
 
     def __init__(self, conn: Any, raw_conflicts: bool = False) -> None:
         self._conn = conn
-        self.in_transaction = False
         self._raw_conflicts = raw_conflicts  # let deadlocks through, for the transaction to run again
 
     def execute(self, sql: str, params: Any = ()) -> Result:
@@ -259,14 +262,6 @@ class Connection:
         except psycopg.Error as exc:
             raise _wrap(exc) from None
 
-    def executemany(self, sql: str, seq: Sequence[Any]) -> Result:
-        psycopg = _driver()
-        try:
-            cursor = self._conn.cursor()
-            cursor.executemany(pg_sql(sql), [_params(p) for p in seq])
-            return Result([], cursor.rowcount)
-        except psycopg.Error as exc:
-            raise _wrap(exc) from None
 
 
 def _numeric_loader():
@@ -349,10 +344,6 @@ class Database:
         with self.connection() as conn:
             return Connection(conn).execute(sql, params)
 
-    def executemany(self, sql: str, seq: Sequence[Any]) -> Result:
-        with self.connection() as conn:
-            return Connection(conn).executemany(sql, seq)
-
     def iterate(self, sql: str, params: Any = (), size: int = 500) -> Iterator[Row]:
         """A long read, ``size`` rows at a time (a server-side cursor), where ``execute`` would
         hold every row in memory at once: months of stored bodies, for ``cache warm``."""
@@ -389,19 +380,15 @@ class Database:
     def _transaction(self, fn: Callable[[Connection], T], durable: bool) -> T:
         psycopg = _driver()
         with self.connection() as conn:
-            wrapped = Connection(conn, raw_conflicts=True)
             try:
                 with conn.transaction():
-                    wrapped.in_transaction = True
                     if not durable:
                         conn.execute("SET LOCAL synchronous_commit TO OFF")
-                    return fn(wrapped)
+                    return fn(Connection(conn, raw_conflicts=True))
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 raise
             except psycopg.Error as exc:
                 raise _wrap(exc) from None
-            finally:
-                wrapped.in_transaction = False
 
     def close(self) -> None:
         """Nothing: the pool is the process's, shared by every store (``close_all`` ends it)."""
@@ -678,7 +665,7 @@ def migrate(url: PostgresURL, latest: int, check_not_newer: Callable[[int, int],
 
 
 def describe(url: PostgresURL) -> Dict[str, Any]:
-    """What ``check`` and ``status`` say about the server (its version, the schema)."""
+    """What ``check`` says about the server: its version, the database."""
     row = database(url, CONNECT_TIMEOUT_S).execute(
         "SELECT current_setting('server_version') AS version, current_database() AS db").fetchone()
     return {"server_version": row["version"], "database": row["db"]}
