@@ -139,16 +139,20 @@ def test_postgresql_unreachable_webhooks_get_503_then_everything_recovers(tmp_pa
         daemon.start()
         try:
             first, second = make_case(1), make_case(2)
+            tq.down = True  # the first case's events wait in the inbox, retried, through the outage
             assert post(daemon, *first.session) == ["queued"] * 4
+            wait_for(lambda: "outcome=retry" in daemon.log_text(), 30, "a first failed attempt")
             server.kill()
             answer = requests.post(daemon.url + "/cases", data=json.dumps(second.create), headers=BEARER, timeout=30)
             assert answer.status_code == 503, answer.text
             assert "password" not in answer.text.lower()
             health = requests.get(daemon.url + "/healthz", timeout=30)
             assert health.status_code == 503
+            tq.down = False
             server.start()
             wait_for(lambda: requests.get(daemon.url + "/healthz", timeout=30).status_code == 200, 30,
                      "healthz to recover once PostgreSQL is back")
+            assert daemon.proc.poll() is None and "Traceback" not in daemon.log_text()
             assert post(daemon, *second.session) == ["queued"] * 4
             drained(url, 8)
             applied_in_order(tq, [first, second])
