@@ -326,3 +326,23 @@ def test_a_password_given_as_a_libpq_parameter_is_masked_too():
     url = PostgresURL("postgresql://tq@db.example/tq_state?sslmode=require&password=s3cret-pw")
     assert "s3cret-pw" not in str(url) and "password=***" in str(url) and "sslmode=require" in str(url)
     assert url.password == "s3cret-pw"
+
+
+def test_a_write_is_durable_unless_told_and_an_error_rolls_it_back(pg_url):
+    """``durable=False`` (the sync's redoable bookkeeping) commits without waiting for the disk,
+    as SQLite's synchronous=NORMAL; an accepted event's commit waits (on); a failure keeps nothing."""
+    store = state.Store(pg_url)
+    state.open_state(pg_url)
+    show = lambda db: db.execute("SHOW synchronous_commit").fetchone()[0]  # noqa: E731
+    assert store.write(show, durable=False) == "off"
+    assert store.write(show, durable=True) == "on"
+    assert store.write(show) == "on"  # DURABLE_WRITES of a plain store
+
+    def half(db):
+        state.set_meta(db, "half", "written")
+        raise RuntimeError("stopped midway")
+
+    with pytest.raises(RuntimeError):
+        store.write(half)
+    assert store.db.execute("SELECT 1 FROM meta WHERE key = 'half'").fetchone() is None
+    assert store.write(lambda db: state.set_meta(db, "whole", "written") or "ok") == "ok"

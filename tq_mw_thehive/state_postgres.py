@@ -381,10 +381,18 @@ class Database:
         psycopg = _driver()
         with self.connection() as conn:
             try:
-                with conn.transaction():
-                    if not durable:
-                        conn.execute("SET LOCAL synchronous_commit TO OFF")
-                    return fn(Connection(conn, raw_conflicts=True))
+                # One round trip for both (a text without parameters may hold several statements):
+                # the sync's bookkeeping is a transaction of one or two statements, where each
+                # round trip counts.
+                conn.execute(_BEGIN if durable else _BEGIN_NOT_DURABLE)
+                try:
+                    result = fn(Connection(conn, raw_conflicts=True))
+                except BaseException:
+                    if not conn.broken:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 raise
             except psycopg.Error as exc:
@@ -398,6 +406,9 @@ class Database:
             self._pool.close()
         self._pool, self._pid = None, None
 
+
+_BEGIN = "BEGIN"
+_BEGIN_NOT_DURABLE = "BEGIN; SET LOCAL synchronous_commit TO OFF"
 
 _databases: Dict[Tuple[PostgresURL, float], Database] = {}
 _databases_lock = threading.Lock()
