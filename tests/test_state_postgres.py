@@ -23,6 +23,7 @@ from tq_mw_thehive.cli import cli
 from tq_mw_thehive.config import ConfigError
 from tq_mw_thehive.inbox import Inbox
 from tq_mw_thehive.state_postgres import PostgresURL, pg_sql
+from tq_mw_thehive.testing.postgres import PostgresServer
 from tq_mw_thehive.thehive import events
 from tq_mw_thehive.threatq import api as tq_api
 from tq_mw_thehive.threatq.auth import Tokens
@@ -346,3 +347,23 @@ def test_a_write_is_durable_unless_told_and_an_error_rolls_it_back(pg_url):
         store.write(half)
     assert store.db.execute("SELECT 1 FROM meta WHERE key = 'half'").fetchone() is None
     assert store.write(lambda db: state.set_meta(db, "whole", "written") or "ok") == "ok"
+
+
+def test_after_a_server_restart_the_first_write_and_read_succeed(tmp_path, monkeypatch):
+    """The pool's connections die with the server; one lent before the pool noticed (here: never
+    checked) fails before doing anything, so the store runs the write or read again on a new one
+    instead of answering 503 for an event it could store."""
+    monkeypatch.setattr(state_postgres, "IDLE_CHECK_S", 3600.0)
+    server = PostgresServer(tmp_path / "pg").start()
+    try:
+        url = server.create_database("tq_state")
+        state.open_state(url)
+        inbox = Inbox(url)
+        assert inbox.put(*_event(1, 1)).created and inbox.stats()["pending"] == 1
+        server.kill()
+        server.start()
+        assert inbox.put(*_event(1, 2)).created
+        assert inbox.stats()["pending"] == 2
+    finally:
+        state_postgres.close_all()
+        server.stop("immediate")

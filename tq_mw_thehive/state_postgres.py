@@ -52,6 +52,11 @@ class Unavailable(sqlite3.OperationalError):
     """PostgreSQL could not do it: unreachable, restarting, out of connections, refusing."""
 
 
+class Stale(Unavailable):
+    """The connection was broken before the statement ran (a server restart the pool had not yet
+    noticed): nothing was done, and a new connection may do it (``Database`` runs it again)."""
+
+
 class Integrity(sqlite3.IntegrityError):
     """A constraint refused the row (as ``sqlite3.IntegrityError`` would)."""
 
@@ -207,9 +212,13 @@ def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:
     return lambda values: Row(values, index)
 
 
-def _wrap(exc: BaseException) -> sqlite3.Error:
+def _wrap(exc: BaseException, conn: Any = None) -> sqlite3.Error:
+    """``exc`` as the matching ``sqlite3`` error; ``Stale`` when ``conn`` is broken (ask only where
+    a broken connection means nothing was done: never of a COMMIT)."""
     psycopg = _driver()
     text = str(exc).strip() or type(exc).__name__
+    if conn is not None and conn.broken:
+        return Stale(f"PostgreSQL: {text}")
     if isinstance(exc, psycopg.IntegrityError):
         return Integrity(text)
     if isinstance(exc, psycopg.DataError):
@@ -260,7 +269,7 @@ class Connection:
                 raise
             raise _wrap(exc) from None
         except psycopg.Error as exc:
-            raise _wrap(exc) from None
+            raise _wrap(exc, self._conn) from None
 
 
 
@@ -341,8 +350,14 @@ class Database:
             raise _wrap(exc) from None
 
     def execute(self, sql: str, params: Any = ()) -> Result:
-        with self.connection() as conn:
-            return Connection(conn).execute(sql, params)
+        for attempt in range(POOL_MAX + 1):
+            try:
+                with self.connection() as conn:
+                    return Connection(conn).execute(sql, params)
+            except Stale:  # the pool drops that connection: the next one is another
+                if attempt == POOL_MAX:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def iterate(self, sql: str, params: Any = (), size: int = 500) -> Iterator[Row]:
         """A long read, ``size`` rows at a time (a server-side cursor), where ``execute`` would
@@ -366,16 +381,23 @@ class Database:
 
         A deadlock or serialisation failure, which PostgreSQL resolves by cancelling one of the
         transactions, is run again (up to ``RERUNS`` times): ``fn`` only talks to the database,
-        and nothing of a cancelled transaction was kept.
+        and nothing of a cancelled transaction was kept. So is a transaction whose connection
+        turned out broken before its COMMIT (``Stale``: the server restarted): a COMMIT that
+        fails is never run again, its outcome being unknown.
         """
         psycopg = _driver()
-        for attempt in range(RERUNS + 1):
+        conflicts = stale = 0
+        while True:
             try:
                 return self._transaction(fn, durable)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
-                if attempt == RERUNS:
+                conflicts += 1
+                if conflicts > RERUNS:
                     raise _wrap(exc) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            except Stale:
+                stale += 1
+                if stale > POOL_MAX:
+                    raise
 
     def _transaction(self, fn: Callable[[Connection], T], durable: bool) -> T:
         psycopg = _driver()
@@ -385,18 +407,22 @@ class Database:
                 # the sync's bookkeeping is a transaction of one or two statements, where each
                 # round trip counts.
                 conn.execute(_BEGIN if durable else _BEGIN_NOT_DURABLE)
-                try:
-                    result = fn(Connection(conn, raw_conflicts=True))
-                except BaseException:
-                    if not conn.broken:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return result
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-                raise
             except psycopg.Error as exc:
-                raise _wrap(exc) from None
+                raise _wrap(exc, conn) from None
+            try:
+                result = fn(Connection(conn, raw_conflicts=True))
+            except BaseException:
+                if not conn.broken:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass  # the error being raised says more
+                raise
+            try:
+                conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                raise _wrap(exc) from None  # never Stale: it may have committed
+            return result
 
     def close(self) -> None:
         """Nothing: the pool is the process's, shared by every store (``close_all`` ends it)."""
