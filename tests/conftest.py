@@ -315,7 +315,7 @@ def state_db(request, tmp_path):
 
 # --- the fast loop: which tests are e2e or load (issue 14, item 8) ---------------------------------
 #
-#   python -m pytest -m "not e2e and not load"    the unit loop, well under two minutes
+#   python -m pytest -m "not e2e and not load"    the unit loop, about three minutes (both engines)
 #   python -m pytest                              the full suite, as CI runs it
 #
 # This hook is the one place that says which tests are e2e or load; it only adds markers, so the full
