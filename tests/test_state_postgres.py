@@ -367,3 +367,15 @@ def test_after_a_server_restart_the_first_write_and_read_succeed(tmp_path, monke
     finally:
         state_postgres.close_all()
         server.stop("immediate")
+
+
+def test_the_stores_and_the_advisory_locks_share_one_pool_of_pool_max(pg_url):
+    """docs/deployment.md sizes PostgreSQL at POOL_MAX connections a process: the locks held
+    across ThreatQ calls (a longer wait) borrow from the stores' pool, not a second one."""
+    url = PostgresURL(pg_url)
+    state.open_state(url)
+    with state_postgres.session_locks(url, ["threatq-object:1"], state_postgres.LOCK_WAIT_S):
+        state.Store(url).db.execute("SELECT 1")
+    assert len(state_postgres._pools) == 1
+    (_, pool), = state_postgres._pools.values()
+    assert pool.max_size == state_postgres.POOL_MAX

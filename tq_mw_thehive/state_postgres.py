@@ -306,42 +306,46 @@ def _check(conn: Any) -> None:
 
 # --- the database: a pool per process ----------------------------------------------------------
 
+_pools: Dict[PostgresURL, Tuple[int, Any]] = {}  # url -> (the pid that made it, its pool)
+_pools_lock = threading.Lock()
+
+
+def _pool(url: PostgresURL) -> Any:
+    """This process's one pool for ``url``, whatever the waits its users accept: ``POOL_MAX``
+    connections a process in all (docs/deployment.md's sizing rests on it)."""
+    with _pools_lock:
+        made = _pools.get(url)
+        if made is not None and made[0] == os.getpid():
+            return made[1]
+        _driver()
+        from psycopg_pool import ConnectionPool
+
+        # A forked worker never touches its parent's pool (its sockets are the parent's).
+        pool = ConnectionPool(
+            url.conninfo, min_size=1, max_size=POOL_MAX, open=False,
+            kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
+                    "application_name": "tq-mw-thehive"},
+            configure=_configure, check=_check, reconnect_timeout=0, name="tq-state")
+        pool.open(wait=False)
+        _pools[url] = (os.getpid(), pool)
+        return pool
+
+
 class Database:
-    """The PostgreSQL database at one URL, for this process: what a ``state.Store`` uses."""
+    """The PostgreSQL database at one URL, for this process, with the wait for a connection its
+    user accepts: what a ``state.Store`` uses. Every ``Database`` of a URL shares its pool."""
 
     dialect = "postgresql"
 
     def __init__(self, url: PostgresURL, timeout: float) -> None:
         self.url = url
         self.timeout = timeout
-        self._pool: Any = None
-        self._pid: Optional[int] = None
-        self._lock = threading.Lock()
-
-    def _get_pool(self) -> Any:
-        if self._pid == os.getpid() and self._pool is not None:
-            return self._pool
-        _driver()
-        from psycopg_pool import ConnectionPool
-
-        with self._lock:
-            if self._pid != os.getpid() or self._pool is None:
-                # A forked worker never touches its parent's pool (its sockets are the parent's).
-                self._pool = ConnectionPool(
-                    self.url.conninfo, min_size=1, max_size=POOL_MAX, open=False, timeout=self.timeout,
-                    kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
-                            "application_name": "tq-mw-thehive"},
-                    configure=_configure, check=_check, reconnect_timeout=0,
-                    name="tq-state")
-                self._pool.open(wait=False)
-                self._pid = os.getpid()
-        return self._pool
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
         psycopg = _driver()
         try:
-            with self._get_pool().connection(timeout=self.timeout) as conn:
+            with _pool(self.url).connection(timeout=self.timeout) as conn:
                 yield conn
                 conn._tq_returned_at = time.monotonic()  # worked: no check if lent again soon
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
@@ -427,11 +431,6 @@ class Database:
     def close(self) -> None:
         """Nothing: the pool is the process's, shared by every store (``close_all`` ends it)."""
 
-    def shutdown(self) -> None:
-        if self._pool is not None and self._pid == os.getpid():
-            self._pool.close()
-        self._pool, self._pid = None, None
-
 
 _BEGIN = "BEGIN"
 _BEGIN_NOT_DURABLE = "BEGIN; SET LOCAL synchronous_commit TO OFF"
@@ -441,7 +440,7 @@ _databases_lock = threading.Lock()
 
 
 def database(url: PostgresURL, timeout: float) -> Database:
-    """The one ``Database`` of this process for ``url``: every store shares its pool."""
+    """The ``Database`` of this process for ``url`` and this wait: every one shares the URL's pool."""
     with _databases_lock:
         db = _databases.get((url, timeout))
         if db is None:
@@ -451,9 +450,11 @@ def database(url: PostgresURL, timeout: float) -> Database:
 
 def close_all() -> None:
     """Close this process's pools (the master before it forks its workers, tests between runs)."""
-    with _databases_lock:
-        for db in _databases.values():
-            db.shutdown()
+    with _databases_lock, _pools_lock:
+        for pid, pool in _pools.values():
+            if pid == os.getpid():
+                pool.close()
+        _pools.clear()
         _databases.clear()
 
 
