@@ -338,8 +338,7 @@ def check_state_db(ctx: Context) -> Result:
     except (state.StateError, sqlite3.Error, OSError) as exc:
         text = str(exc) if str(exc).startswith("state database") else f"state database {path}: {exc}"
         return _fail(name, text, _state_db_fix(text))
-    dead = f", {counts['dead']} dead (see `tq-mw-thehive status`, then `replay`)" if counts["dead"] else ""
-    return _ok(name, f"ok ({path}: writable, {counts['pending']} pending{dead})")
+    return _ok(name, f"ok ({path}: writable, {_backlog(counts)})")
 
 
 def _check_shared_state(name: str, url: Any) -> Result:
@@ -353,9 +352,13 @@ def _check_shared_state(name: str, url: Any) -> Result:
         text = str(exc) if str(exc).startswith("state database") else f"state database {url}: {exc}"
         return _fail(name, text, "check that PostgreSQL is up and reachable from this host, that the "
                      "database exists and that the user in state_db may create tables in it")
+    return _ok(name, f"ok ({url}: PostgreSQL {server['server_version']}, writable, {_backlog(counts)})")
+
+
+def _backlog(counts: Dict[str, Any]) -> str:
+    """The inbox figures the state db line ends with, whichever engine holds it."""
     dead = f", {counts['dead']} dead (see `tq-mw-thehive status`, then `replay`)" if counts["dead"] else ""
-    return _ok(name, f"ok ({url}: PostgreSQL {server['server_version']}, writable, "
-                     f"{counts['pending']} pending{dead})")
+    return f"{counts['pending']} pending{dead}"
 
 
 def _nearest_existing(path: Path) -> Path:
